@@ -1,0 +1,263 @@
+"""sync_sgd, model_averaging (warm-up, period schedules, outer optimizer / DiLoCo,
+optimizer-state policy), one-shot averaging: against NumPy references."""
+import re
+
+import numpy as np
+import optax
+import pytest
+import jax
+import jax.numpy as jnp
+
+import wagrad
+from _util import BACKENDS, BACKEND_IDS, least_squares, ls_grad_np, ls_loss
+
+
+def make_step(tx):
+  def step(p, s, A, b):
+    loss, g = jax.value_and_grad(ls_loss)(p, A, b)
+    u, s = tx.update(g, s, p, value=loss)
+    return wagrad.apply_updates(p, u, s), s, loss
+  return step
+
+
+def run_tx(backend, K, make_tx, steps, seed=0):
+  r = wagrad.Runner(backend, K)
+  tx = make_tx(r.axis_name)
+  A, b = least_squares(K, seed=seed)
+  p0 = {"w": jnp.zeros(3)}
+  p, s = r.replicate(p0), r.init(tx, p0)
+  f = r.map(make_step(tx))
+  for _ in range(steps):
+    p, s, _ = f(p, s, A, b)
+  return np.asarray(p["w"]), s, A, b
+
+
+def np_model_averaging(A, b, lr, tau, steps, warmup=0, period_fn=None, outer=None):
+  """NumPy local SGD + averaging; outer(x_global, delta) -> new x_global."""
+  K = A.shape[0]
+  x = np.zeros((K, 3))
+  xg = np.zeros(3)
+  last = 0
+  n_ex = 0
+  for t in range(steps):
+    g = np.stack([ls_grad_np(x[i], A[i], b[i]) for i in range(K)])
+    if t < warmup:
+      g = np.broadcast_to(g.mean(0), g.shape)
+    x = x - lr * g
+    period = tau if period_fn is None else max(1, int(period_fn(t)))
+    if warmup and t == warmup - 1:
+      x = np.broadcast_to(x[0], x.shape).copy(); xg = x[0].copy(); last = t + 1; n_ex += 1
+    elif t >= warmup and t + 1 - last >= period:
+      xbar = x.mean(0)
+      xg = xbar if outer is None else outer(xg, xg - xbar)
+      x = np.broadcast_to(xg, x.shape).copy(); last = t + 1; n_ex += 1
+  return x, n_ex
+
+
+@pytest.mark.parametrize("backend,K", BACKENDS, ids=BACKEND_IDS)
+def test_model_averaging_matches_numpy(backend, K):
+  steps, tau, warm = 11, 3, 2
+  w, s, A, b = run_tx(backend, K, lambda ax: wagrad.model_averaging(
+      optax.sgd(0.1), tau, warmup_steps=warm, axis_name=ax), steps)
+  ref, n_ex = np_model_averaging(A, b, 0.1, tau, steps, warmup=warm)
+  np.testing.assert_allclose(w, ref, rtol=2e-5, atol=1e-6)
+  assert int(s.shared.num_exchanges) == n_ex == 4  # warm-up end (t=1), t=4, 7, 10
+  assert int(s.shared.count) == steps
+  # exact assignment: after the exchange at the last step every worker is identical
+  assert (w == w[0]).all()
+
+
+@pytest.mark.parametrize("backend,K", BACKENDS, ids=BACKEND_IDS)
+def test_sync_sgd_matches_numpy(backend, K):
+  steps = 5
+  w, s, A, b = run_tx(backend, K, lambda ax: wagrad.sync_sgd(optax.sgd(0.1), axis_name=ax), steps)
+  x = np.zeros(3)
+  for _ in range(steps):
+    x = x - 0.1 * np.mean([ls_grad_np(x, A[i], b[i]) for i in range(K)], axis=0)
+  np.testing.assert_allclose(w, np.broadcast_to(x, w.shape), rtol=1e-5, atol=1e-6)
+  assert (w == w[0]).all()
+
+
+def test_period_schedule_matches_numpy():
+  sched = lambda t: 2 + t // 6  # period grows from 2 to 3
+  steps = 14
+  w, s, A, b = run_tx("vmap", 8, lambda ax: wagrad.model_averaging(
+      optax.sgd(0.1), sched, axis_name=ax), steps)
+  ref, n_ex = np_model_averaging(A, b, 0.1, None, steps, period_fn=sched)
+  np.testing.assert_allclose(w, ref, rtol=2e-5, atol=1e-6)
+  assert int(s.shared.num_exchanges) == n_ex
+
+
+def test_outer_sgd_lr1_equals_plain_averaging():
+  """Decision 3: x_g - (x_g - xbar) may differ from xbar by an ulp; stated tolerance 1 ulp."""
+  steps = 9
+  w1, *_ = run_tx("vmap", 8, lambda ax: wagrad.model_averaging(optax.sgd(0.1), 3, axis_name=ax), steps)
+  w2, *_ = run_tx("vmap", 8, lambda ax: wagrad.model_averaging(
+      optax.sgd(0.1), 3, outer_optimizer=optax.sgd(1.0), axis_name=ax), steps)
+  ulp = np.spacing(np.abs(w1).astype(np.float32))
+  assert np.all(np.abs(w1 - w2) <= ulp)
+
+
+def np_adam_update(g, m, v, t, lr, b1=0.9, b2=0.999, eps=1e-8, wd=0.0, x=None):
+  m = b1 * m + (1 - b1) * g
+  v = b2 * v + (1 - b2) * g * g
+  mh, vh = m / (1 - b1 ** t), v / (1 - b2 ** t)
+  u = -lr * (mh / (np.sqrt(vh) + eps) + wd * x)
+  return u, m, v
+
+
+@pytest.mark.parametrize("backend,K", BACKENDS[:3], ids=BACKEND_IDS[:3])
+def test_diloco_matches_numpy(backend, K):
+  lr_in, lr_out, mom, H, steps, wd = 0.05, 0.7, 0.9, 3, 12, 0.1
+  w, s, A, b = run_tx(backend, K, lambda ax: wagrad.diloco(
+      lr_in, lr_out, H, outer_momentum=mom, inner_weight_decay=wd, axis_name=ax), steps)
+  x = np.zeros((K, 3)); m = np.zeros((K, 3)); v = np.zeros((K, 3))
+  xg = np.zeros(3); buf = np.zeros(3)
+  for t in range(steps):
+    for i in range(K):
+      g = ls_grad_np(x[i], A[i], b[i])
+      u, m[i], v[i] = np_adam_update(g, m[i], v[i], t + 1, lr_in, wd=wd, x=x[i])
+      x[i] = x[i] + u
+    if (t + 1) % H == 0:
+      delta = xg - x.mean(0)
+      buf = mom * buf + delta                 # optax sgd(momentum, nesterov=True)
+      xg = xg - lr_out * (delta + mom * buf)
+      x[:] = xg
+  np.testing.assert_allclose(w, x, rtol=1e-4, atol=1e-5)
+
+
+def test_opt_state_sync_average_and_reset():
+  K, steps, tau = 8, 6, 3
+  for policy in ("average", "reset"):
+    w, s, A, b = run_tx("vmap", K, lambda ax: wagrad.model_averaging(
+        optax.sgd(0.05, momentum=0.9), tau, opt_state_sync=policy, axis_name=ax), steps)
+    x = np.zeros((K, 3)); vel = np.zeros((K, 3))
+    for t in range(steps):
+      g = np.stack([ls_grad_np(x[i], A[i], b[i]) for i in range(K)])
+      vel = 0.9 * vel + g
+      x = x - 0.05 * vel
+      if (t + 1) % tau == 0:
+        x[:] = x.mean(0)
+        vel = np.broadcast_to(vel.mean(0), vel.shape).copy() if policy == "average" else 0 * vel
+    np.testing.assert_allclose(w, x, rtol=2e-5, atol=1e-6, err_msg=policy)
+
+
+def test_exchange_steps_under_chain_multi_transform_and_multisteps():
+  """Step-count correctness: exchanges at exactly the documented steps."""
+  K, steps, tau = 8, 12, 4
+  sched = optax.linear_schedule(0.1, 0.01, 12)
+  inners = {
+      "chain": optax.chain(optax.clip_by_global_norm(1.0), optax.sgd(sched)),
+      "multi_transform": optax.multi_transform(
+          {"a": optax.sgd(0.1), "b": optax.adam(0.01)}, {"w": "a", "v": "b"}),
+      "multisteps": optax.MultiSteps(optax.sgd(0.1), every_k_schedule=2).gradient_transformation(),
+  }
+  for name, inner in inners.items():
+    tx = wagrad.model_averaging(inner, tau)
+    r = wagrad.Runner("vmap", K)
+    p0 = {"w": jnp.zeros(3), "v": jnp.zeros(2)}
+    A, b = least_squares(K)
+
+    def step(p, s, A, b):
+      g = jax.grad(lambda p: ls_loss(p, A, b) + jnp.sum(p["v"] ** 2))(p)
+      u, s = tx.update(g, s, p)
+      return wagrad.apply_updates(p, u, s), s, wagrad.Shared(s.shared.assign)
+    f = r.map(step)
+    p, s = r.replicate(p0), r.init(tx, p0)
+    exchanged = []
+    for _ in range(steps):
+      p, s, a = f(p, s, A, b)
+      exchanged.append(bool(a.value))
+    assert [t for t, e in enumerate(exchanged) if e] == [3, 7, 11], name
+
+
+def test_skipped_local_step_still_exchanges():
+  """apply_if_finite drops worker 0's NaN gradient; the exchange still runs and worker 0
+  still receives the average (PyTorch's averager would skip it)."""
+  K, tau = 8, 2
+  tx = wagrad.model_averaging(optax.apply_if_finite(optax.sgd(0.1), 5), tau)
+  r = wagrad.Runner("vmap", K)
+  A, b = least_squares(K)
+
+  def step(p, s, A, b):
+    g = jax.grad(ls_loss)(p, A, b)
+    bad = wagrad.worker_index(r.axis_name) == 0
+    g = jax.tree_util.tree_map(lambda x: jnp.where(bad, jnp.nan, x), g)
+    u, s = tx.update(g, s, p)
+    return wagrad.apply_updates(p, u, s), s, wagrad.Shared(s.shared.assign)
+  f = r.map(step)
+  p0 = {"w": jnp.zeros(3)}
+  p, s = r.replicate(p0), r.init(tx, p0)
+  p, s, _ = f(p, s, A, b)
+  w1 = np.asarray(p["w"])
+  assert (w1[0] == 0).all() and not (w1[1] == 0).all()  # worker 0 skipped its step
+  p, s, a = f(p, s, A, b)
+  w = np.asarray(p["w"])
+  assert bool(a.value) and np.isfinite(w).all() and (w == w[0]).all()
+  assert int(s.shared.num_exchanges) == 1
+
+
+def _count_exchange_branch(backend):
+  """Count how often the exchange branch executes (decision 7)."""
+  K, tau, steps = 8, 4, 12
+  tx = wagrad.model_averaging(optax.sgd(0.1), tau)
+  r = wagrad.Runner(backend, K)
+  A, b = least_squares(K)
+
+  def step(p, s, A, b):
+    g = jax.grad(ls_loss)(p, A, b)
+    u, s2 = tx.update(g, s, p)
+    return wagrad.apply_updates(p, u, s2), s2, 0.0
+  f = r.map(step)
+  p0 = {"w": jnp.zeros(3)}
+  p, s = r.replicate(p0), r.init(tx, p0)
+  for _ in range(steps):
+    p, s, _ = f(p, s, A, b)
+  hlo = f.lower(p, s, A, b).compile().as_text()
+  return int(s.shared.num_exchanges), hlo
+
+
+def test_no_collective_on_non_exchange_steps():
+  n, hlo = _count_exchange_branch("shard_map")
+  assert n == 3  # 12 steps, tau 4
+  # Every all-reduce of the compiled program sits inside a branch computation of the
+  # conditional: the entry computation (run every step) has none.
+  entry = hlo[hlo.index("ENTRY"):]
+  entry = entry[: entry.index("\n}")]
+  assert "all-reduce" not in entry and "conditional" in entry
+  assert "all-reduce" in hlo
+
+
+def test_one_shot_averaging():
+  K, steps = 8, 6
+  r = wagrad.Runner("vmap", K)
+  tx = wagrad.model_averaging(optax.sgd(0.1), None)
+  w, s, A, b = run_tx("vmap", K, lambda ax: tx, steps)
+  assert int(s.shared.num_exchanges) == 0
+  ref, _ = np_model_averaging(A, b, 0.1, 10 ** 9, steps)
+  np.testing.assert_allclose(w, ref, rtol=2e-5, atol=1e-6)
+  avg = jax.device_get(r.map(lambda w: wagrad.one_shot_average(w, r.axis_name).value)(w))
+  np.testing.assert_allclose(avg[0], ref.mean(0), rtol=2e-5, atol=1e-6)
+
+
+def test_bad_arguments_named():
+  sgd = optax.sgd(0.1)
+  with pytest.raises(ValueError, match="sync_period"):
+    wagrad.model_averaging(sgd, 0)
+  with pytest.raises(ValueError, match="sync_period"):
+    wagrad.model_averaging(sgd, lambda t: 1 - t // 100)  # < 1 from step 100 on
+  with pytest.raises(ValueError, match="warmup_steps"):
+    wagrad.model_averaging(sgd, 2, warmup_steps=-1)
+  with pytest.raises(ValueError, match="opt_state_sync"):
+    wagrad.model_averaging(sgd, 2, opt_state_sync="mean")
+  with pytest.raises(ValueError, match="outer_optimizer"):
+    wagrad.model_averaging(sgd, None, outer_optimizer=optax.sgd(1.0))
+  with pytest.raises(TypeError, match="inner"):
+    wagrad.model_averaging("sgd", 2)
+  tx = wagrad.model_averaging(sgd, 2)
+  with pytest.raises(ValueError, match="not bound"):
+    jax.jit(lambda p: tx.update(p, tx.init(p), p))({"w": jnp.ones(2)})
+  r = wagrad.Runner("vmap", 2)
+  with pytest.raises(TypeError, match="different pytree structures"):
+    r.map(lambda p, s: tx.update({"v": p["w"]}, s, p)[0])(
+        {"w": np.ones((2, 3), np.float32)}, r.init(tx, {"w": jnp.ones(3)}))

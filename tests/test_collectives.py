@@ -1,0 +1,109 @@
+"""Collectives vs NumPy, on every backend, including K workers > devices."""
+import numpy as np
+import pytest
+import jax
+import jax.numpy as jnp
+
+import wagrad
+from _util import BACKENDS, BACKEND_IDS
+
+
+def _run(backend, K, fn, *args):
+  r = wagrad.Runner(backend, K)
+  return jax.device_get(r.map(lambda *a: fn(r.axis_name, *a))(*args)), r
+
+
+@pytest.mark.parametrize("backend,K", BACKENDS, ids=BACKEND_IDS)
+def test_collectives_match_numpy(backend, K):
+  rng = np.random.default_rng(1)
+  x = rng.normal(size=(K, 3, 2)).astype(np.float32)
+  loss = rng.uniform(0.5, 3.0, size=K).astype(np.float32)
+  loss[3] = np.nan  # non-finite worker
+  loss[5] = loss[1]  # a tie
+  T = 0.7
+
+  def fn(ax, x, loss):
+    w_soft, ok = wagrad.softmax_weights(loss, ax, temperature=T)
+    wm = wagrad.weighted_mean({"x": x}, w_soft, ax)
+    lead = wagrad.elect_leader(loss, ax)
+    b = wagrad.broadcast_from(x, lead.index, ax)
+    cd = wagrad.consensus_distance(x, ax)
+    g = wagrad.all_gather(loss, ax)
+    idx = wagrad.worker_index(ax)
+    n = wagrad.axis_size(ax)
+    return w_soft, ok, wm.value["x"], lead.index, b, cd, g, idx, n * jnp.ones(())
+
+  (w, ok, wm, lead, b, cd, g, idx, n), _ = _run(backend, K, fn, x, loss)
+  fin = np.isfinite(loss)
+  e = np.where(fin, np.exp(-(np.where(fin, loss, 0) - np.nanmin(loss)) / T), 0.0)
+  w_np = e / e.sum()
+  np.testing.assert_allclose(w, w_np, rtol=1e-5, atol=1e-7)
+  assert w[3] == 0 and np.isclose(w.sum(), 1.0) and ok.all()
+  wm_np = np.tensordot(w_np, x.astype(np.float64), axes=1)
+  np.testing.assert_allclose(wm[0], wm_np, rtol=1e-5, atol=1e-6)
+  assert (wm == wm[0]).all()  # shared
+  lead_np = int(np.nanargmin(loss))
+  assert (lead == lead_np).all()
+  np.testing.assert_array_equal(b, np.broadcast_to(x[lead_np], x.shape))  # exact
+  mean = x.astype(np.float64).mean(0)
+  np.testing.assert_allclose(cd[0], ((x - mean) ** 2).sum(axis=(1, 2)).mean(), rtol=1e-5)
+  np.testing.assert_array_equal(g[0][fin], loss[fin])
+  np.testing.assert_array_equal(idx, np.arange(K))  # axis_index == stacked row
+  assert (n == K).all()
+
+
+def test_all_nonfinite_says_so():
+  K = 8
+  loss = np.full(K, np.nan, np.float32)
+  x = np.ones((K, 2), np.float32)
+
+  def fn(ax, x, loss):
+    w, ok = wagrad.softmax_weights(loss, ax)
+    wm = wagrad.weighted_mean(x, w, ax)
+    lead = wagrad.elect_leader(loss, ax)
+    return w, ok, wm.value, wm.ok, lead.index, lead.ok
+
+  (w, ok, v, vok, li, lok), _ = _run("vmap", K, fn, x, loss)
+  assert not ok.any() and not vok.any() and not lok.any()
+  assert (w == 0).all() and (li == -1).all()
+  assert np.isfinite(v).all()  # falls back to the worker's own value, not NaN
+
+
+def test_nonfinite_params_excluded_from_mean():
+  K = 8
+  x = np.arange(K, dtype=np.float32)[:, None] * np.ones((K, 2), np.float32)
+  x[2, 1] = np.inf
+  (v,), _ = _run("vmap", K, lambda ax, x: (wagrad.weighted_mean(x, 1.0, ax).value,), x)
+  keep = [i for i in range(K) if i != 2]
+  np.testing.assert_allclose(v[0], x[keep].mean(0), rtol=1e-6)
+
+
+def test_elastic_step_numpy():
+  K, alpha = 8, 0.1
+  rng = np.random.default_rng(2)
+  x = rng.normal(size=(K, 4)).astype(np.float32)
+  c = rng.normal(size=4).astype(np.float32)
+  r = wagrad.Runner("vmap", K)
+  nx, nc = jax.device_get(r.map(lambda x, c: wagrad.elastic_step(x, c.value, alpha, r.axis_name))(
+      x, wagrad.Shared(c)))
+  np.testing.assert_allclose(nx, x - alpha * (x - c), rtol=1e-6)
+  np.testing.assert_allclose(nc, np.broadcast_to(c + alpha * (x - c).sum(0), nc.shape), rtol=1e-5)
+
+
+def test_group_and_global_reductions():
+  K, G = 8, 2
+  x = np.arange(K, dtype=np.float32)
+  for backend in ("vmap", "shard_map"):
+    r = wagrad.Runner(backend, K, groups=G)
+    gm, am = jax.device_get(r.map(lambda x: (wagrad.group_mean(x, r.group_axis),
+                                             wagrad.global_mean(x, r.axis_name)))(x))
+    np.testing.assert_allclose(gm, np.repeat(x.reshape(G, -1).mean(1), K // G))
+    np.testing.assert_allclose(am, np.full(K, x.mean()))
+
+
+def test_unbound_axis_and_bad_temperature():
+  with pytest.raises(ValueError, match="axis_name 'nope' is not bound"):
+    jax.jit(lambda x: wagrad.pmean_tree(x, "nope"))(1.0)
+  r = wagrad.Runner("vmap", 4)
+  with pytest.raises(ValueError, match="temperature"):
+    r.map(lambda l: wagrad.softmax_weights(l, r.axis_name, temperature=-1.0))(np.ones(4))

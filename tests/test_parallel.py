@@ -1,0 +1,52 @@
+"""Runners: backends, layouts, placement, bad input."""
+import numpy as np
+import pytest
+import jax
+
+import wagrad
+
+
+def test_bad_runner_arguments():
+  with pytest.raises(ValueError, match="unknown backend"):
+    wagrad.Runner("mpi", 8)
+  with pytest.raises(ValueError, match="not divisible"):
+    wagrad.Runner("shard_map", 12)
+  with pytest.raises(ValueError, match="num_workers"):
+    wagrad.Runner("vmap", 0)
+  with pytest.raises(ValueError, match="groups"):
+    wagrad.Runner("vmap", 8, groups=3)
+
+
+def test_pytree_mismatch_between_workers():
+  with pytest.raises(TypeError, match="pytree mismatch"):
+    wagrad.stack_workers([{"a": np.ones(2)}, {"b": np.ones(2)}])
+  with pytest.raises(TypeError, match="pytree mismatch"):
+    wagrad.stack_workers([{"a": np.ones(2)}, {"a": np.ones(3)}])
+
+
+def test_unstacked_argument_is_named():
+  r = wagrad.Runner("vmap", 4)
+  with pytest.raises(ValueError, match="leading dimension of 4"):
+    r.map(lambda x: x)(np.ones(3))
+
+
+@pytest.mark.parametrize("backend,K,G", [("vmap", 8, 2), ("shard_map", 8, 2), ("shard_map", 16, 4),
+                                         ("shard_map", 32, 16), ("pmap", 16, 8)])
+def test_two_level_layout_indices(backend, K, G):
+  r = wagrad.Runner(backend, K, groups=G)
+  idx, gidx, lidx = jax.device_get(r.map(lambda x: (
+      wagrad.worker_index(r.axis_name), wagrad.worker_index(r.global_axis),
+      wagrad.worker_index(r.group_axis)))(np.zeros(K)))
+  np.testing.assert_array_equal(idx, np.arange(K))
+  np.testing.assert_array_equal(gidx, np.arange(K) // (K // G))
+  np.testing.assert_array_equal(lidx, np.arange(K) % (K // G))
+
+
+def test_shard_and_keys():
+  r = wagrad.Runner("vmap", 4)
+  X = np.arange(10 * 3).reshape(10, 3)
+  Xs = r.shard(X)
+  assert Xs.shape == (4, 2, 3)
+  keys = r.worker_keys(jax.random.key(0))
+  assert keys.shape == (4,)
+  assert len({str(jax.random.key_data(k)) for k in keys}) == 4

@@ -1,0 +1,43 @@
+"""wagrad: parallel-SGD algorithms as optax transforms over a named JAX worker axis."""
+
+from wagrad._src.base import (
+    Shared,
+    apply_updates,
+    find_shared,
+    is_shared,
+    shared_state,
+    worker_axes,
+)
+from wagrad._src.collectives import (
+    Leader,
+    Weighted,
+    all_equal,
+    all_gather,
+    axis_size,
+    broadcast_from,
+    consensus_distance,
+    elastic_step,
+    elect_leader,
+    global_mean,
+    group_mean,
+    normalize_weights,
+    pmean_tree,
+    psum_tree,
+    softmax_weights,
+    tree_is_finite,
+    weighted_mean,
+    worker_index,
+)
+from wagrad._src.parallel import BACKENDS, Runner, stack_workers, unstack_worker
+from wagrad._src.baselines import (
+    AveragingShared,
+    ModelAveragingState,
+    SyncSGDState,
+    diloco,
+    model_averaging,
+    one_shot_average,
+    sync_sgd,
+)
+from wagrad._src.flax_utils import sync_model_state
+
+__version__ = "0.1.0"

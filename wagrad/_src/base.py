@@ -1,0 +1,213 @@
+"""Shared building blocks of every wagrad transform.
+
+Two kinds of state (architecture, decision 2):
+
+* **worker state** -- parameter-shaped leaves and the inner optimizer's state. It is
+  stacked along the worker axis outside the mapped step.
+* **shared state** -- step count, center variable, leader copy, outer optimizer
+  state... identical on every worker, computed only from collectives, and *not*
+  stacked. A shared part of a state is a dataclass decorated with
+  :func:`shared_state`; the parallel runners map every leaf below such a node with
+  ``in_axes=None`` / ``P()``.
+
+Every wagrad transform's shared state has the fields ``count`` (the global step, which
+alone decides when workers communicate), ``target`` (a params-shaped tree or ``None``)
+and ``assign`` (bool). On a step where the rule *assigns* parameters (averaging,
+moving to the leader with strength 1, the end of the warm-up) ``assign`` is true and
+:func:`apply_updates` returns ``target`` bit-exactly instead of ``params + updates``
+(decision 3).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Union
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+PyTree = Any
+AxisName = Union[str, tuple]
+Period = Union[int, Callable[[Any], Any]]
+
+_SHARED_FLAG = "__wagrad_shared__"
+
+
+def shared_state(cls):
+  """Class decorator: a frozen dataclass pytree whose leaves are shared by all workers."""
+  cls = dataclasses.dataclass(frozen=True)(cls)
+  setattr(cls, _SHARED_FLAG, True)
+  fields = [f.name for f in dataclasses.fields(cls)]
+  return jax.tree_util.register_dataclass(cls, data_fields=fields, meta_fields=[])
+
+
+def is_shared(node) -> bool:
+  """True for a node created by a :func:`shared_state` class (or :class:`Shared`)."""
+  return getattr(type(node), _SHARED_FLAG, False)
+
+
+@shared_state
+class Shared:
+  """Wrap any pytree to mark it as shared (identical on all workers, not stacked)."""
+  value: Any
+
+
+def worker_axes(tree: PyTree, stacked=0, shared=None) -> PyTree:
+  """A prefix tree of ``tree`` with ``shared`` at shared nodes and ``stacked`` elsewhere.
+
+  Used as ``in_axes`` / ``out_axes`` (vmap, pmap) or ``in_specs`` (shard_map).
+  """
+  return jax.tree_util.tree_map(
+      lambda node: shared if is_shared(node) else stacked, tree, is_leaf=is_shared)
+
+
+def find_shared(tree: PyTree, attr: str = "count"):
+  """First shared node in ``tree`` that has attribute ``attr`` (depth-first), or None."""
+  nodes = jax.tree_util.tree_leaves(
+      tree, is_leaf=lambda n: is_shared(n) and hasattr(n, attr))
+  for n in nodes:
+    if is_shared(n) and hasattr(n, attr):
+      return n
+  return None
+
+
+# ----------------------------------------------------------------------------- checks
+
+
+def check_positive_int(name: str, value, allow_none=False):
+  if value is None and allow_none:
+    return
+  if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+    raise ValueError(f"`{name}` must be an integer >= 1, got {value!r}.")
+
+
+def check_nonneg_int(name: str, value):
+  if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
+    raise ValueError(f"`{name}` must be an integer >= 0, got {value!r}.")
+
+
+def check_range(name: str, value, lo, hi, lo_open=False, hi_open=False):
+  """Raise ValueError unless ``value`` lies in the interval lo..hi (open or closed ends)."""
+  try:
+    v = float(value)
+  except (TypeError, ValueError):
+    raise TypeError(f"`{name}` must be a number, got {value!r}.") from None
+  ok = not np.isnan(v)
+  ok = ok and (v > lo if lo_open else v >= lo)
+  ok = ok and (v < hi if hi_open else v <= hi)
+  if not ok:
+    lb, rb = "(" if lo_open else "[", ")" if hi_open else "]"
+    raise ValueError(f"`{name}` must be in {lb}{lo}, {hi}{rb}, got {value!r}.")
+
+
+def check_transform(name: str, tx):
+  if not (hasattr(tx, "init") and hasattr(tx, "update")):
+    raise TypeError(
+        f"`{name}` must be an optax GradientTransformation, got {type(tx).__name__}.")
+
+
+def check_axis_name(axis_name: AxisName):
+  """Raise ValueError if ``axis_name`` is not bound by an enclosing vmap/pmap/shard_map."""
+  if not isinstance(axis_name, (str, tuple)) or (
+      isinstance(axis_name, tuple) and not all(isinstance(a, str) for a in axis_name)):
+    raise TypeError(f"`axis_name` must be a string or a tuple of strings, got {axis_name!r}.")
+  names = axis_name if isinstance(axis_name, tuple) else (axis_name,)
+  for n in names:
+    try:
+      jax.lax.axis_index(n)
+    except NameError:
+      raise ValueError(
+          f"axis_name {n!r} is not bound: call this inside a function mapped over the "
+          f"worker axis (wagrad.Runner, jax.vmap/pmap(axis_name=...) or jax.shard_map)."
+      ) from None
+
+
+def check_same_structure(name_a, a, name_b, b):
+  sa, sb = jax.tree_util.tree_structure(a), jax.tree_util.tree_structure(b)
+  if sa != sb:
+    raise TypeError(f"`{name_a}` and `{name_b}` have different pytree structures: {sa} vs {sb}.")
+
+
+def require_value(algorithm: str, value):
+  if value is None:
+    raise TypeError(
+        f"{algorithm} ranks workers by their loss: call "
+        f"`tx.update(grads, state, params, value=loss)` with this worker's loss.")
+
+
+# ----------------------------------------------------------------------------- periods
+
+
+def make_period_fn(name: str, period: Period | None) -> Callable | None:
+  """Turn an int or schedule into a function step -> int32 period (validated)."""
+  if period is None:
+    return None
+  if callable(period):
+    for probe in (0, 1, 2, 10, 100, 1000, 10_000, 100_000, 1_000_000):
+      try:
+        p = np.asarray(period(probe))
+      except Exception as e:  # pragma: no cover - user schedule failing
+        raise ValueError(f"`{name}` schedule failed at step {probe}: {e}") from e
+      if p.ndim != 0 or not np.isfinite(p) or p < 1:
+        raise ValueError(
+            f"`{name}` schedule must return a period >= 1 for every step; "
+            f"it returned {p!r} at step {probe}.")
+    return lambda step: jnp.maximum(jnp.asarray(period(step)).astype(jnp.int32), 1)
+  check_positive_int(name, period)
+  return lambda step: jnp.int32(period)
+
+
+def is_exchange_step(count, last_exchange, warmup_steps, period_fn):
+  """The exchange predicate, computed from shared scalars only (decision 1).
+
+  An exchange ends step ``count`` (0-based) when the warm-up is over and
+  ``count + 1 - last_exchange >= period(count)``, ``last_exchange`` being the step
+  count right after the previous exchange (or the warm-up's end). For an int period
+  tau and no warm-up this is ``(count + 1) % tau == 0``.
+  """
+  if period_fn is None:
+    return jnp.bool_(False)
+  return (count >= warmup_steps) & (count + 1 - last_exchange >= period_fn(count))
+
+
+# ----------------------------------------------------------------------------- trees
+
+
+def tree_add(a, b):
+  return jax.tree_util.tree_map(lambda x, y: x + y.astype(x.dtype), a, b)
+
+
+def tree_sub(a, b):
+  return jax.tree_util.tree_map(lambda x, y: x - y.astype(x.dtype), a, b)
+
+
+def tree_where(pred, a, b):
+  return jax.tree_util.tree_map(lambda x, y: jnp.where(pred, x, y), a, b)
+
+
+def tree_cast_like(tree, like):
+  return jax.tree_util.tree_map(lambda x, y: jnp.asarray(x).astype(y.dtype), tree, like)
+
+
+def tree_zeros_like(tree):
+  return jax.tree_util.tree_map(jnp.zeros_like, tree)
+
+
+def apply_updates(params: PyTree, updates: PyTree, opt_state: PyTree) -> PyTree:
+  """``optax.apply_updates`` that takes the rule's target exactly on assigning steps.
+
+  ``params + (target - params)`` is not ``target`` in floating point, so after an
+  averaging exchange the workers would differ in their last bits. On steps where the
+  wagrad transform in ``opt_state`` assigns (``shared.assign``), this returns
+  ``shared.target`` (cast to the params' dtypes) instead; otherwise it is exactly
+  ``optax.apply_updates``. Without a wagrad state in ``opt_state`` it is
+  ``optax.apply_updates``.
+  """
+  new = optax.apply_updates(params, updates)
+  sh = find_shared(opt_state, "assign")
+  if sh is None or getattr(sh, "target", None) is None:
+    return new
+  return jax.tree_util.tree_map(
+      lambda t, n: jnp.where(sh.assign, t.astype(n.dtype), n), sh.target, new)

@@ -1,0 +1,231 @@
+"""Baselines: synchronous all-reduce SGD, periodic model averaging (local SGD, with an
+optional outer optimizer = DiLoCo), one-shot averaging (SimuParallel SGD).
+
+Equations (p workers, worker i, inner optimizer step ``u_i = inner(g_i)``):
+
+* ``sync_sgd``:            x <- x + inner(mean_i g_i)            every step
+* ``model_averaging``:     x_i <- x_i + inner(g_i); every tau steps
+                           x_i <- xbar = mean_j x_j               (exact assignment)
+  with ``outer_optimizer``: Delta = x_global - xbar (pseudo-gradient),
+                           x_global <- x_global + outer(Delta), x_i <- x_global
+* one-shot averaging:      ``sync_period=None``: no communication during training;
+                           :func:`one_shot_average` returns mean_i x_i at the end.
+
+References:
+  Zinkevich et al., "Parallelized Stochastic Gradient Descent", NeurIPS 2010.
+  Lin et al., "Don't Use Large Mini-Batches, Use Local SGD", ICLR 2020 (post-local SGD).
+  Douillard et al., "DiLoCo: Distributed Low-Communication Training of Language
+  Models", arXiv 2311.08455.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+from jax import lax
+
+from wagrad._src import base
+from wagrad._src import collectives as C
+from wagrad._src import periodic
+
+
+@base.shared_state
+class SyncShared:
+  count: jax.Array
+
+
+class SyncSGDState(NamedTuple):
+  inner: Any
+  shared: SyncShared
+
+
+def sync_sgd(inner: optax.GradientTransformation, *, axis_name="workers"
+             ) -> optax.GradientTransformationExtraArgs:
+  """Synchronous all-reduce SGD: gradients averaged over workers every step.
+
+  ``x <- x + inner(mean_i g_i)``. Workers that start equal stay equal.
+
+  Args:
+    inner: the local optimizer (any optax transform).
+    axis_name: the worker axis.
+
+  Returns:
+    A ``GradientTransformationExtraArgs``; extra args (e.g. ``value=``) go to ``inner``.
+
+  Example:
+    >>> import optax, wagrad
+    >>> tx = wagrad.sync_sgd(optax.sgd(0.1))
+  """
+  base.check_transform("inner", inner)
+  inner = periodic.inner_with_extra_args(inner)
+
+  def init_fn(params):
+    return SyncSGDState(inner.init(params), SyncShared(jnp.zeros([], jnp.int32)))
+
+  def update_fn(grads, state, params=None, **extra):
+    base.check_axis_name(axis_name)
+    base.check_same_structure("grads", grads, "params", params if params is not None else grads)
+    g = C.pmean_tree(grads, axis_name)
+    u, inner_state = inner.update(g, state.inner, params, **extra)
+    return u, SyncSGDState(inner_state, SyncShared(state.shared.count + 1))
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+@base.shared_state
+class AveragingShared:
+  count: jax.Array          # global step (decides exchanges)
+  last_exchange: jax.Array  # count right after the last exchange
+  num_exchanges: jax.Array  # how many exchanges (and warm-up ends) ran
+  target: Any               # global parameters after the last exchange (DiLoCo's x_global)
+  assign: jax.Array         # this step assigns target (exact) -- see wagrad.apply_updates
+  outer: Any                # outer optimizer state (or None)
+  consensus: jax.Array      # consensus distance just before the last exchange
+
+
+class ModelAveragingState(NamedTuple):
+  inner: Any
+  shared: AveragingShared
+
+
+def model_averaging(inner: optax.GradientTransformation, sync_period=1, *,
+                    axis_name="workers", warmup_steps: int = 0,
+                    outer_optimizer: optax.GradientTransformation | None = None,
+                    opt_state_sync: str = "local") -> optax.GradientTransformationExtraArgs:
+  """Periodic model averaging (local SGD / post-local SGD), optionally with DiLoCo's
+  outer optimizer.
+
+  Every step each worker takes a local step ``x_i <- x_i + inner(g_i)``. At the end of
+  every ``sync_period``-th step after the warm-up the workers exchange::
+
+      xbar = mean over finite workers of x_i
+      x_global <- xbar                                  (no outer optimizer)
+      x_global <- x_global + outer(x_global - xbar)     (outer optimizer, DiLoCo)
+      x_i <- x_global                                    for every worker
+
+  Use :func:`wagrad.apply_updates` to take ``x_global`` bit-exactly on exchange steps.
+  A worker whose parameters are non-finite is left out of the mean (and receives the
+  mean); if all are non-finite the workers go back to the last ``x_global``.
+  ``sync_period`` counts calls of ``update`` (wrap ``optax.MultiSteps`` *inside*,
+  ``model_averaging(optax.MultiSteps(...).gradient_transformation(), ...)``, to count
+  micro-steps).
+
+  Args:
+    inner: the local optimizer (any optax transform).
+    sync_period: tau >= 1, or a schedule ``step -> period`` (e.g. growing as the
+      learning rate decays), or ``None`` for one-shot averaging (no communication;
+      call :func:`one_shot_average` at the end).
+    axis_name: the worker axis.
+    warmup_steps: synchronous all-reduce SGD for this many steps first (post-local SGD).
+    outer_optimizer: optax transform applied at each exchange to the pseudo-gradient
+      ``x_global - xbar``; ``optax.sgd(1.0)`` is plain averaging.
+    opt_state_sync: ``"local"`` (keep each worker's inner state; default, as DiLoCo),
+      ``"average"`` (average its floating leaves at exchanges) or ``"reset"``.
+
+  Returns:
+    A ``GradientTransformationExtraArgs`` whose state is ``ModelAveragingState``.
+
+  Example:
+    >>> import optax, wagrad
+    >>> tx = wagrad.model_averaging(optax.sgd(0.1), sync_period=4, warmup_steps=10)
+
+  References:
+    Lin et al., 2020, arXiv 1808.07217; Douillard et al., 2023, arXiv 2311.08455.
+  """
+  if sync_period is None and outer_optimizer is not None:
+    raise ValueError("`outer_optimizer` needs periodic exchanges: it cannot be used with "
+                     "`sync_period=None` (one-shot averaging).")
+  period_fn = periodic.check_common(inner, sync_period, warmup_steps, opt_state_sync, axis_name)
+  if outer_optimizer is not None:
+    base.check_transform("outer_optimizer", outer_optimizer)
+  inner = periodic.inner_with_extra_args(inner)
+
+  def init_fn(params):
+    zero = jnp.zeros([], jnp.int32)
+    return ModelAveragingState(inner.init(params), AveragingShared(
+        count=zero, last_exchange=zero, num_exchanges=zero,
+        target=jax.tree_util.tree_map(jnp.asarray, params),
+        assign=jnp.bool_(False),
+        outer=None if outer_optimizer is None else outer_optimizer.init(params),
+        consensus=jnp.zeros([], jnp.float32)))
+
+  def update_fn(grads, state, params=None, **extra):
+    if params is None:
+      raise TypeError("model_averaging needs `params`: tx.update(grads, state, params).")
+    base.check_axis_name(axis_name)
+    sh = state.shared
+    u, inner_state = periodic.local_update(
+        inner, grads, state.inner, params, sh.count, warmup_steps, axis_name, **extra)
+    x_half = base.tree_add(params, u)
+    idx = periodic.branch_index(sh.count, sh.last_exchange, warmup_steps, period_fn)
+
+    def local(x_half, inner_state):
+      return x_half, inner_state, sh.target, sh.outer, sh.consensus
+
+    def exchange(x_half, inner_state):
+      xbar = C.weighted_mean(x_half, 1.0, axis_name,
+                             fallback=base.tree_cast_like(sh.target, x_half)).value
+      if outer_optimizer is None:
+        new_target, outer_state = base.tree_cast_like(xbar, sh.target), sh.outer
+      else:
+        delta = base.tree_sub(sh.target, xbar)
+        ou, outer_state = outer_optimizer.update(delta, sh.outer, sh.target)
+        new_target = optax.apply_updates(sh.target, ou)
+      dist = C.consensus_distance(x_half, axis_name)
+      new_inner = periodic.sync_opt_state(opt_state_sync, inner, inner_state, new_target,
+                                          axis_name)
+      return new_target, new_inner, new_target, outer_state, dist
+
+    def warmup_end(x_half, inner_state):
+      t = base.tree_cast_like(periodic.warmup_target(x_half, axis_name), sh.target)
+      return t, inner_state, t, sh.outer, jnp.zeros([], jnp.float32)
+
+    x_new, inner_state, target, outer_state, dist = lax.switch(
+        idx, (local, exchange, warmup_end), x_half, inner_state)
+    updates = periodic.updates_to(x_new, params)
+    assign = idx != periodic.NO_EXCHANGE
+    new_shared = AveragingShared(
+        count=sh.count + 1,
+        last_exchange=periodic.next_last_exchange(idx, sh.count, sh.last_exchange),
+        num_exchanges=sh.num_exchanges + assign.astype(jnp.int32),
+        target=target, assign=assign, outer=outer_state,
+        consensus=dist.astype(jnp.float32))
+    return updates, ModelAveragingState(inner_state, new_shared)
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def diloco(inner_learning_rate=4e-4, outer_learning_rate=0.7, sync_period=500, *,
+           outer_momentum=0.9, inner_weight_decay=0.1, axis_name="workers",
+           warmup_steps: int = 0, inner: optax.GradientTransformation | None = None
+           ) -> optax.GradientTransformationExtraArgs:
+  """DiLoCo: inner AdamW, outer SGD with Nesterov momentum on the pseudo-gradient.
+
+  ``model_averaging(adamw(inner_lr, weight_decay), sync_period=H,
+  outer_optimizer=sgd(outer_lr, momentum, nesterov=True))``. Defaults are the
+  DiLoCo paper's (H=500, outer lr 0.7, momentum 0.9).
+
+  Example:
+    >>> import wagrad
+    >>> tx = wagrad.diloco(inner_learning_rate=1e-3, sync_period=50)
+
+  References:
+    Douillard et al., "DiLoCo", arXiv 2311.08455.
+  """
+  if inner is None:
+    inner = optax.adamw(inner_learning_rate, weight_decay=inner_weight_decay)
+  outer = optax.sgd(outer_learning_rate, momentum=outer_momentum, nesterov=True)
+  return model_averaging(inner, sync_period, axis_name=axis_name, warmup_steps=warmup_steps,
+                         outer_optimizer=outer)
+
+
+def one_shot_average(params, axis_name="workers"):
+  """SimuParallel SGD's output: mean over (finite) workers of their final parameters.
+
+  Call it inside a mapped function at the end of training. Returns ``Weighted`` (the
+  mean, each worker's weight, ok).
+  """
+  return C.weighted_mean(params, 1.0, axis_name)

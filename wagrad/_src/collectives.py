@@ -1,0 +1,239 @@
+"""Collectives over a named worker axis, built only from ``jax.lax`` collectives.
+
+Every function here is called *inside* a function mapped over the workers (by
+:class:`wagrad.Runner`, ``jax.vmap(..., axis_name=)``, ``jax.pmap`` or
+``jax.shard_map``) and takes the axis name: a string, or a tuple of names ordered
+outer to inner (e.g. ``("devices", "per_device")`` when K workers > D devices, or
+``("groups", "local")`` for all workers of a two-level layout).
+
+Numerics: reductions accumulate in float32 (or wider) whatever the parameters'
+dtype, and results are cast back. A worker whose loss or parameters are non-finite
+gets weight 0 and is never elected leader; when *every* worker is non-finite the
+functions return the caller's own value and an ``ok=False`` flag instead of NaN.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from wagrad._src import base
+
+AxisName = base.AxisName
+
+
+def _acc_dtype(dtype):
+  return jnp.promote_types(dtype, jnp.float32)
+
+
+def axis_size(axis_name: AxisName):
+  """Number of workers along ``axis_name`` (a Python int at trace time)."""
+  base.check_axis_name(axis_name)
+  return lax.psum(1, axis_name)
+
+
+def worker_index(axis_name: AxisName):
+  """This worker's index along ``axis_name`` (row-major over a tuple of axes)."""
+  base.check_axis_name(axis_name)
+  return lax.axis_index(axis_name)
+
+
+def all_gather(tree, axis_name: AxisName):
+  """Stack every worker's ``tree`` along a new leading axis (ordered by worker index).
+
+  Works over a tuple of axes that contains vmap axes (``lax.all_gather`` alone does
+  not): gathers the innermost axis first, then the outer ones, then flattens.
+  """
+  base.check_axis_name(axis_name)
+  names = axis_name if isinstance(axis_name, tuple) else (axis_name,)
+
+  def gather(x):
+    for n in reversed(names):
+      x = lax.all_gather(x, n)
+    lead = x.shape[: len(names)]
+    return x.reshape((-1,) + x.shape[len(names):]) if len(lead) > 1 else x
+
+  return jax.tree_util.tree_map(gather, tree)
+
+
+def tree_is_finite(tree):
+  """Scalar bool: every element of every leaf is finite."""
+  leaves = jax.tree_util.tree_leaves(tree)
+  if not leaves:
+    return jnp.bool_(True)
+  return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves]))
+
+
+def psum_tree(tree, axis_name: AxisName):
+  """Sum of a pytree over workers, accumulated in float32 and cast back."""
+  return jax.tree_util.tree_map(
+      lambda x: lax.psum(x.astype(_acc_dtype(x.dtype)), axis_name).astype(x.dtype), tree)
+
+
+def pmean_tree(tree, axis_name: AxisName):
+  """Plain mean of a pytree over workers (float32 accumulation). Same on every worker."""
+  base.check_axis_name(axis_name)
+  return jax.tree_util.tree_map(
+      lambda x: lax.pmean(x.astype(_acc_dtype(x.dtype)), axis_name).astype(x.dtype), tree)
+
+
+# Group / global reductions of two-level layouts are pmeans over the respective axes.
+group_mean = pmean_tree
+global_mean = pmean_tree
+
+
+class Weighted(NamedTuple):
+  """Result of :func:`weighted_mean`: the mean, this worker's normalised weight, status."""
+  value: object
+  weight: jax.Array
+  ok: jax.Array
+
+
+def weighted_mean(tree, weight, axis_name: AxisName, *, exclude_nonfinite=True,
+                  fallback=None) -> Weighted:
+  """Weighted mean ``sum_j w_j x_j / sum_j w_j`` of a pytree over workers.
+
+  Args:
+    tree: this worker's pytree x_i.
+    weight: this worker's non-negative scalar weight w_i (need not be normalised).
+    axis_name: the worker axis.
+    exclude_nonfinite: give weight 0 to a worker whose tree or weight is non-finite.
+    fallback: the value returned when the total weight is 0 (default: this worker's
+      own ``tree``). Pass a shared tree (e.g. the last center) to keep the result
+      shared -- identical on all workers, unbatched under vmap.
+
+  Returns:
+    ``Weighted(value, weight, ok)``: the mean (identical on every worker), this
+    worker's normalised weight, and ``ok`` -- False when the total weight is 0 (e.g.
+    every worker is non-finite); then ``value`` is ``fallback``.
+  """
+  base.check_axis_name(axis_name)
+  w = jnp.asarray(weight, jnp.float32)
+  finite = tree_is_finite(tree) & jnp.isfinite(w) if exclude_nonfinite else jnp.bool_(True)
+  w = jnp.where(finite & (w > 0), w, 0.0)
+  total = lax.psum(w, axis_name)
+  ok = total > 0
+  wn = jnp.where(ok, w / jnp.where(ok, total, 1.0), 0.0)
+
+  if fallback is None:
+    fallback = tree
+
+  def mean(x, fb):
+    acc = _acc_dtype(x.dtype)
+    xs = jnp.where(finite, x, jnp.zeros_like(x)).astype(acc)
+    m = lax.psum(wn.astype(acc) * xs, axis_name)
+    return jnp.where(ok, m, fb.astype(acc)).astype(x.dtype)
+
+  return Weighted(jax.tree_util.tree_map(mean, tree, fallback), wn, ok)
+
+
+def normalize_weights(score, axis_name: AxisName):
+  """This worker's ``s_i / sum_j s_j`` over workers; non-finite or negative s_i -> 0.
+
+  Returns ``(weight, ok)``; ``ok`` is False (and every weight 0) when no score is
+  positive and finite.
+  """
+  base.check_axis_name(axis_name)
+  s = jnp.asarray(score, jnp.float32)
+  s = jnp.where(jnp.isfinite(s) & (s > 0), s, 0.0)
+  total = lax.psum(s, axis_name)
+  ok = total > 0
+  return jnp.where(ok, s / jnp.where(ok, total, 1.0), 0.0), ok
+
+
+def softmax_weights(loss, axis_name: AxisName, temperature=1.0):
+  """Boltzmann weights ``w_i = exp(-L_i / T) / sum_j exp(-L_j / T)`` over workers.
+
+  ``temperature=inf`` gives uniform weights over the finite workers, ``temperature=0``
+  puts all weight on the best worker (ties share). A worker with a non-finite loss
+  gets weight 0. Returns ``(weight, ok)``; ``ok`` is False when no loss is finite.
+  """
+  base.check_axis_name(axis_name)
+  if isinstance(temperature, (int, float)) and temperature < 0:
+    raise ValueError(f"`temperature` must be >= 0, got {temperature!r}.")
+  loss = jnp.asarray(loss, jnp.float32)
+  finite = jnp.isfinite(loss)
+  lmin = lax.pmin(jnp.where(finite, loss, jnp.inf), axis_name)
+  t = jnp.asarray(temperature, jnp.float32)
+  z = jnp.where(t > 0, (loss - lmin) / jnp.where(t > 0, t, 1.0),
+                jnp.where(loss == lmin, 0.0, jnp.inf))
+  z = jnp.where(jnp.isinf(t), 0.0, z)
+  s = jnp.where(finite, jnp.exp(-z), 0.0)
+  return normalize_weights(s, axis_name)
+
+
+class Leader(NamedTuple):
+  """Result of :func:`elect_leader`."""
+  index: jax.Array   # worker index of the leader (int32); -1 when no loss is finite
+  loss: jax.Array    # the leader's loss
+  ok: jax.Array      # False when every loss is non-finite
+
+
+def elect_leader(loss, axis_name: AxisName, eligible=True) -> Leader:
+  """Arg-min of the workers' losses; ties go to the lowest index.
+
+  Workers with a non-finite loss (or ``eligible=False``) are never elected.
+  """
+  base.check_axis_name(axis_name)
+  loss = jnp.asarray(loss, jnp.float32)
+  cand = jnp.isfinite(loss) & jnp.asarray(eligible)
+  lmin = lax.pmin(jnp.where(cand, loss, jnp.inf), axis_name)
+  idx = lax.axis_index(axis_name)
+  big = jnp.iinfo(jnp.int32).max
+  is_min = cand & (loss == lmin)
+  leader = lax.pmin(jnp.where(is_min, idx, big), axis_name)
+  ok = leader < big
+  return Leader(jnp.where(ok, leader, -1).astype(jnp.int32), lmin, ok)
+
+
+def broadcast_from(tree, index, axis_name: AxisName):
+  """Every worker receives worker ``index``'s pytree (exactly, bit for bit).
+
+  lax has no one-to-all broadcast: this is a parameter-sized all-reduce of a one-hot
+  masked tree (the other workers contribute exact zeros). ``index`` must be the same
+  on every worker; an index out of range (e.g. the -1 of a failed election) gives
+  zeros, so check ``Leader.ok`` first. The result is shared (unbatched under vmap).
+  """
+  base.check_axis_name(axis_name)
+  me = lax.axis_index(axis_name) == index
+
+  def bcast(x):
+    # Select (not multiply): a non-finite leaf of another worker must not leak in.
+    return lax.psum(jnp.where(me, x, jnp.zeros_like(x)), axis_name)
+
+  return jax.tree_util.tree_map(bcast, tree)
+
+
+def elastic_step(x, center, alpha, axis_name: AxisName):
+  """One synchronous elastic-averaging exchange (EASGD eq. 5-6, simultaneous).
+
+  ``x_i <- x_i - alpha (x_i - c)`` and ``c <- c + alpha * sum_i (x_i - c)``, both
+  computed from the pre-exchange x_i and c. Returns ``(new_x, new_center)``; the new
+  center is identical on every worker.
+  """
+  base.check_axis_name(axis_name)
+  diff = jax.tree_util.tree_map(
+      lambda a, c: a.astype(_acc_dtype(a.dtype)) - c.astype(_acc_dtype(a.dtype)), x, center)
+  new_x = jax.tree_util.tree_map(
+      lambda a, d: (a.astype(d.dtype) - alpha * d).astype(a.dtype), x, diff)
+  tot = jax.tree_util.tree_map(lambda d: lax.psum(d, axis_name), diff)
+  new_c = jax.tree_util.tree_map(
+      lambda c, s: (c.astype(s.dtype) + alpha * s).astype(c.dtype), center, tot)
+  return new_x, new_c
+
+
+def consensus_distance(tree, axis_name: AxisName):
+  """Mean over workers of ``||x_i - mean_j x_j||^2`` (a scalar, same on all workers)."""
+  base.check_axis_name(axis_name)
+  m = pmean_tree(jax.tree_util.tree_map(lambda x: x.astype(jnp.float32), tree), axis_name)
+  sq = sum(jnp.sum((x.astype(jnp.float32) - y) ** 2)
+           for x, y in zip(jax.tree_util.tree_leaves(tree), jax.tree_util.tree_leaves(m)))
+  return lax.pmean(jnp.asarray(sq, jnp.float32), axis_name)
+
+
+def all_equal(x, axis_name: AxisName):
+  """Debug check: True iff the scalar ``x`` is the same on every worker."""
+  return lax.pmin(x, axis_name) == lax.pmax(x, axis_name)

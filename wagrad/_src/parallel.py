@@ -1,0 +1,333 @@
+"""Parallel runners: one per-worker function, run over K workers on any backend.
+
+A per-worker function is written once against the runner's axis names, e.g.::
+
+    def step(params, opt_state, batch):
+      loss, grads = jax.value_and_grad(loss_fn)(params, batch)
+      updates, opt_state = tx.update(grads, opt_state, params, value=loss)
+      return wagrad.apply_updates(params, updates, opt_state), opt_state, loss
+
+and :meth:`Runner.map` runs it over the workers:
+
+* ``"vmap"``: K simulated workers on one device (nested ``jax.vmap``);
+* ``"shard_map"``: a ``Mesh`` over D devices, K/D workers per device (vmapped inside
+  each device when K > D); the same code runs across hosts after
+  ``jax.distributed.initialize`` (the mesh then spans every process's devices);
+* ``"pmap"``: ``jax.pmap`` over D devices (with an inner vmap when K > D).
+
+Arguments and results are pytrees whose leaves carry a leading worker dimension K,
+except the leaves under a shared node (:func:`wagrad.shared_state`, :class:`wagrad.Shared`),
+which are the same for every worker and are not stacked.
+
+Two-level layouts (``groups=G``): worker k belongs to group ``k // (K // G)``;
+``runner.group_axis`` names the axis of workers inside a group, ``runner.global_axis``
+the axis across groups, ``runner.axis_name`` all workers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from wagrad._src import base
+
+BACKENDS = ("vmap", "shard_map", "pmap")
+
+
+@dataclasses.dataclass(frozen=True)
+class _Level:
+  name: str
+  size: int
+  kind: str  # "mesh" or "vmap"
+
+
+def _names(levels):
+  names = tuple(l.name for l in levels)
+  return names[0] if len(names) == 1 else names
+
+
+def stack_workers(trees: Sequence[Any]):
+  """Stack a list of per-worker pytrees (same structure) along a new leading axis."""
+  if not trees:
+    raise ValueError("`trees` must hold at least one worker's pytree.")
+  s0 = jax.tree_util.tree_structure(trees[0], is_leaf=base.is_shared)
+  for i, t in enumerate(trees[1:], 1):
+    si = jax.tree_util.tree_structure(t, is_leaf=base.is_shared)
+    if si != s0:
+      raise TypeError(f"pytree mismatch between workers: worker {i} has {si}, worker 0 has {s0}.")
+  leaves = [jax.tree_util.tree_leaves(t) for t in trees]
+  for i, lv in enumerate(leaves[1:], 1):
+    for a, b in zip(leaves[0], lv):
+      if np.shape(a) != np.shape(b):
+        raise TypeError(
+            f"pytree mismatch between workers: worker {i} has a leaf of shape "
+            f"{np.shape(b)} where worker 0 has {np.shape(a)}.")
+  return jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *trees)
+
+
+def unstack_worker(tree, index: int):
+  """Worker ``index``'s slice of a stacked tree (shared nodes are returned as they are)."""
+  return jax.tree_util.tree_map(
+      lambda n: n if base.is_shared(n) else jax.tree_util.tree_map(lambda x: x[index], n),
+      tree, is_leaf=base.is_shared)
+
+
+class Runner:
+  """Runs a per-worker function over ``num_workers`` workers on a chosen backend.
+
+  Args:
+    backend: ``"vmap"``, ``"shard_map"`` or ``"pmap"``.
+    num_workers: K, the number of workers.
+    groups: optional number of groups G for two-level algorithms (G must divide K).
+    devices: devices to use (default: all of ``jax.devices()``, at most K of them).
+    num_devices: use the first ``num_devices`` devices (D must divide K).
+    wait: block on every step's result. Default: on CPU for shard_map/pmap (forced CPU
+      devices deadlock when more than ~2 collective programs are in flight), never on
+      GPU/TPU.
+  """
+
+  def __init__(self, backend: str = "vmap", num_workers: int = 8, *, groups: int | None = None,
+               devices=None, num_devices: int | None = None, wait: bool | None = None):
+    if backend not in BACKENDS:
+      raise ValueError(f"unknown backend {backend!r}; choose one of {BACKENDS}.")
+    base.check_positive_int("num_workers", num_workers)
+    base.check_positive_int("groups", groups, allow_none=True)
+    if groups is not None and num_workers % groups:
+      raise ValueError(f"`groups`={groups} must divide `num_workers`={num_workers}.")
+    self.backend = backend
+    self.num_workers = int(num_workers)
+    self.groups = groups
+    K, G = self.num_workers, groups
+    if backend == "vmap":
+      self.devices = None
+      D = 1
+    else:
+      devs = list(devices) if devices is not None else list(jax.devices())
+      if num_devices is not None:
+        base.check_positive_int("num_devices", num_devices)
+        if num_devices > len(devs):
+          raise ValueError(f"`num_devices`={num_devices} but only {len(devs)} devices exist.")
+        devs = devs[:num_devices]
+      elif len(devs) > K:
+        devs = devs[:K] if K >= 1 else devs
+      D = len(devs)
+      if K % D:
+        raise ValueError(
+            f"`num_workers`={K} is not divisible by the number of devices {D}: "
+            f"use a multiple of {D} workers or pass num_devices.")
+      self.devices = devs
+    self.num_devices = D
+
+    if G is None:
+      if backend == "vmap":
+        levels = [_Level("workers", K, "vmap")]
+      else:
+        levels = [_Level("workers", D, "mesh")]
+        if K // D > 1:
+          levels.append(_Level("workers_local", K // D, "vmap"))
+      group_names = global_names = None
+    else:
+      W = K // G
+      if backend == "vmap":
+        levels = [_Level("groups", G, "vmap"), _Level("local", W, "vmap")]
+        global_names, group_names = ["groups"], ["local"]
+      elif G % D == 0:
+        levels = [_Level("groups", D, "mesh")]
+        global_names = ["groups"]
+        if G // D > 1:
+          levels.append(_Level("groups_local", G // D, "vmap"))
+          global_names.append("groups_local")
+        levels.append(_Level("local", W, "vmap"))
+        group_names = ["local"]
+      elif D % G == 0:
+        if backend == "pmap":
+          raise ValueError(
+              f"pmap runs one mesh axis: with groups={G} < devices={D} use backend='shard_map'.")
+        levels = [_Level("groups", G, "mesh"), _Level("local", D // G, "mesh")]
+        global_names, group_names = ["groups"], ["local"]
+        if K // D > 1:
+          levels.append(_Level("local_vmap", K // D, "vmap"))
+          group_names.append("local_vmap")
+      else:
+        raise ValueError(f"`groups`={G} and the number of devices {D} must divide one another.")
+      group_names, global_names = tuple(group_names), tuple(global_names)
+    self.levels = tuple(levels)
+    self.axis_name = _names(levels)
+    self.group_axis = None if G is None else (
+        group_names[0] if len(group_names) == 1 else group_names)
+    self.global_axis = None if G is None else (
+        global_names[0] if len(global_names) == 1 else global_names)
+    mesh_levels = [l for l in levels if l.kind == "mesh"]
+    self._mesh_levels = mesh_levels
+    self._vmap_levels = [l for l in levels if l.kind == "vmap"]
+    if backend == "shard_map":
+      self.mesh = Mesh(np.asarray(self.devices).reshape([l.size for l in mesh_levels]),
+                       tuple(l.name for l in mesh_levels))
+    else:
+      self.mesh = None
+    if wait is None:
+      platform = (self.devices or jax.devices())[0].platform
+      wait = backend != "vmap" and platform == "cpu"
+    self.wait = bool(wait)
+
+  def __repr__(self):
+    return (f"Runner(backend={self.backend!r}, num_workers={self.num_workers}, "
+            f"groups={self.groups}, num_devices={self.num_devices}, axis_name={self.axis_name!r})")
+
+  # ------------------------------------------------------------------ state helpers
+
+  @property
+  def _mesh_spec(self):
+    names = tuple(l.name for l in self._mesh_levels)
+    return P(names if len(names) > 1 else names[0])
+
+  def replicate(self, tree):
+    """Give every worker a copy of ``tree`` (shared nodes stay unstacked); placed."""
+    K = self.num_workers
+    out = jax.tree_util.tree_map(
+        lambda n: n if base.is_shared(n) else jax.tree_util.tree_map(
+            lambda x: jnp.broadcast_to(jnp.asarray(x), (K,) + jnp.shape(x)), n),
+        tree, is_leaf=base.is_shared)
+    return self.put(out)
+
+  def init(self, tx, params):
+    """``tx.init(params)`` for one worker's params, replicated to every worker."""
+    return self.replicate(tx.init(params))
+
+  def worker_keys(self, key):
+    """One PRNG key per worker (stacked), from one key."""
+    return self.put(jax.random.split(key, self.num_workers))
+
+  def shard(self, *arrays, drop_remainder=True):
+    """Split data sets into K equal per-worker shards: (n, ...) -> (K, n // K, ...)."""
+    K = self.num_workers
+    out = []
+    for a in arrays:
+      a = np.asarray(a)
+      n = (a.shape[0] // K) * K if drop_remainder else a.shape[0]
+      if n % K or n == 0:
+        raise ValueError(f"cannot split {a.shape[0]} examples over {K} workers.")
+      out.append(a[:n].reshape((K, n // K) + a.shape[1:]))
+    return out[0] if len(out) == 1 else tuple(out)
+
+  def put(self, tree):
+    """Place a stacked tree as the backend expects (shard_map: sharded by worker)."""
+    if self.backend != "shard_map":
+      return tree
+    stacked = NamedSharding(self.mesh, self._mesh_spec)
+    repl = NamedSharding(self.mesh, P())
+
+    def place(n):
+      if base.is_shared(n):
+        return jax.tree_util.tree_map(lambda x: jax.device_put(x, repl), n)
+      return jax.tree_util.tree_map(lambda x: jax.device_put(x, stacked), n)
+
+    return jax.tree_util.tree_map(place, tree, is_leaf=base.is_shared)
+
+  def _check_stacked(self, args):
+    K = self.num_workers
+    for path, leaf in jax.tree_util.tree_leaves_with_path(
+        jax.tree_util.tree_map(lambda n: None if base.is_shared(n) else n, args,
+                               is_leaf=base.is_shared)):
+      if jnp.ndim(leaf) == 0 or jnp.shape(leaf)[0] != K:
+        raise ValueError(
+            f"argument leaf {jax.tree_util.keystr(path)} has shape {jnp.shape(leaf)}: "
+            f"per-worker leaves need a leading dimension of {K} workers (wrap values "
+            f"shared by all workers in wagrad.Shared).")
+
+  # ------------------------------------------------------------------ mapping
+
+  def _nest_vmap(self, fn, levels, in_axes, out_axes):
+    f = fn
+    for lvl in reversed(levels):
+      f = jax.vmap(f, in_axes=in_axes, out_axes=out_axes, axis_name=lvl.name)
+    return f
+
+  @staticmethod
+  def _reshape_stacked(tree, shape_prefix):
+    return jax.tree_util.tree_map(
+        lambda nd: nd if base.is_shared(nd) else jax.tree_util.tree_map(
+            lambda x: x.reshape(tuple(shape_prefix) + x.shape[1:]), nd),
+        tree, is_leaf=base.is_shared)
+
+  @staticmethod
+  def _flatten_stacked(tree, n_lead):
+    return jax.tree_util.tree_map(
+        lambda nd: nd if base.is_shared(nd) else jax.tree_util.tree_map(
+            lambda x: x.reshape((-1,) + x.shape[n_lead:]), nd),
+        tree, is_leaf=base.is_shared)
+
+  def _out_axes(self, fn, args, in_axes):
+    """Find which outputs are shared by evaluating shapes through all-vmap levels."""
+    levels = [_Level(l.name, l.size, "vmap") for l in self.levels]
+    shaped = self._reshape_stacked(args, [l.size for l in levels])
+    out = jax.eval_shape(self._nest_vmap(fn, levels, tuple(in_axes), 0), *shaped)
+    return out
+
+  def map(self, fn: Callable, *, jit: bool = True) -> Callable:
+    """Return ``g(*args)`` running ``fn`` on every worker (args stacked, see module doc)."""
+    runner = self
+
+    def mapped(*args):
+      in_axes = tuple(base.worker_axes(a) for a in args)
+      out_struct = runner._out_axes(fn, args, in_axes)
+      out_axes = base.worker_axes(out_struct)
+      vsizes = [l.size for l in runner._vmap_levels]
+      if runner.backend == "vmap":
+        sh = runner._reshape_stacked(args, vsizes)
+        out = runner._nest_vmap(fn, runner._vmap_levels, in_axes, out_axes)(*sh)
+        return runner._flatten_stacked(out, len(vsizes))
+      inner = runner._inner(fn, in_axes, out_axes)
+      if runner.backend == "shard_map":
+        spec = runner._mesh_spec
+        in_specs = tuple(base.worker_axes(a, stacked=spec, shared=P()) for a in args)
+        out_specs = base.worker_axes(out_struct, stacked=spec, shared=P())
+        return jax.shard_map(inner, mesh=runner.mesh, in_specs=in_specs,
+                             out_specs=out_specs, check_vma=False)(*args)
+      # pmap: [K, ...] -> [D, K/D, ...]
+      D = runner.num_devices
+      sh = runner._reshape_stacked(args, [D, runner.num_workers // D])
+      pm = jax.pmap(lambda *a: inner(*a), axis_name=runner._mesh_levels[0].name,
+                    in_axes=in_axes, out_axes=out_axes, devices=runner.devices)
+      return runner._flatten_stacked(pm(*sh), 2)
+
+    compiled = jax.jit(mapped) if (jit and self.backend != "pmap") else mapped
+
+    @functools.wraps(fn)
+    def call(*args):
+      self._check_stacked(args)
+      if self.backend == "shard_map":
+        args = self.put(args)
+      out = compiled(*args)
+      if self.wait:
+        out = jax.block_until_ready(out)
+      return out
+
+    call.lower = lambda *args: jax.jit(mapped).lower(*self.put(args))
+    return call
+
+  def _inner(self, fn, in_axes, out_axes):
+    """Per-device body: local block [K/D, ...] -> vmap levels -> fn."""
+    vlevels = self._vmap_levels
+    vsizes = [l.size for l in vlevels]
+
+    def body(*blocks):
+      if not vlevels:
+        sq = tuple(jax.tree_util.tree_map(
+            lambda nd: nd if base.is_shared(nd) else jax.tree_util.tree_map(lambda x: x[0], nd),
+            b, is_leaf=base.is_shared) for b in blocks)
+        out = fn(*sq)
+        return jax.tree_util.tree_map(
+            lambda ax, o: o if ax is None else jax.tree_util.tree_map(lambda x: jnp.asarray(x)[None], o),
+            out_axes, out, is_leaf=lambda x: x is None)
+      sh = self._reshape_stacked(blocks, vsizes)
+      out = self._nest_vmap(fn, vlevels, in_axes, out_axes)(*sh)
+      return self._flatten_stacked(out, len(vsizes))
+
+    return body

@@ -1,0 +1,95 @@
+"""Pieces every periodic wagrad algorithm shares: warm-up, local step, exchange gate,
+optimizer-state policy at exchanges.
+
+A step of a periodic algorithm (count t is the shared global step)::
+
+    if t < warmup_steps:  g <- mean_j g_j                  (synchronous SGD warm-up)
+    u, inner_state <- inner.update(g, inner_state, x)      (local step)
+    x_half <- x + u
+    if t == warmup_steps - 1:   x <- x_half of worker 0     (exact; all equal anyway)
+    elif exchange(t):           x <- rule(x_half, ...)      (the algorithm's exchange)
+    else:                       x <- x_half
+
+The branch is chosen with ``lax.switch`` on shared scalars only, so every worker takes
+the same branch and no collective runs outside exchange steps (architecture, decision 1).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import optax
+from jax import lax
+
+from wagrad._src import base
+from wagrad._src import collectives as C
+
+OPT_STATE_SYNC = ("local", "average", "reset")
+
+NO_EXCHANGE, EXCHANGE, WARMUP_END = 0, 1, 2
+
+
+def check_common(inner, sync_period, warmup_steps, opt_state_sync, axis_name):
+  """Validate the arguments every periodic algorithm takes; return the period function."""
+  base.check_transform("inner", inner)
+  base.check_nonneg_int("warmup_steps", warmup_steps)
+  if opt_state_sync not in OPT_STATE_SYNC:
+    raise ValueError(f"unknown `opt_state_sync` {opt_state_sync!r}; choose one of {OPT_STATE_SYNC}.")
+  if not isinstance(axis_name, (str, tuple)):
+    raise TypeError(f"`axis_name` must be a string or a tuple of strings, got {axis_name!r}.")
+  return base.make_period_fn("sync_period", sync_period)
+
+
+def inner_with_extra_args(inner):
+  return optax.with_extra_args_support(inner)
+
+
+def local_update(inner, grads, inner_state, params, count, warmup_steps, axis_name, **extra):
+  """Inner optimizer step; during the warm-up the gradients are averaged over workers."""
+  base.check_same_structure("grads", grads, "params", params)
+  if warmup_steps > 0:
+    grads = lax.cond(count < warmup_steps, lambda g: C.pmean_tree(g, axis_name),
+                     lambda g: g, grads)
+  return inner.update(grads, inner_state, params, **extra)
+
+
+def branch_index(count, last_exchange, warmup_steps, period_fn):
+  """0: local step only, 1: exchange, 2: end of the warm-up. Shared scalars only."""
+  ex = base.is_exchange_step(count, last_exchange, warmup_steps, period_fn)
+  idx = jnp.where(ex, EXCHANGE, NO_EXCHANGE)
+  if warmup_steps > 0:
+    idx = jnp.where(count == warmup_steps - 1, WARMUP_END, idx)
+  return idx.astype(jnp.int32)
+
+
+def warmup_target(x_half, axis_name):
+  """Parameters at the end of the warm-up: worker 0's (bit-exact broadcast)."""
+  return C.broadcast_from(x_half, jnp.int32(0), axis_name)
+
+
+def sync_opt_state(policy, inner, inner_state, new_params, axis_name):
+  """Apply the optimizer-state policy at an exchange.
+
+  ``"local"``: keep every worker's inner state (DiLoCo, torchft LocalSGD).
+  ``"average"``: average the floating-point leaves of the inner state over workers
+  (integer leaves such as step counts are kept).
+  ``"reset"``: re-initialise the inner state at the new parameters (as optax's
+  lookahead ``reset_state``).
+  """
+  if policy == "local":
+    return inner_state
+  if policy == "reset":
+    fresh = inner.init(new_params)
+    return jax.tree_util.tree_map(lambda f, o: jnp.asarray(f).astype(o.dtype), fresh, inner_state)
+  return jax.tree_util.tree_map(
+      lambda x: C.pmean_tree(x, axis_name) if jnp.issubdtype(x.dtype, jnp.floating) else x,
+      inner_state)
+
+
+def updates_to(target, params):
+  """``target - params`` per leaf, in the params' dtype (use with wagrad.apply_updates)."""
+  return jax.tree_util.tree_map(lambda t, p: (t.astype(p.dtype) - p), target, params)
+
+
+def next_last_exchange(idx, count, last_exchange):
+  return jnp.where(idx == NO_EXCHANGE, last_exchange, count + 1).astype(jnp.int32)
