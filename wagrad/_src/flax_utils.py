@@ -41,3 +41,55 @@ def sync_model_state(model_state, opt_state, axis_name="workers"):
     return C.weighted_mean(s, w, axis_name).value
 
   return lax.cond(pred, mix, lambda s: s, model_state)
+
+
+def nnx_update(optimizer, model, grads, **kwargs):
+  """``optimizer.update(model, grads, **kwargs)`` for a ``flax.nnx.Optimizer`` whose
+  transform is a wagrad transform, then take the rule's target exactly on assigning
+  steps (nnx's own update applies ``params + updates``; see ``wagrad.apply_updates``).
+  """
+  from flax import nnx
+
+  optimizer.update(model, grads, **kwargs)
+  sh = base.find_shared(optimizer.opt_state, "assign")
+  if sh is None or getattr(sh, "target", None) is None:
+    return
+  value = lambda v: v.get_value() if hasattr(v, "get_value") else getattr(v, "value", v)
+  assign = value(sh.assign)
+  params = nnx.state(model, optimizer.wrt)
+  target = sh.target
+  if isinstance(target, nnx.State):
+    target = nnx.to_pure_dict(target)
+  target = jax.tree_util.tree_map(value, target, is_leaf=lambda v: isinstance(v, nnx.Variable))
+  new = jax.tree_util.tree_map(
+      lambda p, t: jnp.where(assign, jnp.asarray(t).astype(p.dtype), p),
+      nnx.to_pure_dict(params), target)
+  nnx.replace_by_pure_dict(params, new)
+  nnx.update(model, params)
+
+
+def reestimate_batch_stats(apply_fn, variables, batches, *, collection="batch_stats"):
+  """Re-estimate BatchNorm statistics of ``variables`` on training batches (the LSGD
+  authors' evaluation rule for the averaged model): the mean over ``batches`` of each
+  batch's own statistics ("precise BN").
+
+  ``apply_fn(variables, batch)`` runs the model in training mode and returns
+  ``(out, updated)`` with ``updated[collection]`` the new statistics, e.g.
+  ``lambda v, x: model.apply(v, x, train=True, mutable=["batch_stats"])``. A linen
+  BatchNorm blends ``new = m * old + (1 - m) * batch``; running each batch from zero
+  and from one statistics gives ``1 - m`` and hence the batch statistic exactly,
+  whatever the layer's momentum m.
+  """
+  stats = variables[collection]
+  zeros = jax.tree_util.tree_map(jnp.zeros_like, stats)
+  ones = jax.tree_util.tree_map(jnp.ones_like, stats)
+  total, n = zeros, 0
+  for batch in batches:
+    s0 = apply_fn({**variables, collection: zeros}, batch)[1][collection]
+    s1 = apply_fn({**variables, collection: ones}, batch)[1][collection]
+    b = jax.tree_util.tree_map(lambda a, c: a / (1.0 - (c - a)), s0, s1)
+    total = jax.tree_util.tree_map(jnp.add, total, b)
+    n += 1
+  if n == 0:
+    raise ValueError("`batches` is empty: need at least one training batch.")
+  return jax.tree_util.tree_map(lambda t: t / n, total)
