@@ -217,16 +217,25 @@ class Runner:
     return out[0] if len(out) == 1 else tuple(out)
 
   def put(self, tree):
-    """Place a stacked tree as the backend expects (shard_map: sharded by worker)."""
+    """Place a stacked tree as the backend expects (shard_map: sharded by worker).
+
+    Leaves already placed as required are passed through untouched (cheap), so calling
+    this on every step's state costs almost nothing.
+    """
     if self.backend != "shard_map":
       return tree
-    stacked = NamedSharding(self.mesh, self._mesh_spec)
-    repl = NamedSharding(self.mesh, P())
+    if not hasattr(self, "_shardings"):
+      self._shardings = (NamedSharding(self.mesh, self._mesh_spec), NamedSharding(self.mesh, P()))
+    stacked, repl = self._shardings
+
+    def place_leaf(x, sh):
+      if isinstance(x, jax.Array) and x.sharding == sh:
+        return x
+      return jax.device_put(x, sh)
 
     def place(n):
-      if base.is_shared(n):
-        return jax.tree_util.tree_map(lambda x: jax.device_put(x, repl), n)
-      return jax.tree_util.tree_map(lambda x: jax.device_put(x, stacked), n)
+      sh = repl if base.is_shared(n) else stacked
+      return jax.tree_util.tree_map(lambda x: place_leaf(x, sh), n)
 
     return jax.tree_util.tree_map(place, tree, is_leaf=base.is_shared)
 
@@ -271,10 +280,16 @@ class Runner:
     return out
 
   def map(self, fn: Callable, *, jit: bool = True) -> Callable:
-    """Return ``g(*args)`` running ``fn`` on every worker (args stacked, see module doc)."""
+    """Return ``g(*args)`` running ``fn`` on every worker (args stacked, see module doc).
+
+    ``g.lower(*args)`` lowers the program (for HLO inspection) and ``g.num_traces()``
+    says how many times it was traced (1 for a run that compiled once).
+    """
     runner = self
+    traces = [0]
 
     def mapped(*args):
+      traces[0] += 1  # Python side effect: runs once per trace (compilation), not per step
       in_axes = tuple(base.worker_axes(a) for a in args)
       out_struct = runner._out_axes(fn, args, in_axes)
       out_axes = base.worker_axes(out_struct)
@@ -310,6 +325,7 @@ class Runner:
       return out
 
     call.lower = lambda *args: jax.jit(mapped).lower(*self.put(args))
+    call.num_traces = lambda: traces[0]
     return call
 
   def _inner(self, fn, in_axes, out_axes):

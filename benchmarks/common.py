@@ -1,0 +1,78 @@
+"""Shared pieces of the benchmarks: forced CPU devices, a small Flax model, timing."""
+import os
+import sys
+
+if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+                             " --xla_force_host_platform_device_count=8").strip()
+
+import json  # noqa: E402
+import re  # noqa: E402
+import time  # noqa: E402
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "examples"))
+
+OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+
+
+def device_info():
+  d = jax.devices()[0]
+  return {"platform": d.platform, "device_kind": d.device_kind, "device_count": jax.device_count(),
+          "jax": jax.__version__, "cpu_count": os.cpu_count()}
+
+
+def save(name, data):
+  os.makedirs(OUT, exist_ok=True)
+  path = os.path.join(OUT, name + ".json")
+  with open(path, "w") as f:
+    json.dump(data, f, indent=1)
+  print(f"wrote {path}")
+  return path
+
+
+def time_steps(f, state, n):
+  """Seconds per step of ``state = f(*state)`` over n steps, waiting for each step."""
+  t0 = time.perf_counter()
+  for _ in range(n):
+    state = jax.block_until_ready(f(*state))
+  return (time.perf_counter() - t0) / n, state
+
+
+_DT = {"f32": 4, "f64": 8, "bf16": 2, "f16": 2, "s32": 4, "u32": 4, "pred": 1, "s64": 8, "u8": 1,
+       "s8": 1}
+_SHAPE = re.compile(r"(f32|f64|bf16|f16|s32|u32|pred|s64|u8|s8)\[([0-9,]*)\]")
+
+
+def _bytes_of(shape_text):
+  total = 0
+  for dt, dims in _SHAPE.findall(shape_text):
+    n = 1
+    for d in filter(None, dims.split(",")):
+      n *= int(d)
+    total += n * _DT[dt]
+  return total
+
+
+def collective_bytes(hlo_text):
+  """Bytes produced by collectives in a compiled HLO module, split into the entry
+  computation (run every step) and other computations (conditional branches, run only
+  when taken). Returns {"every_step": {...}, "in_branches": {...}} by op kind."""
+  out = {"every_step": {}, "in_branches": {}}
+  comp = None
+  entry = False
+  for line in hlo_text.splitlines():
+    s = line.strip()
+    if s.endswith("{") and ("ENTRY" in s or re.match(r"^[%\w.\-]+ ", s)):
+      entry = s.startswith("ENTRY")
+      comp = s
+      continue
+    m = re.search(r"=\s*(\(?[^=]*?\)?)\s+(all-reduce|all-gather|reduce-scatter|all-to-all|"
+                  r"collective-permute)(-start)?\(", s)
+    if m and comp is not None:
+      kind = m.group(2)
+      key = "every_step" if entry else "in_branches"
+      out[key][kind] = out[key].get(kind, 0) + _bytes_of(m.group(1))
+  return out

@@ -1,0 +1,182 @@
+"""Overhead, communication volume and compile-once benchmark.
+
+For each algorithm: time per training step of a small Flax MLP (digits-sized input) on
+8 workers over 8 (forced CPU) devices with shard_map, against, in the same process and
+interleaved: (a) a hand-written shard_map step doing the same math with raw ``jax.lax``
+collectives, (b) local SGD with no communication at all, (c) synchronous all-reduce SGD.
+Medians over repetitions, with the spread. Bytes moved by collectives are read from the
+compiled HLO (entry computation = every step; conditional branches = exchange steps).
+
+    python benchmarks/overhead.py            # full size
+    python benchmarks/overhead.py --quick    # reduced size (part of run_all.py)
+"""
+
+import argparse
+import functools
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import common  # noqa: E402  (sets XLA_FLAGS first)
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import optax  # noqa: E402
+from jax import lax  # noqa: E402
+from jax.sharding import PartitionSpec as P  # noqa: E402
+
+import wagrad  # noqa: E402
+from digits_lib import MLP  # noqa: E402
+
+LR = 0.05
+
+
+def setup(K, batch, hidden):
+  model = MLP(hidden)
+  p0 = model.init(jax.random.key(0), jnp.zeros((1, 64)))["params"]
+  rng = np.random.default_rng(0)
+  x = rng.normal(size=(K, batch, 64)).astype(np.float32)
+  y = rng.integers(0, 10, size=(K, batch)).astype(np.int32)
+
+  def loss_fn(p, x, y):
+    return optax.softmax_cross_entropy_with_integer_labels(model.apply({"params": p}, x), y).mean()
+  return p0, x, y, loss_fn
+
+
+def wagrad_variant(runner, tx, p0, x, y, loss_fn):
+  def step(p, s, x, y):
+    loss, g = jax.value_and_grad(loss_fn)(p, x, y)
+    u, s = tx.update(g, s, p, value=loss)
+    return wagrad.apply_updates(p, u, s), s, x, y
+  f = runner.map(step)
+  state = (runner.replicate(p0), runner.init(tx, p0), runner.put(x), runner.put(y))
+  return f, state
+
+
+def hand_variant(runner, p0, x, y, loss_fn, tau):
+  """Raw lax: local SGD step, pmean of params every tau steps (tau=0: never; tau=-1:
+  gradients averaged every step, i.e. synchronous SGD)."""
+  mesh = runner.mesh
+
+  def body(p, count, x, y):
+    p, x, y = jax.tree_util.tree_map(lambda a: a[0], (p, x, y))
+    g = jax.grad(loss_fn)(p, x, y)
+    if tau == -1:
+      g = jax.tree_util.tree_map(lambda a: lax.pmean(a, "workers"), g)
+    p = jax.tree_util.tree_map(lambda a, b: a - LR * b, p, g)
+    if tau > 0:
+      p = lax.cond((count + 1) % tau == 0,
+                   lambda p: jax.tree_util.tree_map(lambda a: lax.pmean(a, "workers"), p),
+                   lambda p: p, p)
+    return jax.tree_util.tree_map(lambda a: a[None], p), count + 1, x[None], y[None]
+
+  f = jax.jit(jax.shard_map(body, mesh=mesh, in_specs=(P("workers"), P(), P("workers"), P("workers")),
+                            out_specs=(P("workers"), P(), P("workers"), P("workers")),
+                            check_vma=False))
+  state = (runner.replicate(p0), jnp.int32(0), runner.put(x), runner.put(y))
+  return f, state
+
+
+def main(argv=None):
+  ap = argparse.ArgumentParser()
+  ap.add_argument("--quick", action="store_true")
+  ap.add_argument("--steps", type=int, default=None)
+  ap.add_argument("--reps", type=int, default=None)
+  args = ap.parse_args(argv)
+  steps = args.steps or (48 if args.quick else 160)
+  reps = args.reps or (3 if args.quick else 7)
+  K, batch, hidden = 8, 32, 256
+  runner = wagrad.Runner("shard_map", K)
+  p0, x, y, loss_fn = setup(K, batch, hidden)
+  n_params = sum(a.size for a in jax.tree_util.tree_leaves(p0))
+  sgd = optax.sgd(LR)
+  variants = {
+      "local_sgd (no comm)": hand_variant(runner, p0, x, y, loss_fn, 0),
+      "hand sync_sgd": hand_variant(runner, p0, x, y, loss_fn, -1),
+      "wagrad sync_sgd": wagrad_variant(runner, wagrad.sync_sgd(sgd), p0, x, y, loss_fn),
+  }
+  taus = (1, 4, 16)
+  for tau in taus:
+    variants[f"hand averaging tau={tau}"] = hand_variant(runner, p0, x, y, loss_fn, tau)
+    variants[f"wagrad model_averaging tau={tau}"] = wagrad_variant(
+        runner, wagrad.model_averaging(sgd, tau), p0, x, y, loss_fn)
+  for name, factory in extra_algorithms().items():
+    for tau in taus:
+      variants[f"wagrad {name} tau={tau}"] = wagrad_variant(runner, factory(sgd, tau), p0, x, y, loss_fn)
+
+  # compile + warm up every variant (not timed)
+  states = {}
+  for name, (f, st) in variants.items():
+    for _ in range(3):
+      st = jax.block_until_ready(f(*st))
+    states[name] = st
+  times = {n: [] for n in variants}
+  for r in range(reps):  # interleaved repetitions
+    for name, (f, _) in variants.items():
+      dt, states[name] = common.time_steps(f, states[name], steps)
+      times[name].append(dt)
+    print(f"rep {r + 1}/{reps} done", flush=True)
+
+  med = {n: float(np.median(v)) for n, v in times.items()}
+  base = med["local_sgd (no comm)"]
+  rows = []
+  for name in variants:
+    row = {"variant": name, "median_ms": 1e3 * med[name],
+           "min_ms": 1e3 * min(times[name]), "max_ms": 1e3 * max(times[name]),
+           "ratio_to_local_sgd": med[name] / base}
+    if name.startswith("wagrad model_averaging"):
+      row["ratio_to_hand"] = med[name] / med[name.replace("wagrad model_averaging", "hand averaging")]
+    if name == "wagrad sync_sgd":
+      row["ratio_to_hand"] = med[name] / med["hand sync_sgd"]
+    f = variants[name][0]
+    if hasattr(f, "num_traces"):
+      row["num_traces"] = f.num_traces()
+      hlo = f.lower(*states[name]).compile().as_text()
+    else:
+      hlo = f.lower(*states[name]).compile().as_text()
+    row["collective_bytes"] = common.collective_bytes(hlo)
+    rows.append(row)
+    print(f"{name:36s} {row['median_ms']:7.3f} ms  x{row['ratio_to_local_sgd']:.2f} local"
+          + (f"  x{row['ratio_to_hand']:.3f} hand" if "ratio_to_hand" in row else "")
+          + (f"  traces={row.get('num_traces')}" if "num_traces" in row else ""))
+  data = {"device": common.device_info(), "workers": K, "batch_per_worker": batch,
+          "params": int(n_params), "param_bytes": int(4 * n_params), "steps_per_rep": steps,
+          "reps": reps, "rows": rows}
+  common.save("overhead", data)
+  plot(data)
+  return data
+
+
+def extra_algorithms():
+  """Algorithm families present in this wagrad build: name -> factory(inner, tau)."""
+  out = {}
+  if hasattr(wagrad, "easgd"):
+    out["easgd"] = lambda inner, tau: wagrad.easgd(inner, tau)
+  if hasattr(wagrad, "lsgd"):
+    out["lsgd"] = lambda inner, tau: wagrad.lsgd(inner, tau)
+  if hasattr(wagrad, "wasgd"):
+    out["wasgd"] = lambda inner, tau: wagrad.wasgd(inner, tau)
+  return out
+
+
+def plot(data):
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  rows = data["rows"]
+  fig, ax = plt.subplots(figsize=(8, 0.35 * len(rows) + 1.2))
+  names = [r["variant"] for r in rows]
+  ax.barh(names, [r["median_ms"] for r in rows],
+          xerr=[[r["median_ms"] - r["min_ms"] for r in rows], [r["max_ms"] - r["median_ms"] for r in rows]])
+  ax.invert_yaxis()
+  ax.set_xlabel("ms per step (median, min-max)")
+  ax.set_title(f"8 workers, {data['device']['platform']} x{data['device']['device_count']}")
+  fig.tight_layout()
+  path = os.path.join(common.OUT, "overhead.png")
+  fig.savefig(path, dpi=110)
+  print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+  main()
