@@ -38,6 +38,7 @@ from wagrad._src.baselines import (
     one_shot_average,
     sync_sgd,
 )
+from wagrad._src.checkpoint import restore_checkpoint, save_checkpoint
 from wagrad._src.distributed import initialize as initialize_distributed
 from wagrad._src.flax_utils import nnx_update, reestimate_batch_stats, sync_model_state
 
