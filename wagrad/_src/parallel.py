@@ -166,7 +166,7 @@ class Runner:
     mesh_levels = [l for l in levels if l.kind == "mesh"]
     self._mesh_levels = mesh_levels
     self._vmap_levels = [l for l in levels if l.kind == "vmap"]
-    if backend == "shard_map":
+    if backend in ("shard_map", "pmap"):  # pmap: the mesh only places inputs as outputs come
       self.mesh = Mesh(np.asarray(self.devices).reshape([l.size for l in mesh_levels]),
                        tuple(l.name for l in mesh_levels))
     else:
@@ -222,7 +222,7 @@ class Runner:
     Leaves already placed as required are passed through untouched (cheap), so calling
     this on every step's state costs almost nothing.
     """
-    if self.backend != "shard_map":
+    if self.backend == "vmap":
       return tree
     if not hasattr(self, "_shardings"):
       self._shardings = (NamedSharding(self.mesh, self._mesh_spec), NamedSharding(self.mesh, P()))
@@ -312,12 +312,12 @@ class Runner:
                     in_axes=in_axes, out_axes=out_axes, devices=runner.devices)
       return runner._flatten_stacked(pm(*sh), 2)
 
-    compiled = jax.jit(mapped) if (jit and self.backend != "pmap") else mapped
+    compiled = jax.jit(mapped) if jit else mapped
 
     @functools.wraps(fn)
     def call(*args):
       self._check_stacked(args)
-      if self.backend == "shard_map":
+      if self.backend != "vmap":
         args = self.put(args)
       out = compiled(*args)
       if self.wait:
