@@ -38,6 +38,40 @@ from wagrad._src.baselines import (
     one_shot_average,
     sync_sgd,
 )
+from wagrad._src.easgd import (
+    AsyncEASGDShared,
+    AsyncEASGDState,
+    DownpourShared,
+    DownpourState,
+    EAMSGDShared,
+    EAMSGDState,
+    EASGDShared,
+    EASGDState,
+    TreeEASGDShared,
+    TreeEASGDState,
+    async_easgd,
+    async_easgd_schedule,
+    downpour,
+    eamsgd,
+    eamsgd_lookahead,
+    easgd,
+    easgd_center,
+    tree_easgd,
+)
+from wagrad._src.staleness import (
+    SoftsyncSchedule,
+    StalenessShared,
+    StalenessState,
+    softsync_schedule,
+    staleness_apply,
+    staleness_aware_sgd,
+)
+from wagrad._src.schedules import (
+    drop_workers,
+    local_step_counts,
+    speed_schedule,
+    straggler_speeds,
+)
 from wagrad._src.checkpoint import restore_checkpoint, save_checkpoint
 from wagrad._src.distributed import initialize as initialize_distributed
 from wagrad._src.flax_utils import nnx_update, reestimate_batch_stats, sync_model_state
