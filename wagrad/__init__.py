@@ -58,6 +58,19 @@ from wagrad._src.easgd import (
     easgd_center,
     tree_easgd,
 )
+from wagrad._src.lsgd import (
+    AsyncLSGDShared,
+    AsyncLSGDState,
+    LSGDShared,
+    LSGDState,
+    MultiLeaderShared,
+    MultiLeaderState,
+    async_lsgd,
+    async_report_steps,
+    lsgd,
+    multi_leader_lsgd,
+    uneven_round_steps,
+)
 from wagrad._src.staleness import (
     SoftsyncSchedule,
     StalenessShared,
