@@ -6,6 +6,7 @@ Read it top to bottom: data -> model -> per-worker step -> runner -> loop -> eva
 from __future__ import annotations
 
 import time
+from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -34,26 +35,88 @@ def load_digits(seed=0):
   return (X[:1400], y[:1400]), (X[1400:], y[1400:])
 
 
-def _average(params, axis_name):
+class Algo(NamedTuple):
+  """How the example runs one algorithm (everything but the transform is optional)."""
+  tx: object
+  evaluated: str                      # which model the paper evaluates
+  model: Callable                     # (params, state, axis_name) -> evaluated params
+  grad_point: Callable | None = None  # (params, state) -> where the gradient is taken
+  apply: Callable | None = None       # (params, updates, state) -> new params
+  rows: Callable | None = None        # t -> dict of per-step extra args for tx.update
+
+
+def _average(params, state, axis_name):
   return wagrad.one_shot_average(params, axis_name).value
 
 
-# name -> (factory(lr, tau, axis_name) -> (tx, evaluated-model rule), description)
-def _baselines():
-  return {
-      "sync_sgd": (lambda lr, tau, ax: (wagrad.sync_sgd(optax.sgd(lr), axis_name=ax), "average"),
-                   "synchronous all-reduce SGD"),
-      "model_averaging": (lambda lr, tau, ax: (wagrad.model_averaging(
-          optax.sgd(lr), tau, axis_name=ax), "average"), "periodic model averaging (local SGD)"),
-      "one_shot": (lambda lr, tau, ax: (wagrad.model_averaging(
-          optax.sgd(lr), None, axis_name=ax), "average"), "one-shot averaging (SimuParallel)"),
-      "diloco": (lambda lr, tau, ax: (wagrad.diloco(
-          inner=optax.sgd(lr), outer_learning_rate=0.7, sync_period=tau, axis_name=ax), "average"),
-                 "DiLoCo (outer Nesterov on the pseudo-gradient)"),
+def _center(params, state, axis_name):
+  return wagrad.easgd_center(state)
+
+
+def _leader(params, state, axis_name):
+  return wagrad.broadcast_from(params, jnp.maximum(state.shared.leader, 0), axis_name)
+
+
+def _server(params, state, axis_name):
+  return state.shared.server
+
+
+def _softsync(lr, K, steps, seed, modulation):
+  """lambda-softsync (fully asynchronous, c = 1) over K learners, random arrivals."""
+  sched = wagrad.softsync_schedule(K, K, steps, arrival="random", seed=seed)
+  tx = wagrad.staleness_aware_sgd(optax.sgd(1.0), alpha0=lr, modulation=modulation)
+
+  def rows(t):
+    push, stale, apply = sched.row(t)
+    return {"push": push, "staleness": stale, "apply": apply}
+  return tx, rows
+
+
+def _make_registry():
+  """name -> (factory(lr, tau, axis_name, K, steps, seed) -> Algo, description)."""
+  sgd = optax.sgd
+  reg = {
+      "sync_sgd": (lambda lr, tau, ax, K, T, seed: Algo(
+          wagrad.sync_sgd(sgd(lr), axis_name=ax), "average", _average),
+          "synchronous all-reduce SGD"),
+      "model_averaging": (lambda lr, tau, ax, K, T, seed: Algo(
+          wagrad.model_averaging(sgd(lr), tau, axis_name=ax), "average", _average),
+          "periodic model averaging (local SGD)"),
+      "one_shot": (lambda lr, tau, ax, K, T, seed: Algo(
+          wagrad.model_averaging(sgd(lr), None, axis_name=ax), "average", _average),
+          "one-shot averaging (SimuParallel SGD)"),
+      "diloco": (lambda lr, tau, ax, K, T, seed: Algo(wagrad.diloco(
+          inner=sgd(lr), outer_learning_rate=0.7, sync_period=tau, axis_name=ax), "average",
+          _average), "DiLoCo: outer Nesterov SGD on the pseudo-gradient"),
+      "easgd": (lambda lr, tau, ax, K, T, seed: Algo(
+          wagrad.easgd(sgd(lr), tau, axis_name=ax), "center", _center),
+          "elastic averaging SGD (beta = 0.9)"),
+      "eamsgd": (lambda lr, tau, ax, K, T, seed: Algo(
+          wagrad.eamsgd(lr / 5, tau, momentum=0.9, axis_name=ax), "center", _center,
+          grad_point=wagrad.eamsgd_lookahead), "elastic averaging momentum SGD"),
+      "downpour": (lambda lr, tau, ax, K, T, seed: Algo(
+          wagrad.downpour(lr / K, tau, axis_name=ax), "master", _center),
+          "DOWNPOUR (accumulated updates pushed to the master)"),
+      "lsgd": (lambda lr, tau, ax, K, T, seed: Algo(
+          wagrad.lsgd(sgd(lr), tau, axis_name=ax, num_workers=K), "leader", _leader),
+          "leader SGD (pull toward the best worker)"),
+      "staleness_aware": (lambda lr, tau, ax, K, T, seed: Algo(
+          *(lambda tx_rows: (tx_rows[0], "server", _server, None, wagrad.staleness_apply,
+                             tx_rows[1]))(_softsync(lr * 2, K, T, seed, "inverse"))),
+          "staleness-aware async SGD, fully asynchronous (n = K)"),
+      "asgd": (lambda lr, tau, ax, K, T, seed: Algo(
+          *(lambda tx_rows: (tx_rows[0], "server", _server, None, wagrad.staleness_apply,
+                             tx_rows[1]))(_softsync(lr * 2, K, T, seed, "none"))),
+          "plain asynchronous SGD, same schedule (baseline)"),
   }
+  if hasattr(wagrad, "wasgd"):
+    reg["wasgd"] = (lambda lr, tau, ax, K, T, seed: Algo(
+        wagrad.wasgd(sgd(lr), tau, axis_name=ax), "average", _average),
+        "weighted aggregating SGD (reconstruction)")
+  return reg
 
 
-ALGORITHMS = dict(_baselines())
+ALGORITHMS = _make_registry()
 
 
 def train_digits(names, *, workers=8, steps=300, batch=16, lr=0.1, sync_period=8,
@@ -72,15 +135,18 @@ def train_digits(names, *, workers=8, steps=300, batch=16, lr=0.1, sync_period=8
 
   results = []
   for name in names:
-    tx, evaluated = ALGORITHMS[name][0](lr, sync_period, runner.axis_name)
+    algo = ALGORITHMS[name][0](lr, sync_period, runner.axis_name, workers, steps, seed)
+    tx = algo.tx
 
-    def step(p, s, x, y, tx=tx):
-      loss, g = jax.value_and_grad(loss_fn)(p, x, y)
-      u, s = tx.update(g, s, p, value=loss)
-      return wagrad.apply_updates(p, u, s), s, loss
+    def step(p, s, x, y, extra, algo=algo):
+      at = p if algo.grad_point is None else algo.grad_point(p, s)
+      loss, g = jax.value_and_grad(loss_fn)(at, x, y)
+      u, s = algo.tx.update(g, s, p, value=loss, **extra)
+      new_p = (algo.apply or wagrad.apply_updates)(p, u, s)
+      return new_p, s, loss
 
-    def evaluate(p, evaluated=evaluated):
-      pe = _average(p, runner.axis_name)
+    def evaluate(p, s, algo=algo):
+      pe = algo.model(p, s, runner.axis_name)
       logits = model.apply({"params": pe}, Xte)
       return jnp.mean(jnp.argmax(logits, -1) == yte)
 
@@ -98,15 +164,16 @@ def train_digits(names, *, workers=8, steps=300, batch=16, lr=0.1, sync_period=8
       idx = rng.integers(0, n_local, size=(workers, batch))
       xb = np.take_along_axis(Xs, idx[:, :, None], axis=1)
       yb = np.take_along_axis(ys, idx, axis=1)
-      params, state, loss = step_fn(params, state, xb, yb)
+      extra = algo.rows(t) if algo.rows else {}
+      params, state, loss = step_fn(params, state, xb, yb, extra)
       if (t + 1) % eval_every == 0 or t + 1 == steps:
-        acc = float(np.asarray(eval_fn(params))[0])
+        acc = float(np.asarray(eval_fn(params, state))[0])
         curve_steps.append(t + 1)
         curve_acc.append(acc)
         if progress:
           it.set_postfix(loss=f"{float(np.mean(loss)):.3f}", acc=f"{acc:.3f}")
     jax.block_until_ready(params)
-    results.append({"algorithm": name, "evaluated": evaluated, "test_acc": curve_acc[-1],
+    results.append({"algorithm": name, "evaluated": algo.evaluated, "test_acc": curve_acc[-1],
                     "seconds": time.perf_counter() - t0, "curve_steps": curve_steps,
                     "curve_acc": curve_acc})
   return results
