@@ -71,6 +71,18 @@ from wagrad._src.lsgd import (
     multi_leader_lsgd,
     uneven_round_steps,
 )
+from wagrad._src.weighted import (
+    WASGDShared,
+    WASGDState,
+    WPSGDShared,
+    WPSGDState,
+    loss_weights,
+    wasgd,
+    wasgd_plus,
+    wasgd_plus_sample_order,
+    wpsgd,
+    wpsgd_combine,
+)
 from wagrad._src.staleness import (
     SoftsyncSchedule,
     StalenessShared,
