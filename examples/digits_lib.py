@@ -43,6 +43,7 @@ class Algo(NamedTuple):
   grad_point: Callable | None = None  # (params, state) -> where the gradient is taken
   apply: Callable | None = None       # (params, updates, state) -> new params
   rows: Callable | None = None        # t -> dict of per-step extra args for tx.update
+  eval_loss: bool = False             # pass eval_value= (loss on a batch shared by all)
 
 
 def _average(params, state, axis_name):
@@ -109,11 +110,31 @@ def _make_registry():
                              tx_rows[1]))(_softsync(lr * 2, K, T, seed, "none"))),
           "plain asynchronous SGD, same schedule (baseline)"),
   }
-  if hasattr(wagrad, "wasgd"):
-    reg["wasgd"] = (lambda lr, tau, ax, K, T, seed: Algo(
-        wagrad.wasgd(sgd(lr), tau, axis_name=ax), "average", _average),
-        "weighted aggregating SGD (reconstruction)")
+  reg["wasgd"] = (lambda lr, tau, ax, K, T, seed: Algo(
+      wagrad.wasgd(sgd(lr), tau, temperature=0.1, axis_name=ax, num_workers=K), "average",
+      _average), "weighted aggregating SGD, Boltzmann weights (reconstruction)")
+  reg["wasgd_plus"] = (lambda lr, tau, ax, K, T, seed: Algo(
+      wagrad.wasgd_plus(sgd(lr), tau, temperature=0.1, axis_name=ax, num_workers=K),
+      "average", _average, eval_loss=True),
+      "WASGD+: weights from a loss on a batch shared by all workers (reconstruction)")
+  reg["wpsgd"] = (lambda lr, tau, ax, K, T, seed: Algo(
+      wagrad.wpsgd(sgd(lr), tau, weighting="samples", axis_name=ax, num_workers=K),
+      "weighted average", _wpsgd_model, rows=_straggler_rows(K, T, seed)),
+      "WP-SGD, half the workers 4x slower (reconstruction)")
+  reg["averaging_unbalanced"] = (lambda lr, tau, ax, K, T, seed: Algo(
+      wagrad.wpsgd(sgd(lr), tau, weighting="uniform", axis_name=ax, num_workers=K),
+      "average", _wpsgd_model, rows=_straggler_rows(K, T, seed)),
+      "plain averaging, same unbalanced load as wpsgd (baseline)")
   return reg
+
+
+def _wpsgd_model(params, state, axis_name):
+  return wagrad.wpsgd_combine(params, state, axis_name).value
+
+
+def _straggler_rows(K, T, seed):
+  active = wagrad.speed_schedule(K, T, wagrad.straggler_speeds(K, 0.5, 4.0), seed=seed)
+  return lambda t: {"active": active[t]}
 
 
 ALGORITHMS = _make_registry()
@@ -141,6 +162,9 @@ def train_digits(names, *, workers=8, steps=300, batch=16, lr=0.1, sync_period=8
     def step(p, s, x, y, extra, algo=algo):
       at = p if algo.grad_point is None else algo.grad_point(p, s)
       loss, g = jax.value_and_grad(loss_fn)(at, x, y)
+      if algo.eval_loss:  # WASGD+: a loss every worker measures on the same batch
+        xe, ye = extra.pop("eval_batch").value
+        extra["eval_value"] = loss_fn(p, xe, ye)
       u, s = algo.tx.update(g, s, p, value=loss, **extra)
       new_p = (algo.apply or wagrad.apply_updates)(p, u, s)
       return new_p, s, loss
@@ -165,6 +189,9 @@ def train_digits(names, *, workers=8, steps=300, batch=16, lr=0.1, sync_period=8
       xb = np.take_along_axis(Xs, idx[:, :, None], axis=1)
       yb = np.take_along_axis(ys, idx, axis=1)
       extra = algo.rows(t) if algo.rows else {}
+      if algo.eval_loss:
+        j = rng.integers(0, len(Xtr), size=64)
+        extra["eval_batch"] = wagrad.Shared((Xtr[j], ytr[j]))
       params, state, loss = step_fn(params, state, xb, yb, extra)
       if (t + 1) % eval_every == 0 or t + 1 == steps:
         acc = float(np.asarray(eval_fn(params, state))[0])
