@@ -368,7 +368,9 @@ def test_lsgd_requires_value_and_checks_num_workers():
 def test_mix_weights_inferred_inside_mapped_init():
   r = wagrad.Runner("vmap", 4)
   tx = L.lsgd(optax.sgd(LR), 2)
-  assert r.init(tx, P0).shared.mix_weights is None
+  # Runner.init binds the axis names, so K is known at init without num_workers=
+  assert r.init(tx, P0).shared.mix_weights.shape == (4,)
+  assert tx.init(P0).shared.mix_weights is None  # outside any mapped function: unknown
   st = jax.vmap(lambda p: tx.init(p).shared.mix_weights, axis_name="workers",
                 out_axes=None)({"w": jnp.zeros((4, 3))})
   assert st.shape == (4,)

@@ -137,6 +137,17 @@ def require_value(algorithm: str, value):
         f"`tx.update(grads, state, params, value=loss)` with this worker's loss.")
 
 
+def infer_num_workers(num_workers, axis_name):
+  """K for length-K state vectors at ``init``: the argument if given, else the size of
+  ``axis_name`` when it is bound (``wagrad.Runner.init`` binds it), else None."""
+  if num_workers is not None:
+    return int(num_workers)
+  try:
+    return int(jax.lax.psum(1, axis_name))
+  except (NameError, TypeError):
+    return None
+
+
 # ----------------------------------------------------------------------------- periods
 
 

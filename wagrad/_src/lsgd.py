@@ -124,12 +124,7 @@ def _one_hot(index, num_workers):
 
 def _init_num_workers(num_workers, axis_name):
   """K for the length-K ``mix_weights``: the argument, or the bound axis' size, or None."""
-  if num_workers is not None:
-    return int(num_workers)
-  try:
-    return int(lax.psum(1, axis_name))
-  except (NameError, TypeError):
-    return None
+  return base.infer_num_workers(num_workers, axis_name)
 
 
 def _check_num_workers(mix_weights, axis_name):

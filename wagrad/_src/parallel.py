@@ -197,8 +197,16 @@ class Runner:
     return self.put(out)
 
   def init(self, tx, params):
-    """``tx.init(params)`` for one worker's params, replicated to every worker."""
-    return self.replicate(tx.init(params))
+    """``tx.init(params)`` for one worker's params, replicated to every worker.
+
+    ``tx.init`` runs with the runner's axis names bound (sizes as in the run, every
+    worker given the same params), so a transform can size its per-worker vectors
+    (weights, leader one-hots) from ``wagrad.axis_size`` at init.
+    """
+    f = tx.init
+    for lvl in reversed(self.levels):
+      f = jax.vmap(f, in_axes=None, out_axes=None, axis_name=lvl.name, axis_size=lvl.size)
+    return self.replicate(f(params))
 
   def worker_keys(self, key):
     """One PRNG key per worker (stacked), from one key."""

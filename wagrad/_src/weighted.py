@@ -185,7 +185,7 @@ def _weighted_transform(name, inner, period_fn, *, temperature, moving_rate, wei
 
   def init_fn(params):
     zero = jnp.zeros([], jnp.int32)
-    n = 0 if num_workers is None else int(num_workers)
+    n = base.infer_num_workers(num_workers, axis_name) or 0
     uniform = jnp.full((n,), 1.0 / max(n, 1), jnp.float32)
     return WASGDState(
         inner=inner.init(params),
@@ -601,7 +601,7 @@ def wpsgd(inner: optax.GradientTransformation, sync_period=None, *,
 
   def init_fn(params):
     zero = jnp.zeros([], jnp.int32)
-    n = 0 if num_workers is None else int(num_workers)
+    n = base.infer_num_workers(num_workers, axis_name) or 0
     uniform = jnp.full((n,), 1.0 / max(n, 1), jnp.float32)
     return WPSGDState(
         inner=inner.init(params),

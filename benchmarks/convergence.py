@@ -1,0 +1,105 @@
+"""Convergence on real data (scikit-learn digits, no download), 8 workers, several seeds:
+every algorithm at the same sample budget (steps x workers x batch), test accuracy vs
+steps, and each paper's headline claim checked: holds / does not hold here.
+
+    python benchmarks/convergence.py [--quick]
+"""
+
+import argparse
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import common  # noqa: E402
+
+import numpy as np  # noqa: E402
+
+from digits_lib import ALGORITHMS, train_digits  # noqa: E402
+
+# (claim, paper, better, worse, sync_period): "better reaches higher final test
+# accuracy than worse", mean over seeds.
+CLAIMS = [
+    ("EASGD beats DOWNPOUR at large tau", "arXiv 1412.6651", "easgd", "downpour", 32),
+    ("EAMSGD beats EASGD at large tau", "arXiv 1412.6651", "eamsgd", "easgd", 32),
+    ("LSGD beats EASGD", "arXiv 1905.10395", "lsgd", "easgd", 8),
+    ("staleness-aware beats plain ASGD at high staleness (n = K)", "arXiv 1511.05950",
+     "staleness_aware", "asgd", 8),
+    ("WASGD beats plain model averaging", "arXiv 2004.03749 (reconstruction)", "wasgd",
+     "model_averaging", 8),
+    ("WASGD+ beats WASGD", "arXiv 2004.03749 (reconstruction)", "wasgd_plus", "wasgd", 8),
+    ("WP-SGD beats plain averaging under unbalanced load (half the workers 4x slower)",
+     "arXiv 1708.04801 (reconstruction)", "wpsgd", "averaging_unbalanced", 8),
+]
+
+
+def main(argv=None):
+  ap = argparse.ArgumentParser()
+  ap.add_argument("--quick", action="store_true")
+  ap.add_argument("--seeds", type=int, default=None)
+  ap.add_argument("--steps", type=int, default=None)
+  args = ap.parse_args(argv)
+  seeds = list(range(args.seeds or (2 if args.quick else 4)))
+  steps = args.steps or (150 if args.quick else 400)
+  batch, lr, K = 16, 0.1, 8
+  names = list(ALGORITHMS)
+  curves = {}
+  final = {}
+  # 1) every algorithm at sync_period 8
+  for seed in seeds:
+    for r in train_digits(names, workers=K, steps=steps, batch=batch, lr=lr, sync_period=8,
+                          eval_every=max(steps // 10, 1), seed=seed, progress=False):
+      curves.setdefault(r["algorithm"], []).append(r["curve_acc"])
+      final.setdefault((r["algorithm"], 8), []).append(r["test_acc"])
+      steps_axis = r["curve_steps"]
+    print(f"seed {seed}: all algorithms done", flush=True)
+  # 2) the claims that need another period
+  for _, _, a, b, tau in CLAIMS:
+    for name in (a, b):
+      if name not in ALGORITHMS or (name, tau) in final:
+        continue
+      for seed in seeds:
+        r = train_digits([name], workers=K, steps=steps, batch=batch, lr=lr, sync_period=tau,
+                         eval_every=steps, seed=seed, progress=False)[0]
+        final.setdefault((name, tau), []).append(r["test_acc"])
+  table = []
+  for claim, paper, a, b, tau in CLAIMS:
+    if (a, tau) not in final or (b, tau) not in final:
+      table.append({"claim": claim, "paper": paper, "verdict": "not run (algorithm absent)"})
+      continue
+    ma, mb = float(np.mean(final[(a, tau)])), float(np.mean(final[(b, tau)]))
+    sa, sb = float(np.std(final[(a, tau)])), float(np.std(final[(b, tau)]))
+    verdict = "holds" if ma > mb + max(sa, sb) / np.sqrt(len(seeds)) else (
+        "does not hold" if ma < mb else "tie (within seed spread)")
+    table.append({"claim": claim, "paper": paper, "sync_period": tau, a: [ma, sa], b: [mb, sb],
+                  "verdict": verdict})
+    print(f"{claim:62s} {a} {ma:.3f}+-{sa:.3f} vs {b} {mb:.3f}+-{sb:.3f}: {verdict}")
+  summary = {name: {"mean": float(np.mean(final[(name, 8)])), "std": float(np.std(final[(name, 8)]))}
+             for name in names}
+  for name, v in summary.items():
+    print(f"{name:18s} {v['mean']:.3f} +- {v['std']:.3f}")
+  data = {"device": common.device_info(), "workers": K, "batch_per_worker": batch, "lr": lr,
+          "steps": steps, "seeds": seeds, "final_sync_period_8": summary, "claims": table,
+          "curves": {n: {"steps": steps_axis, "acc_mean": np.mean(c, 0).tolist()}
+                     for n, c in curves.items()}}
+  common.save("convergence", data)
+
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  fig, ax = plt.subplots(figsize=(8, 5))
+  for n, c in data["curves"].items():
+    ax.plot(c["steps"], c["acc_mean"], label=n)
+  ax.set_xlabel("step (same samples per step for every algorithm)")
+  ax.set_ylabel(f"test accuracy (mean of {len(seeds)} seeds)")
+  ax.set_ylim(0.5, 1.0)
+  ax.grid(alpha=0.3)
+  ax.legend(fontsize=7, ncol=2)
+  fig.tight_layout()
+  path = os.path.join(common.OUT, "convergence.png")
+  fig.savefig(path, dpi=110)
+  print(f"wrote {path}")
+  return data
+
+
+if __name__ == "__main__":
+  main()
