@@ -15,7 +15,8 @@ import numpy as np  # noqa: E402
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "examples"))
 
-OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+OUT = os.environ.get("WAGRAD_BENCH_OUT") or os.path.join(
+    os.path.dirname(os.path.abspath(__file__)), "results")
 
 
 def device_info():
