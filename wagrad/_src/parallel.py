@@ -287,11 +287,13 @@ class Runner:
     out = jax.eval_shape(self._nest_vmap(fn, levels, tuple(in_axes), 0), *shaped)
     return out
 
-  def map(self, fn: Callable, *, jit: bool = True) -> Callable:
+  def map(self, fn: Callable, *, jit: bool = True, donate_argnums=()) -> Callable:
     """Return ``g(*args)`` running ``fn`` on every worker (args stacked, see module doc).
 
     ``g.lower(*args)`` lowers the program (for HLO inspection) and ``g.num_traces()``
     says how many times it was traced (1 for a run that compiled once).
+    ``donate_argnums`` donates those arguments' buffers to the step (as ``jax.jit``):
+    saves a copy of the state per step; the donated inputs must not be used again.
     """
     runner = self
     traces = [0]
@@ -320,7 +322,7 @@ class Runner:
                     in_axes=in_axes, out_axes=out_axes, devices=runner.devices)
       return runner._flatten_stacked(pm(*sh), 2)
 
-    compiled = jax.jit(mapped) if jit else mapped
+    compiled = jax.jit(mapped, donate_argnums=donate_argnums) if jit else mapped
 
     @functools.wraps(fn)
     def call(*args):
