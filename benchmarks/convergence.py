@@ -87,8 +87,9 @@ def main(argv=None):
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
   fig, ax = plt.subplots(figsize=(8, 5))
-  for n, c in data["curves"].items():
-    ax.plot(c["steps"], c["acc_mean"], label=n)
+  for i, (n, c) in enumerate(data["curves"].items()):
+    ax.plot(c["steps"], c["acc_mean"], label=n, color=plt.cm.tab20.colors[i % 20],
+            linestyle=("-", "--", ":")[(i // 7) % 3])
   ax.set_xlabel("step (same samples per step for every algorithm)")
   ax.set_ylabel(f"test accuracy (mean of {len(seeds)} seeds)")
   ax.set_ylim(0.5, 1.0)

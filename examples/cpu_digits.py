@@ -79,13 +79,15 @@ def main(argv=None):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for r in results:
-      ax.plot(r["curve_steps"], r["curve_acc"], label=r["algorithm"])
+    colors = plt.cm.tab20.colors
+    for i, r in enumerate(results):
+      ax.plot(r["curve_steps"], r["curve_acc"], label=r["algorithm"], color=colors[i % 20],
+              linestyle=("-", "--", ":")[(i // 7) % 3])
     ax.set_xlabel("step")
     ax.set_ylabel("test accuracy")
     ax.set_title(f"digits, {args.workers} workers ({args.backend})")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
     fig.savefig(os.path.join(args.out, "accuracy.png"), dpi=110)
     print(f"saved {os.path.join(args.out, 'accuracy.png')} and results.json")
