@@ -59,6 +59,32 @@ def all_gather(tree, axis_name: AxisName):
   return jax.tree_util.tree_map(gather, tree)
 
 
+def fused(tree, op, dtype=None):
+  """Apply a collective ``op`` (flat vector -> flat vector of the same size) to every
+  leaf of ``tree`` at once: leaves are raveled and concatenated per accumulation dtype
+  (float32 for bf16/f16/f32 leaves), so a pytree costs one collective per dtype instead
+  of one per leaf (fewer rendezvous, much faster compiles). Results are cast back.
+  """
+  leaves, treedef = jax.tree_util.tree_flatten(tree)
+  if not leaves:
+    return tree
+  leaves = [jnp.asarray(x) for x in leaves]
+  groups = {}
+  for i, x in enumerate(leaves):
+    acc = dtype or (_acc_dtype(x.dtype) if jnp.issubdtype(x.dtype, jnp.inexact) else x.dtype)
+    groups.setdefault(jnp.dtype(acc), []).append(i)
+  out = [None] * len(leaves)
+  for acc, idx in groups.items():
+    flat = jnp.concatenate([leaves[i].astype(acc).ravel() for i in idx])
+    res = op(flat)
+    off = 0
+    for i in idx:
+      n = leaves[i].size
+      out[i] = res[off:off + n].reshape(leaves[i].shape).astype(leaves[i].dtype)
+      off += n
+  return jax.tree_util.tree_unflatten(treedef, out)
+
+
 def tree_is_finite(tree):
   """Scalar bool: every element of every leaf is finite."""
   leaves = jax.tree_util.tree_leaves(tree)
@@ -68,16 +94,15 @@ def tree_is_finite(tree):
 
 
 def psum_tree(tree, axis_name: AxisName):
-  """Sum of a pytree over workers, accumulated in float32 and cast back."""
-  return jax.tree_util.tree_map(
-      lambda x: lax.psum(x.astype(_acc_dtype(x.dtype)), axis_name).astype(x.dtype), tree)
+  """Sum of a pytree over workers, accumulated in float32 and cast back (one fused
+  all-reduce per dtype)."""
+  return fused(tree, lambda v: lax.psum(v, axis_name))
 
 
 def pmean_tree(tree, axis_name: AxisName):
   """Plain mean of a pytree over workers (float32 accumulation). Same on every worker."""
   base.check_axis_name(axis_name)
-  return jax.tree_util.tree_map(
-      lambda x: lax.pmean(x.astype(_acc_dtype(x.dtype)), axis_name).astype(x.dtype), tree)
+  return fused(tree, lambda v: lax.pmean(v, axis_name))
 
 
 # Group / global reductions of two-level layouts are pmeans over the respective axes.
@@ -121,13 +146,13 @@ def weighted_mean(tree, weight, axis_name: AxisName, *, exclude_nonfinite=True,
   if fallback is None:
     fallback = tree
 
-  def mean(x, fb):
-    acc = _acc_dtype(x.dtype)
-    xs = jnp.where(finite, x, jnp.zeros_like(x)).astype(acc)
-    m = lax.psum(wn.astype(acc) * xs, axis_name)
-    return jnp.where(ok, m, fb.astype(acc)).astype(x.dtype)
-
-  return Weighted(jax.tree_util.tree_map(mean, tree, fallback), wn, ok)
+  contrib = jax.tree_util.tree_map(
+      lambda x: wn.astype(_acc_dtype(x.dtype)) * jnp.where(finite, x, jnp.zeros_like(x)).astype(
+          _acc_dtype(x.dtype)), tree)
+  summed = fused(contrib, lambda v: lax.psum(v, axis_name))  # one all-reduce per dtype
+  value = jax.tree_util.tree_map(
+      lambda m, x, fb: jnp.where(ok, m, fb.astype(m.dtype)).astype(x.dtype), summed, tree, fallback)
+  return Weighted(value, wn, ok)
 
 
 def normalize_weights(score, axis_name: AxisName):
@@ -200,11 +225,9 @@ def broadcast_from(tree, index, axis_name: AxisName):
   base.check_axis_name(axis_name)
   me = lax.axis_index(axis_name) == index
 
-  def bcast(x):
-    # Select (not multiply): a non-finite leaf of another worker must not leak in.
-    return lax.psum(jnp.where(me, x, jnp.zeros_like(x)), axis_name)
-
-  return jax.tree_util.tree_map(bcast, tree)
+  # Select (not multiply): a non-finite leaf of another worker must not leak in.
+  masked = jax.tree_util.tree_map(lambda x: jnp.where(me, x, jnp.zeros_like(x)), tree)
+  return fused(masked, lambda v: lax.psum(v, axis_name))
 
 
 def elastic_step(x, center, alpha, axis_name: AxisName):
@@ -219,7 +242,7 @@ def elastic_step(x, center, alpha, axis_name: AxisName):
       lambda a, c: a.astype(_acc_dtype(a.dtype)) - c.astype(_acc_dtype(a.dtype)), x, center)
   new_x = jax.tree_util.tree_map(
       lambda a, d: (a.astype(d.dtype) - alpha * d).astype(a.dtype), x, diff)
-  tot = jax.tree_util.tree_map(lambda d: lax.psum(d, axis_name), diff)
+  tot = fused(diff, lambda v: lax.psum(v, axis_name))
   new_c = jax.tree_util.tree_map(
       lambda c, s: (c.astype(s.dtype) + alpha * s).astype(c.dtype), center, tot)
   return new_x, new_c
