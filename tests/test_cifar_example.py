@@ -1,0 +1,122 @@
+"""examples/cifar end to end: 8 forced CPU devices, shard_map, mocked CIFAR, tiny ResNet.
+
+``tfds.testing.mock_data`` replaces ``tfds.data_source`` with random examples (no
+network, nothing on disk). Every algorithm of the example's registry runs a few steps
+(the families the installed wagrad exports are picked up automatically); periodic
+model averaging with heterogeneous worker speeds is checkpointed, resumed and
+continued. Bad settings print one error line and exit with status 2.
+"""
+import json
+import math
+import os
+import sys
+
+import numpy as np
+import pytest
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+tfds = pytest.importorskip("tensorflow_datasets")
+
+from examples.cifar import algorithms  # noqa: E402
+from examples.cifar import main as cifar_main  # noqa: E402
+
+# 64 mocked examples: 8 per worker, 2 steps per epoch at batch 4
+TINY = ["--backend", "shard_map", "--workers", "8", "--batch-size", "4", "--model", "resnet8",
+        "--width-multiplier", "0.25", "--sync-period", "2", "--eval-batch-size", "8",
+        "--no-progress"]
+
+
+def _run(argv, num_examples=64):
+  with tfds.testing.mock_data(num_examples=num_examples):
+    return cifar_main.main(argv)
+
+
+def _metrics(out):
+  with open(os.path.join(out, "metrics.jsonl")) as f:
+    return [json.loads(l) for l in f if l.strip()]
+
+
+def _one_error_line(capsys, *words):
+  err = [l for l in capsys.readouterr().err.strip().splitlines() if l.strip()]
+  assert len(err) == 1, err
+  assert err[0].startswith("error: "), err
+  for w in words:
+    assert w in err[0], err
+  return err[0]
+
+
+# ----------------------------------------------------------------------------- errors
+
+
+def test_unknown_algorithm_is_one_error_line(capsys):
+  assert cifar_main.main(["--algorithm", "nope"]) == 2
+  line = _one_error_line(capsys, "unknown algorithm", "nope")
+  for name in algorithms.ALGORITHMS:
+    assert name in line
+
+
+def test_workers_not_divisible_by_devices_is_one_error_line(capsys):
+  assert _run(["--algorithm", "sync_sgd", "--backend", "shard_map", "--workers", "12"]) == 2
+  _one_error_line(capsys, "not divisible")
+
+
+def test_missing_dataset_is_one_error_line(capsys, tmp_path):
+  # no mock: nothing prepared in an empty data dir, downloads forbidden
+  rc = cifar_main.main(["--algorithm", "sync_sgd", "--data-dir", str(tmp_path / "none"),
+                        "--no-download"])
+  assert rc == 2
+  _one_error_line(capsys, "cifar10", "tfds build")
+
+
+def test_worker_speeds_need_a_supporting_algorithm(capsys):
+  assert _run(["--algorithm", "sync_sgd", "--worker-speeds", "1,1,1,1,1,1,1,0.5"]) == 2
+  _one_error_line(capsys, "--worker-speeds", "sync_sgd")
+  assert _run(["--algorithm", "model_averaging", "--worker-speeds", "1,0.5"]) == 2
+  _one_error_line(capsys, "8 values")
+
+
+# ----------------------------------------------------------------------------- runs
+
+
+def test_model_averaging_checkpoints_and_resumes(tmp_path):
+  out, ckpt = str(tmp_path / "out"), str(tmp_path / "ckpt")
+  common = TINY + ["--algorithm", "model_averaging", "--worker-speeds", "1,1,1,1,1,1,1,0.5",
+                   "--eval-every", "2", "--checkpoint-dir", ckpt, "--checkpoint-every", "2",
+                   "--out", out]
+  assert _run(common + ["--steps", "4"]) == 0
+  assert sorted(os.listdir(ckpt)) == ["2", "4"]
+  first = _metrics(out)
+  assert [r["step"] for r in first] == [2, 4]
+  # every exchange (steps 2 and 4, sync period 2) leaves the workers equal; the
+  # consensus distance then only holds the rounding of its own mean (~1e-12)
+  assert all(r["consensus_distance"] < 1e-9 for r in first), first
+  assert os.path.exists(os.path.join(out, "metrics.png"))
+  assert os.path.exists(os.path.join(out, "config.json"))
+
+  # a second run restores step 4 and continues to 6 (it does not start again)
+  assert _run(common + ["--steps", "6"]) == 0
+  assert sorted(os.listdir(ckpt)) == ["2", "4", "6"]
+  rows = _metrics(out)
+  assert [r["step"] for r in rows] == [2, 4, 6]
+  assert rows[:2] == first
+  for r in rows:
+    assert math.isfinite(r["train_loss"]) and 0.0 <= r["test_accuracy"] <= 1.0
+    assert r["images_per_s"] > 0  # the first step of each run (compiling) is left out
+
+
+OTHERS = [n for n in algorithms.ALGORITHMS if n != "model_averaging"]
+
+
+@pytest.mark.parametrize("name", OTHERS)
+def test_algorithm_runs_end_to_end(name, tmp_path):
+  out = str(tmp_path / "out")
+  assert _run(TINY + ["--algorithm", name, "--steps", "2", "--eval-every", "2", "--out", out,
+                      "--no-plot"]) == 0
+  (r,) = _metrics(out)
+  assert r["step"] == 2 and r["epoch"] == 1.0
+  assert math.isfinite(r["train_loss"]) and math.isfinite(r["test_loss"])
+  assert 0.0 <= r["test_accuracy"] <= 1.0
+  assert np.isfinite(r["consensus_distance"])
+  if name == "sync_sgd":  # one averaged gradient per step: the workers stay equal
+    assert r["consensus_distance"] < 1e-9
