@@ -78,10 +78,11 @@ def test_sync_sgd_matches_numpy(backend, K):
   assert (w == w[0]).all()
 
 
-def test_period_schedule_matches_numpy():
+@pytest.mark.parametrize("backend,K", BACKENDS, ids=BACKEND_IDS)
+def test_period_schedule_matches_numpy(backend, K):
   sched = lambda t: 2 + t // 6  # period grows from 2 to 3
   steps = 14
-  w, s, A, b = run_tx("vmap", 8, lambda ax: wagrad.model_averaging(
+  w, s, A, b = run_tx(backend, K, lambda ax: wagrad.model_averaging(
       optax.sgd(0.1), sched, axis_name=ax), steps)
   ref, n_ex = np_model_averaging(A, b, 0.1, None, steps, period_fn=sched)
   np.testing.assert_allclose(w, ref, rtol=2e-5, atol=1e-6)
@@ -126,10 +127,11 @@ def test_diloco_matches_numpy(backend, K):
   np.testing.assert_allclose(w, x, rtol=1e-4, atol=1e-5)
 
 
-def test_opt_state_sync_average_and_reset():
-  K, steps, tau = 8, 6, 3
+@pytest.mark.parametrize("backend,K", BACKENDS[:3], ids=BACKEND_IDS[:3])
+def test_opt_state_sync_average_and_reset(backend, K):
+  steps, tau = 6, 3
   for policy in ("average", "reset"):
-    w, s, A, b = run_tx("vmap", K, lambda ax: wagrad.model_averaging(
+    w, s, A, b = run_tx(backend, K, lambda ax: wagrad.model_averaging(
         optax.sgd(0.05, momentum=0.9), tau, opt_state_sync=policy, axis_name=ax), steps)
     x = np.zeros((K, 3)); vel = np.zeros((K, 3))
     for t in range(steps):
@@ -197,9 +199,9 @@ def test_skipped_local_step_still_exchanges():
   assert int(s.shared.num_exchanges) == 1
 
 
-def _count_exchange_branch(backend):
+def _count_exchange_branch(backend, tau=4):
   """Count how often the exchange branch executes (decision 7)."""
-  K, tau, steps = 8, 4, 12
+  K, steps = 8, 12
   tx = wagrad.model_averaging(optax.sgd(0.1), tau)
   r = wagrad.Runner(backend, K)
   A, b = least_squares(K)
@@ -217,9 +219,12 @@ def _count_exchange_branch(backend):
   return int(s.shared.num_exchanges), hlo
 
 
-def test_no_collective_on_non_exchange_steps():
-  n, hlo = _count_exchange_branch("shard_map")
-  assert n == 3  # 12 steps, tau 4
+@pytest.mark.parametrize("period,expected", [(4, 3), (lambda t: 3 + t // 6, 3)],
+                         ids=["int", "schedule"])
+def test_no_collective_on_non_exchange_steps(period, expected):
+  # int: exchanges end steps 3, 7, 11; schedule 3,3,..,4: steps 2, 5, 9
+  n, hlo = _count_exchange_branch("shard_map", period)
+  assert n == expected
   # Every all-reduce of the compiled program sits inside a branch computation of the
   # conditional: the entry computation (run every step) has none.
   entry = hlo[hlo.index("ENTRY"):]

@@ -131,3 +131,37 @@ def test_reestimate_batch_stats_exact():
   var_ref = np.mean([hi.var(0) for hi in h], axis=0)
   np.testing.assert_allclose(est["BatchNorm_0"]["mean"], mean_ref, rtol=1e-4, atol=1e-5)
   np.testing.assert_allclose(est["BatchNorm_0"]["var"], var_ref, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend,K", BACKENDS[:2], ids=BACKEND_IDS[:2])
+def test_linen_batchnorm_stats_follow_lsgd_rule(backend, K):
+  """LSGD: at an exchange the BatchNorm statistics are pulled toward the leader's with
+  the pull strength, like the parameters: s <- (1 - c) s + c s_leader."""
+  model = BNNet()
+  rng = np.random.default_rng(1)
+  X = rng.normal(size=(K, 16, 4)).astype(np.float32)
+  Y = rng.normal(size=(K, 16)).astype(np.float32)
+  v0 = model.init(jax.random.key(0), X[0], train=False)
+  r = wagrad.Runner(backend, K)
+  c, tau = 0.3, 2
+  tx = wagrad.lsgd(optax.sgd(0.05), tau, pull=c, axis_name=r.axis_name)
+
+  def step(params, stats, s, x, y):
+    def loss_fn(p):
+      out, upd = model.apply({"params": p, "batch_stats": stats}, x, train=True,
+                             mutable=["batch_stats"])
+      return jnp.mean((out - y) ** 2), upd["batch_stats"]
+    (loss, fresh), g = jax.value_and_grad(loss_fn, has_aux=True)(params)
+    u, s = tx.update(g, s, params, value=loss)
+    synced = wagrad.sync_model_state(fresh, s, r.axis_name, rate=c)
+    return wagrad.apply_updates(params, u, s), synced, s, fresh
+
+  f = r.map(step)
+  p, st, s = r.replicate(v0["params"]), r.replicate(v0["batch_stats"]), r.init(tx, v0["params"])
+  for t in range(tau):
+    p, st, s, fresh = f(p, st, s, X, Y)
+  assert bool(s.shared.exchanged)
+  lead = int(s.shared.leader)
+  for a, b in zip(jax.tree_util.tree_leaves(st), jax.tree_util.tree_leaves(fresh)):
+    a, b = np.asarray(a), np.asarray(b)
+    np.testing.assert_allclose(a, (1 - c) * b + c * b[lead], rtol=1e-5, atol=1e-6)

@@ -19,14 +19,19 @@ from wagrad._src import base
 from wagrad._src import collectives as C
 
 
-def sync_model_state(model_state, opt_state, axis_name="workers"):
+def sync_model_state(model_state, opt_state, axis_name="workers", rate=1.0):
   """Apply the exchange rule of the wagrad transform in ``opt_state`` to ``model_state``.
 
   Reads the transform's shared state: ``exchanged`` (or ``assign``) says whether this
   step exchanged; ``mix_weights`` (a length-K vector, optional) gives the weights of the
-  workers' model states, uniform (a mean over finite workers) when absent. The
-  collective runs only on exchange steps (``lax.cond`` on a shared predicate).
+  workers' model states, uniform (a mean over finite workers) when absent. On exchange
+  steps ``s <- (1 - rate) s + rate * sum_j w_j s_j``: ``rate=1`` assigns the mix
+  (averaging, WASGD with moving rate 1); pass LSGD's ``pull`` (its ``mix_weights`` is the
+  one-hot of the leader) or WASGD's ``moving_rate`` to pull the statistics as the
+  parameters are pulled. The collective runs only on exchange steps (``lax.cond`` on a
+  shared predicate).
   """
+  base.check_range("rate", rate, 0.0, 1.0, lo_open=True)
   base.check_axis_name(axis_name)
   sh = base.find_shared(opt_state, "count")
   if sh is None:
@@ -38,7 +43,12 @@ def sync_model_state(model_state, opt_state, axis_name="workers"):
 
   def mix(s):
     w = 1.0 if weights is None else weights[lax.axis_index(axis_name)]
-    return C.weighted_mean(s, w, axis_name).value
+    m = C.weighted_mean(s, w, axis_name).value
+    if rate == 1.0:
+      return m
+    return jax.tree_util.tree_map(
+        lambda a, b: ((1.0 - rate) * a.astype(jnp.float32) + rate * b.astype(jnp.float32)
+                      ).astype(a.dtype), s, m)
 
   return lax.cond(pred, mix, lambda s: s, model_state)
 
