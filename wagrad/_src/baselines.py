@@ -109,6 +109,10 @@ def model_averaging(inner: optax.GradientTransformation, sync_period=1, *,
   Use :func:`wagrad.apply_updates` to take ``x_global`` bit-exactly on exchange steps.
   A worker whose parameters are non-finite is left out of the mean (and receives the
   mean); if all are non-finite the workers go back to the last ``x_global``.
+  ``update(..., active=a)`` (a per-worker bool, e.g. a row of
+  :func:`wagrad.speed_schedule`) simulates stragglers and dropped workers: an inactive
+  worker takes no local step, has weight 0 in the mean, and still receives it, so a
+  rejoining worker is resynchronised at the next exchange.
   ``sync_period`` counts calls of ``update`` (wrap ``optax.MultiSteps`` *inside*,
   ``model_averaging(optax.MultiSteps(...).gradient_transformation(), ...)``, to count
   micro-steps).
@@ -152,13 +156,19 @@ def model_averaging(inner: optax.GradientTransformation, sync_period=1, *,
         outer=None if outer_optimizer is None else outer_optimizer.init(params),
         consensus=jnp.zeros([], jnp.float32)))
 
-  def update_fn(grads, state, params=None, **extra):
+  def update_fn(grads, state, params=None, *, active=None, **extra):
     if params is None:
       raise TypeError("model_averaging needs `params`: tx.update(grads, state, params).")
     base.check_axis_name(axis_name)
     sh = state.shared
     u, inner_state = periodic.local_update(
         inner, grads, state.inner, params, sh.count, warmup_steps, axis_name, **extra)
+    weight = 1.0
+    if active is not None:  # simulated straggler / dropped worker: no local step, weight 0
+      active = jnp.asarray(active, bool)
+      u = jax.tree_util.tree_map(lambda x: jnp.where(active, x, jnp.zeros_like(x)), u)
+      inner_state = base.tree_where(active, inner_state, state.inner)
+      weight = active.astype(jnp.float32)
     x_half = base.tree_add(params, u)
     idx = periodic.branch_index(sh.count, sh.last_exchange, warmup_steps, period_fn)
 
@@ -166,7 +176,7 @@ def model_averaging(inner: optax.GradientTransformation, sync_period=1, *,
       return x_half, inner_state, sh.target, sh.outer, sh.consensus
 
     def exchange(x_half, inner_state):
-      xbar = C.weighted_mean(x_half, 1.0, axis_name,
+      xbar = C.weighted_mean(x_half, weight, axis_name,
                              fallback=base.tree_cast_like(sh.target, x_half)).value
       if outer_optimizer is None:
         new_target, outer_state = base.tree_cast_like(xbar, sh.target), sh.outer
