@@ -65,7 +65,7 @@ def collective_bytes(hlo_text):
   comp = None
   entry = False
   for line in hlo_text.splitlines():
-    s = line.strip()
+    s = re.sub(r"/\*.*?\*/", "", line.strip())  # drop /*index=5*/ comments in tuple shapes
     if s.endswith("{") and ("ENTRY" in s or re.match(r"^[%\w.\-]+ ", s)):
       entry = s.startswith("ENTRY")
       comp = s

@@ -73,12 +73,31 @@ def main(argv=None):
     table.append({"claim": claim, "paper": paper, "sync_period": tau, a: [ma, sa], b: [mb, sb],
                   "verdict": verdict})
     print(f"{claim:62s} {a} {ma:.3f}+-{sa:.3f} vs {b} {mb:.3f}+-{sb:.3f}: {verdict}")
+  # 3) simulated wall-clock under a heterogeneous-speed schedule (half the workers 4x
+  # slower): a synchronous algorithm waits for the slowest worker (4 time units per step);
+  # wpsgd / averaging_unbalanced let every worker go at its own pace (1 unit per step,
+  # the slow workers are active one step in four). Same time budget for all.
+  wall = {}
+  budget = steps
+  for name, per_step in (("model_averaging", 4), ("averaging_unbalanced", 1), ("wpsgd", 1)):
+    accs = []
+    for seed in seeds:
+      r = train_digits([name], workers=K, steps=budget // per_step, batch=batch, lr=lr,
+                       sync_period=8, eval_every=max(budget // per_step // 5, 1),
+                       seed=seed, progress=False)[0]
+      accs.append(r["curve_acc"])
+      t_axis = [st * per_step for st in r["curve_steps"]]
+    wall[name] = {"time": t_axis, "acc_mean": np.mean(accs, 0).tolist(),
+                  "final_mean": float(np.mean([a[-1] for a in accs]))}
+    print(f"wall-clock budget {budget}: {name:22s} {wall[name]['final_mean']:.3f}", flush=True)
   summary = {name: {"mean": float(np.mean(final[(name, 8)])), "std": float(np.std(final[(name, 8)]))}
              for name in names}
   for name, v in summary.items():
     print(f"{name:18s} {v['mean']:.3f} +- {v['std']:.3f}")
   data = {"device": common.device_info(), "workers": K, "batch_per_worker": batch, "lr": lr,
           "steps": steps, "seeds": seeds, "final_sync_period_8": summary, "claims": table,
+          "simulated_wallclock": {"budget": budget, "speeds": "half the workers 4x slower",
+                                  "runs": wall},
           "curves": {n: {"steps": steps_axis, "acc_mean": np.mean(c, 0).tolist()}
                      for n, c in curves.items()}}
   common.save("convergence", data)
@@ -86,7 +105,14 @@ def main(argv=None):
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
-  fig, ax = plt.subplots(figsize=(8, 5))
+  fig, (ax, ax2) = plt.subplots(1, 2, figsize=(13, 5))
+  for n, c in wall.items():
+    ax2.plot(c["time"], c["acc_mean"], "o-", label=n)
+  ax2.set_xlabel("simulated wall-clock (fast worker's step = 1)")
+  ax2.set_ylabel("test accuracy")
+  ax2.set_title("half the workers 4x slower: sync waits, the others do not")
+  ax2.grid(alpha=0.3)
+  ax2.legend(fontsize=8)
   for i, (n, c) in enumerate(data["curves"].items()):
     ax.plot(c["steps"], c["acc_mean"], label=n, color=plt.cm.tab20.colors[i % 20],
             linestyle=("-", "--", ":")[(i // 7) % 3])

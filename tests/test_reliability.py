@@ -27,22 +27,49 @@ def _algos():
 
 
 ALGOS = _algos()
+_ACTIVE = wagrad.speed_schedule(8, 16, wagrad.straggler_speeds(8, 0.5, 2.0), seed=0)
+_SOFTSYNC = wagrad.softsync_schedule(8, 4, 16, arrival="random", seed=0)
+# algorithms driven by a per-step schedule row: name -> (factory, row(t) -> extra args, apply)
+SCHEDULED = {
+    "wpsgd": (lambda ax: wagrad.wpsgd(optax.sgd(0.1), 4, weighting="samples", axis_name=ax),
+              lambda t: {"active": _ACTIVE[t]}, wagrad.apply_updates),
+    "staleness_aware_sgd": (lambda ax: wagrad.staleness_aware_sgd(optax.sgd(0.1), axis_name=ax),
+                            lambda t: dict(zip(("push", "staleness", "apply"), _SOFTSYNC.row(t))),
+                            wagrad.staleness_apply),
+}
+ALL = list(ALGOS) + list(SCHEDULED)
+
+
+class _Stepper:
+  """step(p, s, A, b) with the schedule row of the current step for scheduled algorithms."""
+
+  def __init__(self, f, rows):
+    self.f, self.rows, self.t = f, rows, 0
+
+  def __call__(self, p, s, A, b):
+    out = self.f(p, s, A, b, self.rows(self.t))
+    self.t += 1
+    return out
 
 
 def _setup(name, backend="shard_map", K=8):
   r = wagrad.Runner(backend, K)
-  tx = ALGOS[name](r.axis_name)
+  if name in SCHEDULED:
+    make, rows, apply = SCHEDULED[name]
+  else:
+    make, rows, apply = ALGOS[name], (lambda t: {}), wagrad.apply_updates
+  tx = make(r.axis_name)
   A, b = least_squares(K)
 
-  def step(p, s, A, b):
+  def step(p, s, A, b, kw):
     loss, g = jax.value_and_grad(ls_loss)(p, A, b)
-    u, s = tx.update(g, s, p, value=loss)
-    return wagrad.apply_updates(p, u, s), s
+    u, s = tx.update(g, s, p, value=loss, **kw)
+    return apply(p, u, s), s
   p0 = {"w": jnp.zeros(3)}
-  return r, r.map(step), (r.replicate(p0), r.init(tx, p0)), A, b
+  return r, _Stepper(r.map(step), rows), (r.replicate(p0), r.init(tx, p0)), A, b
 
 
-@pytest.mark.parametrize("name", list(ALGOS))
+@pytest.mark.parametrize("name", ALL)
 def test_checkpoint_resume_mid_period_bit_identical(name, tmp_path):
   r, f, (p, s), A, b = _setup(name)
   for _ in range(6):  # 6 steps: mid-period for tau = 4
@@ -53,6 +80,7 @@ def test_checkpoint_resume_mid_period_bit_identical(name, tmp_path):
     ref_p, ref_s = f(ref_p, ref_s, A, b)
   # a fresh process would rebuild the state from init, then restore into it
   r2, f2, like, _, _ = _setup(name)
+  f2.t = 6  # the restored run continues at step 6 of the schedule
   p2, s2 = r2.put(wagrad.restore_checkpoint(str(tmp_path / "ckpt"), like))
   for _ in range(5):
     p2, s2 = f2(p2, s2, A, b)
@@ -60,7 +88,7 @@ def test_checkpoint_resume_mid_period_bit_identical(name, tmp_path):
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
-@pytest.mark.parametrize("name", list(ALGOS))
+@pytest.mark.parametrize("name", ALL)
 def test_determinism_two_runs_bit_identical(name):
   outs = []
   for _ in range(2):

@@ -176,15 +176,20 @@ def model_averaging(inner: optax.GradientTransformation, sync_period=1, *,
       return x_half, inner_state, sh.target, sh.outer, sh.consensus
 
     def exchange(x_half, inner_state):
-      xbar = C.weighted_mean(x_half, weight, axis_name,
-                             fallback=base.tree_cast_like(sh.target, x_half)).value
+      avg = C.weighted_mean(x_half, weight, axis_name,
+                            fallback=base.tree_cast_like(sh.target, x_half))
+      xbar = avg.value
       if outer_optimizer is None:
         new_target, outer_state = base.tree_cast_like(xbar, sh.target), sh.outer
       else:
         delta = base.tree_sub(sh.target, xbar)
         ou, outer_state = outer_optimizer.update(delta, sh.outer, sh.target)
         new_target = optax.apply_updates(sh.target, ou)
-      dist = C.consensus_distance(x_half, axis_name)
+      # distance of the contributing workers to their mean: a scalar all-reduce only
+      dev = sum(jnp.sum((a.astype(jnp.float32) - b.astype(jnp.float32)) ** 2)
+                for a, b in zip(jax.tree_util.tree_leaves(x_half), jax.tree_util.tree_leaves(xbar)))
+      dist = lax.psum(jnp.where(avg.weight > 0, dev, 0.0), axis_name) / jnp.maximum(
+          lax.psum((avg.weight > 0).astype(jnp.float32), axis_name), 1.0)
       new_inner = periodic.sync_opt_state(opt_state_sync, inner, inner_state, new_target,
                                           axis_name)
       return new_target, new_inner, new_target, outer_state, dist
@@ -193,8 +198,9 @@ def model_averaging(inner: optax.GradientTransformation, sync_period=1, *,
       t = base.tree_cast_like(periodic.warmup_target(x_half, axis_name), sh.target)
       return t, inner_state, t, sh.outer, jnp.zeros([], jnp.float32)
 
+    branches = (local, exchange) + ((warmup_end,) if warmup_steps > 0 else ())
     x_new, inner_state, target, outer_state, dist = lax.switch(
-        idx, (local, exchange, warmup_end), x_half, inner_state)
+        idx, branches, x_half, inner_state)
     updates = periodic.updates_to(x_new, params)
     assign = idx != periodic.NO_EXCHANGE
     new_shared = AveragingShared(

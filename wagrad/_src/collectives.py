@@ -248,11 +248,16 @@ def elastic_step(x, center, alpha, axis_name: AxisName):
   return new_x, new_c
 
 
-def consensus_distance(tree, axis_name: AxisName):
-  """Mean over workers of ``||x_i - mean_j x_j||^2`` (a scalar, same on all workers)."""
+def consensus_distance(tree, axis_name: AxisName, mean=None):
+  """Mean over workers of ``||x_i - mean_j x_j||^2`` (a scalar, same on all workers).
+
+  Pass ``mean`` when the workers' mean is already known (e.g. inside an averaging
+  exchange): then only a scalar is all-reduced instead of a parameter-sized tree.
+  """
   base.check_axis_name(axis_name)
-  m = pmean_tree(jax.tree_util.tree_map(lambda x: x.astype(jnp.float32), tree), axis_name)
-  sq = sum(jnp.sum((x.astype(jnp.float32) - y) ** 2)
+  m = mean if mean is not None else pmean_tree(
+      jax.tree_util.tree_map(lambda x: x.astype(jnp.float32), tree), axis_name)
+  sq = sum(jnp.sum((x.astype(jnp.float32) - y.astype(jnp.float32)) ** 2)
            for x, y in zip(jax.tree_util.tree_leaves(tree), jax.tree_util.tree_leaves(m)))
   return lax.pmean(jnp.asarray(sq, jnp.float32), axis_name)
 

@@ -268,7 +268,8 @@ def _weighted_transform(name, inner, period_fn, *, temperature, moving_rate, wei
       return t, inner_state, t, weights0, uni, losses0, sh.ok
 
     x_new, inner_state, target, wvec, mvec, lvec, ok = lax.switch(
-        idx, (local, exchange, warmup_end), x_half, inner_state)
+        idx, (local, exchange) + ((warmup_end,) if warmup_steps > 0 else ()), x_half,
+        inner_state)
     updates = periodic.updates_to(x_new, params)
     exchanged = idx != periodic.NO_EXCHANGE
     assign = (idx == periodic.WARMUP_END) | ((idx == periodic.EXCHANGE) & (a == 1.0))
@@ -656,7 +657,8 @@ def wpsgd(inner: optax.GradientTransformation, sync_period=None, *,
       return t, inner_state, t, weights0, uni, steps0, sh.ok
 
     x_new, inner_state, target, wvec, mvec, svec, ok = lax.switch(
-        idx, (local, exchange, warmup_end), x_half, inner_state)
+        idx, (local, exchange) + ((warmup_end,) if warmup_steps > 0 else ()), x_half,
+        inner_state)
     updates = periodic.updates_to(x_new, params)
     exchanged = idx != periodic.NO_EXCHANGE
     new_shared = WPSGDShared(
