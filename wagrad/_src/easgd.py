@@ -135,7 +135,8 @@ def _elastic_exchange(params, u, center, a, axis_name, dist_axis=None):
   """
   finite = C.tree_is_finite(params) & C.tree_is_finite(u)
   diff = _tmap(lambda x, c: _f32(x) - _f32(c), params, center)
-  tot = _tmap(lambda d: lax.psum(jnp.where(finite, d, jnp.zeros_like(d)), axis_name), diff)
+  tot = C.fused(_tmap(lambda d: jnp.where(finite, d, jnp.zeros_like(d)), diff),
+                lambda v: lax.psum(v, axis_name))
   dax = axis_name if dist_axis is None else dist_axis
   n_fin = lax.psum(finite.astype(jnp.float32), dax)
   dist = lax.psum(jnp.where(finite, _sqnorm(diff), 0.0), dax) / jnp.maximum(n_fin, 1.0)
@@ -731,7 +732,8 @@ def tree_easgd(inner: optax.GradientTransformation, *, group_axis, global_axis,
           zfin = C.tree_is_finite(z)
           use = rep & zfin
           dz = _tmap(lambda zz, rr: _f32(zz) - _f32(rr), z, r)
-          tot = _tmap(lambda d: lax.psum(jnp.where(use, d, jnp.zeros_like(d)), all_axes), dz)
+          tot = C.fused(_tmap(lambda d: jnp.where(use, d, jnp.zeros_like(d)), dz),
+                        lambda v: lax.psum(v, all_axes))
           n_g = lax.psum(use.astype(jnp.float32), all_axes)
           rdist = lax.psum(jnp.where(use, _sqnorm(dz), 0.0), all_axes) / jnp.maximum(n_g, 1.0)
           z_new = _tmap(lambda zn, d: zn - a_high * d, z_new, dz)
@@ -848,7 +850,8 @@ def downpour(learning_rate, sync_period=1, *, axis_name="workers",
 
     def exchange(u, acc):
       finite = C.tree_is_finite(acc)
-      tot = _tmap(lambda d: lax.psum(jnp.where(finite, d, jnp.zeros_like(d)), axis_name), acc)
+      tot = C.fused(_tmap(lambda d: jnp.where(finite, d, jnp.zeros_like(d)), acc),
+                    lambda v: lax.psum(v, axis_name))
       if mu == 0:
         mom, step = None, tot
       else:
