@@ -199,7 +199,7 @@ def model_averaging(inner: optax.GradientTransformation, sync_period=1, *,
       return t, inner_state, t, sh.outer, jnp.zeros([], jnp.float32)
 
     branches = (local, exchange) + ((warmup_end,) if warmup_steps > 0 else ())
-    x_new, inner_state, target, outer_state, dist = lax.switch(
+    x_new, inner_state, target, outer_state, dist = periodic.flat_switch(
         idx, branches, x_half, inner_state)
     updates = periodic.updates_to(x_new, params)
     assign = idx != periodic.NO_EXCHANGE

@@ -278,7 +278,7 @@ def easgd(inner: optax.GradientTransformation, sync_period=1, *, alpha: float | 
               jnp.zeros([], jnp.float32))
 
     branches = (local, exchange) + ((warmup_end,) if warmup_steps > 0 else ())
-    upd, inner_state, center, target, outer_state, dist = lax.switch(
+    upd, inner_state, center, target, outer_state, dist = periodic.flat_switch(
         idx, branches, u, inner_state)
     exchanged = idx != periodic.NO_EXCHANGE
     new_shared = EASGDShared(
@@ -391,7 +391,7 @@ def eamsgd(learning_rate, sync_period=1, *, momentum: float = 0.99,
       v = _tmap(lambda vv: jnp.where(finite, vv, jnp.zeros_like(vv)), v)
       return upd, v, center, dist
 
-    upd, v, center, dist = lax.cond(ex, exchange, local, v)
+    upd, v, center, dist = periodic.flat_cond(ex, exchange, local, v)
     new_shared = EAMSGDShared(
         count=sh.count + 1,
         last_exchange=jnp.where(ex, sh.count + 1, sh.last_exchange).astype(jnp.int32),
@@ -597,7 +597,7 @@ def async_easgd(inner: optax.GradientTransformation, sync_period: int = 1, *,
           m.astype(jnp.float32), 1.0)
       return upd, new_c, dist, n_me
 
-    upd, center, dist, n_me = lax.cond(pred, exchange, local, u)
+    upd, center, dist, n_me = periodic.flat_cond(pred, exchange, local, u)
     new_shared = AsyncEASGDShared(
         count=sh.count + 1,
         last_exchange=jnp.where(pred, sh.count + 1, sh.last_exchange).astype(jnp.int32),
@@ -745,7 +745,7 @@ def tree_easgd(inner: optax.GradientTransformation, *, group_axis, global_axis,
             rdist, jnp.float32)
       return fn
 
-    upd, z_new, r_new, dist, rdist = lax.switch(
+    upd, z_new, r_new, dist, rdist = periodic.flat_switch(
         branch, [make(False, False), make(True, False), make(False, True), make(True, True)], u)
     new_shared = TreeEASGDShared(
         count=sh.count + 1,
@@ -860,7 +860,7 @@ def downpour(learning_rate, sync_period=1, *, axis_name="workers",
       master = _tmap(lambda xm, s: (_f32(xm) + s).astype(xm.dtype), sh.target, step)
       return (periodic.updates_to(master, params), base.tree_zeros_like(acc), master, mom)
 
-    upd, acc, master, mom = lax.cond(ex, exchange, local, u, acc)
+    upd, acc, master, mom = periodic.flat_cond(ex, exchange, local, u, acc)
     new_shared = DownpourShared(
         count=sh.count + 1,
         last_exchange=jnp.where(ex, sh.count + 1, sh.last_exchange).astype(jnp.int32),

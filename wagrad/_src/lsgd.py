@@ -325,7 +325,7 @@ def lsgd(inner: optax.GradientTransformation, sync_period=4, *, pull: float = 0.
               jnp.zeros([], jnp.float32))
 
     branches = (local, do_exchange) + ((warmup_end,) if warmup_steps > 0 else ())
-    x_new, inner_state, L, leader, leader_loss, ok, dist = lax.switch(
+    x_new, inner_state, L, leader, leader_loss, ok, dist = periodic.flat_switch(
         idx, branches, x, inner_state)
     updates = periodic.updates_to(x_new, params)
     exchanged = (idx != _NO_EXCHANGE) & ok
@@ -561,7 +561,7 @@ def multi_leader_lsgd(inner: optax.GradientTransformation, *, group_axis, global
               sh.leader_loss, jnp.bool_(True), jnp.zeros([], jnp.float32))
 
     branches = (none, local_round, global_round) + ((warmup_end,) if warmup_steps > 0 else ())
-    (x_new, inner_state, Ll, gi, gl, Lg, leader, leader_loss, ok, dist) = lax.switch(
+    (x_new, inner_state, Ll, gi, gl, Lg, leader, leader_loss, ok, dist) = periodic.flat_switch(
         idx, branches, x, inner_state)
     updates = periodic.updates_to(x_new, params)
     exchanged = ((idx == 2) & ok) | (idx == 3)
@@ -711,7 +711,7 @@ def async_lsgd(inner: optax.GradientTransformation, sync_period: int = 4, *,
               jnp.where(better, ld.loss, sh.leader_loss), better,
               _finite_mean(d, axis_name))
 
-    x_new, L, leader, leader_loss, replaced, dist = lax.cond(anyone, report, quiet, x)
+    x_new, L, leader, leader_loss, replaced, dist = periodic.flat_cond(anyone, report, quiet, x)
     updates = periodic.updates_to(x_new, params)
     new_shared = AsyncLSGDShared(
         count=sh.count + 1,

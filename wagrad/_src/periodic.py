@@ -93,3 +93,71 @@ def updates_to(target, params):
 
 def next_last_exchange(idx, count, last_exchange):
   return jnp.where(idx == NO_EXCHANGE, last_exchange, count + 1).astype(jnp.int32)
+
+
+# ----------------------------------------------------------------------------- flat branches
+#
+# XLA:CPU passes every leaf of a conditional's operands and results as its own buffer;
+# with forced CPU devices each of them costs a per-device copy and dispatch (measured in
+# benchmarks/overhead_ablation.py: carrying a 4-leaf parameter tree through a lax.cond
+# cost about 0.5 ms per step, the same tree as one flat buffer almost nothing). So the
+# exchange branch's operands and results travel as one flat vector per (argument or
+# result, dtype). Each argument / result is flattened on its own, so a shared result
+# (unbatched under vmap) is never concatenated with a per-worker one.
+
+
+def _pack(tree):
+  """tree -> (dict dtype -> flat vector, spec to unpack)."""
+  leaves, treedef = jax.tree_util.tree_flatten(tree)
+  leaves = [jnp.asarray(x) for x in leaves]
+  groups = {}
+  for i, x in enumerate(leaves):
+    groups.setdefault(x.dtype.name, []).append(i)
+  flat = {dt: jnp.concatenate([leaves[i].ravel() for i in idx]) if len(idx) > 1
+          else leaves[idx[0]].ravel() for dt, idx in groups.items()}
+  spec = (treedef, [(x.shape, x.dtype.name) for x in leaves], groups)
+  return flat, spec
+
+
+def _unpack(flat, spec):
+  treedef, shapes, groups = spec
+  out = [None] * len(shapes)
+  for dt, idx in groups.items():
+    off = 0
+    for i in idx:
+      shape = shapes[i][0]
+      n = 1
+      for d in shape:
+        n *= d
+      out[i] = flat[dt][off:off + n].reshape(shape)
+      off += n
+  return jax.tree_util.tree_unflatten(treedef, out)
+
+
+def flat_switch(index, branches, *operands):
+  """``lax.switch(index, branches, *operands)`` with every operand and every element of
+  the (tuple) result moved as one flat buffer per dtype. Same semantics."""
+  packed = [_pack(op) for op in operands]
+  flat_ops = [p[0] for p in packed]
+  specs = [p[1] for p in packed]
+  out_struct = jax.eval_shape(branches[0], *operands)
+  single = not isinstance(out_struct, tuple)
+  outs = (out_struct,) if single else out_struct
+  out_specs = [_pack(jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), o))[1]
+               for o in outs]
+
+  def wrap(branch):
+    def run(*flat):
+      res = branch(*[_unpack(f, s) for f, s in zip(flat, specs)])
+      res = (res,) if single else res
+      return tuple(_pack(r)[0] for r in res)
+    return run
+
+  flat_out = lax.switch(index, [wrap(b) for b in branches], *flat_ops)
+  res = tuple(_unpack(f, s) for f, s in zip(flat_out, out_specs))
+  return res[0] if single else res
+
+
+def flat_cond(pred, true_fn, false_fn, *operands):
+  """``lax.cond`` with flat operands and results (see :func:`flat_switch`)."""
+  return flat_switch(jnp.asarray(pred).astype(jnp.int32), (false_fn, true_fn), *operands)

@@ -267,7 +267,7 @@ def _weighted_transform(name, inner, period_fn, *, temperature, moving_rate, wei
       uni = jnp.full((K,), 1.0 / K, jnp.float32)
       return t, inner_state, t, weights0, uni, losses0, sh.ok
 
-    x_new, inner_state, target, wvec, mvec, lvec, ok = lax.switch(
+    x_new, inner_state, target, wvec, mvec, lvec, ok = periodic.flat_switch(
         idx, (local, exchange) + ((warmup_end,) if warmup_steps > 0 else ()), x_half,
         inner_state)
     updates = periodic.updates_to(x_new, params)
@@ -656,7 +656,7 @@ def wpsgd(inner: optax.GradientTransformation, sync_period=None, *,
       uni = jnp.full((K,), 1.0 / K, jnp.float32)
       return t, inner_state, t, weights0, uni, steps0, sh.ok
 
-    x_new, inner_state, target, wvec, mvec, svec, ok = lax.switch(
+    x_new, inner_state, target, wvec, mvec, svec, ok = periodic.flat_switch(
         idx, (local, exchange) + ((warmup_end,) if warmup_steps > 0 else ()), x_half,
         inner_state)
     updates = periodic.updates_to(x_new, params)
