@@ -34,6 +34,12 @@ def parse_args(argv=None):
   ap.add_argument("--devices", type=int, default=8,
                   help="forced CPU devices for shard_map/pmap on a CPU-only machine")
   ap.add_argument("--seed", type=int, default=0)
+  ap.add_argument("--worker-speeds", default=None,
+                  help="comma-separated speeds in (0, 1], one per worker, for wpsgd and "
+                       "averaging_unbalanced (default: half the workers 4x slower)")
+  ap.add_argument("--softsync-n", type=int, default=None,
+                  help="n of n-softsync for staleness_aware and asgd (default: workers, "
+                       "fully asynchronous)")
   ap.add_argument("--out", default="runs/cpu_digits", help="folder for the JSON and PNG")
   ap.add_argument("--no-plot", action="store_true")
   return ap.parse_args(argv)
@@ -59,9 +65,16 @@ def main(argv=None):
           file=sys.stderr)
     return 2
   try:
+    speeds = None
+    if args.worker_speeds:
+      try:
+        speeds = [float(v) for v in args.worker_speeds.split(",")]
+      except ValueError:
+        raise ValueError(f"--worker-speeds must be numbers, got {args.worker_speeds!r}") from None
     results = train_digits(names, workers=args.workers, steps=args.steps, batch=args.batch,
                            lr=args.lr, sync_period=args.sync_period, eval_every=args.eval_every,
-                           backend=args.backend, seed=args.seed)
+                           backend=args.backend, seed=args.seed, speeds=speeds,
+                           softsync_n=args.softsync_n)
   except ValueError as e:
     print(f"error: {e}", file=sys.stderr)
     return 2

@@ -62,9 +62,9 @@ def _server(params, state, axis_name):
   return state.shared.server
 
 
-def _softsync(lr, K, steps, seed, modulation):
-  """lambda-softsync (fully asynchronous, c = 1) over K learners, random arrivals."""
-  sched = wagrad.softsync_schedule(K, K, steps, arrival="random", seed=seed)
+def _softsync(lr, K, steps, seed, modulation, n=None):
+  """n-softsync over K learners (default n = K: fully asynchronous, c = 1), random arrivals."""
+  sched = wagrad.softsync_schedule(K, n or K, steps, arrival="random", seed=seed)
   tx = wagrad.staleness_aware_sgd(optax.sgd(1.0), alpha0=lr, modulation=modulation)
 
   def rows(t):
@@ -77,53 +77,53 @@ def _make_registry():
   """name -> (factory(lr, tau, axis_name, K, steps, seed) -> Algo, description)."""
   sgd = optax.sgd
   reg = {
-      "sync_sgd": (lambda lr, tau, ax, K, T, seed: Algo(
+      "sync_sgd": (lambda lr, tau, ax, K, T, seed, opts: Algo(
           wagrad.sync_sgd(sgd(lr), axis_name=ax), "average", _average),
           "synchronous all-reduce SGD"),
-      "model_averaging": (lambda lr, tau, ax, K, T, seed: Algo(
+      "model_averaging": (lambda lr, tau, ax, K, T, seed, opts: Algo(
           wagrad.model_averaging(sgd(lr), tau, axis_name=ax), "average", _average),
           "periodic model averaging (local SGD)"),
-      "one_shot": (lambda lr, tau, ax, K, T, seed: Algo(
+      "one_shot": (lambda lr, tau, ax, K, T, seed, opts: Algo(
           wagrad.model_averaging(sgd(lr), None, axis_name=ax), "average", _average),
           "one-shot averaging (SimuParallel SGD)"),
-      "diloco": (lambda lr, tau, ax, K, T, seed: Algo(wagrad.diloco(
+      "diloco": (lambda lr, tau, ax, K, T, seed, opts: Algo(wagrad.diloco(
           inner=sgd(lr), outer_learning_rate=0.7, sync_period=tau, axis_name=ax), "average",
           _average), "DiLoCo: outer Nesterov SGD on the pseudo-gradient"),
-      "easgd": (lambda lr, tau, ax, K, T, seed: Algo(
+      "easgd": (lambda lr, tau, ax, K, T, seed, opts: Algo(
           wagrad.easgd(sgd(lr), tau, axis_name=ax), "center", _center),
           "elastic averaging SGD (beta = 0.9)"),
-      "eamsgd": (lambda lr, tau, ax, K, T, seed: Algo(
+      "eamsgd": (lambda lr, tau, ax, K, T, seed, opts: Algo(
           wagrad.eamsgd(lr / 5, tau, momentum=0.9, axis_name=ax), "center", _center,
           grad_point=wagrad.eamsgd_lookahead), "elastic averaging momentum SGD"),
-      "downpour": (lambda lr, tau, ax, K, T, seed: Algo(
+      "downpour": (lambda lr, tau, ax, K, T, seed, opts: Algo(
           wagrad.downpour(lr / K, tau, axis_name=ax), "master", _center),
           "DOWNPOUR (accumulated updates pushed to the master)"),
-      "lsgd": (lambda lr, tau, ax, K, T, seed: Algo(
+      "lsgd": (lambda lr, tau, ax, K, T, seed, opts: Algo(
           wagrad.lsgd(sgd(lr), tau, axis_name=ax, num_workers=K), "leader", _leader),
           "leader SGD (pull toward the best worker)"),
-      "staleness_aware": (lambda lr, tau, ax, K, T, seed: Algo(
+      "staleness_aware": (lambda lr, tau, ax, K, T, seed, opts: Algo(
           *(lambda tx_rows: (tx_rows[0], "server", _server, None, wagrad.staleness_apply,
-                             tx_rows[1]))(_softsync(lr * 2, K, T, seed, "inverse"))),
+                             tx_rows[1]))(_softsync(lr * 2, K, T, seed, "inverse", opts.get("softsync_n")))),
           "staleness-aware async SGD, fully asynchronous (n = K)"),
-      "asgd": (lambda lr, tau, ax, K, T, seed: Algo(
+      "asgd": (lambda lr, tau, ax, K, T, seed, opts: Algo(
           *(lambda tx_rows: (tx_rows[0], "server", _server, None, wagrad.staleness_apply,
-                             tx_rows[1]))(_softsync(lr * 2, K, T, seed, "none"))),
+                             tx_rows[1]))(_softsync(lr * 2, K, T, seed, "none", opts.get("softsync_n")))),
           "plain asynchronous SGD, same schedule (baseline)"),
   }
-  reg["wasgd"] = (lambda lr, tau, ax, K, T, seed: Algo(
+  reg["wasgd"] = (lambda lr, tau, ax, K, T, seed, opts: Algo(
       wagrad.wasgd(sgd(lr), tau, temperature=0.1, axis_name=ax, num_workers=K), "average",
       _average), "weighted aggregating SGD, Boltzmann weights (reconstruction)")
-  reg["wasgd_plus"] = (lambda lr, tau, ax, K, T, seed: Algo(
+  reg["wasgd_plus"] = (lambda lr, tau, ax, K, T, seed, opts: Algo(
       wagrad.wasgd_plus(sgd(lr), tau, temperature=0.1, axis_name=ax, num_workers=K),
       "average", _average, eval_loss=True),
       "WASGD+: weights from a loss on a batch shared by all workers (reconstruction)")
-  reg["wpsgd"] = (lambda lr, tau, ax, K, T, seed: Algo(
+  reg["wpsgd"] = (lambda lr, tau, ax, K, T, seed, opts: Algo(
       wagrad.wpsgd(sgd(lr), tau, weighting="samples", axis_name=ax, num_workers=K),
-      "weighted average", _wpsgd_model, rows=_straggler_rows(K, T, seed)),
+      "weighted average", _wpsgd_model, rows=_straggler_rows(K, T, seed, opts.get("speeds"))),
       "WP-SGD, half the workers 4x slower (reconstruction)")
-  reg["averaging_unbalanced"] = (lambda lr, tau, ax, K, T, seed: Algo(
+  reg["averaging_unbalanced"] = (lambda lr, tau, ax, K, T, seed, opts: Algo(
       wagrad.wpsgd(sgd(lr), tau, weighting="uniform", axis_name=ax, num_workers=K),
-      "average", _wpsgd_model, rows=_straggler_rows(K, T, seed)),
+      "average", _wpsgd_model, rows=_straggler_rows(K, T, seed, opts.get("speeds"))),
       "plain averaging, same unbalanced load as wpsgd (baseline)")
   return reg
 
@@ -132,8 +132,10 @@ def _wpsgd_model(params, state, axis_name):
   return wagrad.wpsgd_combine(params, state, axis_name).value
 
 
-def _straggler_rows(K, T, seed):
-  active = wagrad.speed_schedule(K, T, wagrad.straggler_speeds(K, 0.5, 4.0), seed=seed)
+def _straggler_rows(K, T, seed, speeds=None):
+  """Activity masks: the given per-worker speeds, default half the workers 4x slower."""
+  speeds = wagrad.straggler_speeds(K, 0.5, 4.0) if speeds is None else speeds
+  active = wagrad.speed_schedule(K, T, speeds, seed=seed)
   return lambda t: {"active": active[t]}
 
 
@@ -141,8 +143,14 @@ ALGORITHMS = _make_registry()
 
 
 def train_digits(names, *, workers=8, steps=300, batch=16, lr=0.1, sync_period=8,
-                 eval_every=25, backend="vmap", seed=0, progress=True):
-  """Train each algorithm in ``names``; return a list of result dicts."""
+                 eval_every=25, backend="vmap", seed=0, progress=True, speeds=None,
+                 softsync_n=None):
+  """Train each algorithm in ``names``; return a list of result dicts.
+
+  ``speeds`` (K values in (0, 1]) drives the unbalanced-load algorithms (wpsgd,
+  averaging_unbalanced); ``softsync_n`` the n of n-softsync (staleness_aware, asgd).
+  """
+  opts = {"speeds": speeds, "softsync_n": softsync_n}
   (Xtr, ytr), (Xte, yte) = load_digits(seed)
   runner = wagrad.Runner(backend, workers)
   Xs, ys = runner.shard(Xtr, ytr)  # [K, n/K, ...]: each worker its own shard
@@ -156,7 +164,7 @@ def train_digits(names, *, workers=8, steps=300, batch=16, lr=0.1, sync_period=8
 
   results = []
   for name in names:
-    algo = ALGORITHMS[name][0](lr, sync_period, runner.axis_name, workers, steps, seed)
+    algo = ALGORITHMS[name][0](lr, sync_period, runner.axis_name, workers, steps, seed, opts)
     tx = algo.tx
 
     def step(p, s, x, y, extra, algo=algo):

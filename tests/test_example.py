@@ -25,3 +25,15 @@ def test_cpu_digits_bad_algorithm_one_line(capsys):
   assert cpu_digits.main(["--algorithms", "nope"]) == 2
   err = capsys.readouterr().err.strip().splitlines()
   assert len(err) == 1 and "unknown algorithm" in err[0]
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["--algorithms", "wpsgd", "--worker-speeds", "1,2"], "speeds"),
+    (["--algorithms", "wpsgd", "--worker-speeds", "1,x"], "--worker-speeds"),
+    (["--algorithms", "asgd", "--softsync-n", "3"], "must divide"),
+])
+def test_cpu_digits_bad_schedule_options_one_line(argv, needle, capsys, tmp_path):
+  import cpu_digits
+  assert cpu_digits.main(argv + ["--steps", "2", "--out", str(tmp_path), "--no-plot"]) == 2
+  err = capsys.readouterr().err.strip().splitlines()
+  assert len(err) == 1 and needle in err[0], err
