@@ -566,9 +566,9 @@ def async_easgd(inner: optax.GradientTransformation, sync_period: int = 1, *,
       one_m = jnp.float32(1.0 - a)
       if order == "simultaneous":
         seen = _tmap(_f32, c)
-        step = _tmap(lambda x, cc: lax.psum(
-            jnp.where(ex, a * (_f32(x) - _f32(cc)), jnp.zeros_like(_f32(x))), axis_name),
-            params, c)
+        step = C.fused(_tmap(lambda x, cc: jnp.where(ex, a * (_f32(x) - _f32(cc)),
+                                                     jnp.zeros_like(_f32(x))), params, c),
+                       lambda v: lax.psum(v, axis_name))
         new_c = _tmap(lambda cc, s: (_f32(cc) + s).astype(cc.dtype), c, step)
       else:
         xs = C.all_gather(_tmap(lambda x: jnp.where(ex, _f32(x), jnp.zeros_like(_f32(x))),

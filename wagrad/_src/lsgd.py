@@ -122,11 +122,6 @@ def _one_hot(index, num_workers):
   return (jnp.arange(num_workers) == index).astype(jnp.float32)
 
 
-def _init_num_workers(num_workers, axis_name):
-  """K for the length-K ``mix_weights``: the argument, or the bound axis' size, or None."""
-  return base.infer_num_workers(num_workers, axis_name)
-
-
 def _check_num_workers(mix_weights, axis_name):
   if mix_weights is None:
     return
@@ -256,7 +251,7 @@ def lsgd(inner: optax.GradientTransformation, sync_period=4, *, pull: float = 0.
   def init_fn(params):
     zero = jnp.zeros([], jnp.int32)
     leader_params = jax.tree_util.tree_map(jnp.asarray, params)
-    k = _init_num_workers(num_workers, axis_name)
+    k = base.infer_num_workers(num_workers, axis_name)
     return LSGDState(
         inner=inner.init(params),
         losses=jnp.zeros([avg_size], jnp.float32),
@@ -479,7 +474,7 @@ def multi_leader_lsgd(inner: optax.GradientTransformation, *, group_axis, global
   def init_fn(params):
     zero = jnp.zeros([], jnp.int32)
     p = jax.tree_util.tree_map(jnp.asarray, params)
-    k = _init_num_workers(num_workers, full_axis)
+    k = base.infer_num_workers(num_workers, full_axis)
     return MultiLeaderState(
         inner=inner.init(params), losses=jnp.zeros([avg_size], jnp.float32),
         num_losses=zero, group_leader_params=p, group_leader=jnp.int32(-1),
