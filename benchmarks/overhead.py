@@ -1,18 +1,23 @@
 """Overhead, communication volume and compile-once benchmark.
 
-For each algorithm: time per training step of a small Flax MLP (digits-sized input) on
+For each algorithm: time per training step of a Flax MLP (digits-sized input) on
 8 workers over 8 (forced CPU) devices with shard_map, against, in the same process and
 interleaved: (a) a hand-written shard_map step doing the same math with raw ``jax.lax``
-collectives, (b) local SGD with no communication at all, (c) synchronous all-reduce SGD.
-Medians over repetitions, with the spread. Bytes moved by collectives are read from the
-compiled HLO (entry computation = every step; conditional branches = exchange steps).
+collectives (same loss, same ``optax.sgd`` step, a ``lax.pmean`` of the parameters in a
+``lax.cond`` every tau steps), (b) local SGD with no communication at all, (c)
+synchronous all-reduce SGD. Medians over interleaved repetitions, with the spread.
+Bytes moved by collectives are read from the compiled HLO (entry computation = every
+step; conditional branches = exchange steps).
 
-    python benchmarks/overhead.py            # full size
+Two model sizes: ``tiny`` (hidden 256, batch 32 per worker: a step is almost all fixed
+per-operation cost, so it shows what wagrad adds in absolute terms) and ``small``
+(hidden 1024, batch 128 per worker: the step does real work).
+
+    python benchmarks/overhead.py            # full size, both models
     python benchmarks/overhead.py --quick    # reduced size (part of run_all.py)
 """
 
 import argparse
-import functools
 import os
 import sys
 
@@ -55,16 +60,19 @@ def wagrad_variant(runner, tx, p0, x, y, loss_fn):
 
 
 def hand_variant(runner, p0, x, y, loss_fn, tau):
-  """Raw lax: local SGD step, pmean of params every tau steps (tau=0: never; tau=-1:
-  gradients averaged every step, i.e. synchronous SGD)."""
+  """Raw lax: the same loss and optax.sgd step as the wagrad variants; then a pmean of
+  the params every tau steps (tau=0: never; tau=-1: gradients averaged every step, i.e.
+  synchronous SGD)."""
   mesh = runner.mesh
+  sgd = optax.sgd(LR)
 
   def body(p, count, x, y):
     p, x, y = jax.tree_util.tree_map(lambda a: a[0], (p, x, y))
-    g = jax.grad(loss_fn)(p, x, y)
+    _, g = jax.value_and_grad(loss_fn)(p, x, y)
     if tau == -1:
       g = jax.tree_util.tree_map(lambda a: lax.pmean(a, "workers"), g)
-    p = jax.tree_util.tree_map(lambda a, b: a - LR * b, p, g)
+    u, _ = sgd.update(g, sgd.init(p), p)
+    p = optax.apply_updates(p, u)
     if tau > 0:
       p = lax.cond((count + 1) % tau == 0,
                    lambda p: jax.tree_util.tree_map(lambda a: lax.pmean(a, "workers"), p),
@@ -78,15 +86,34 @@ def hand_variant(runner, p0, x, y, loss_fn, tau):
   return f, state
 
 
+MODELS = {"tiny": (32, 256), "small": (128, 1024)}  # name -> (batch per worker, hidden)
+
+
 def main(argv=None):
   ap = argparse.ArgumentParser()
   ap.add_argument("--quick", action="store_true")
   ap.add_argument("--steps", type=int, default=None)
   ap.add_argument("--reps", type=int, default=None)
+  ap.add_argument("--models", default="tiny,small", help="comma-separated: tiny, small")
   args = ap.parse_args(argv)
-  steps = args.steps or (48 if args.quick else 160)
-  reps = args.reps or (3 if args.quick else 7)
-  K, batch, hidden = 8, 32, 256
+  models = [m for m in args.models.split(",") if m]
+  for m in models:
+    if m not in MODELS:
+      raise SystemExit(f"unknown model {m!r}; choose from {sorted(MODELS)}")
+  data = {"device": common.device_info(), "workers": 8, "models": {}}
+  for m in models:
+    batch, hidden = MODELS[m]
+    steps = args.steps or {"tiny": 48 if args.quick else 160, "small": 16 if args.quick else 48}[m]
+    reps = args.reps or (5 if args.quick else 9)
+    print(f"== model {m}: hidden {hidden}, batch {batch} per worker, {reps} x {steps} steps",
+          flush=True)
+    data["models"][m] = run_model(batch, hidden, steps, reps)
+  common.save("overhead", data)
+  plot(data)
+  return data
+
+
+def run_model(batch, hidden, steps, reps, K=8):
   runner = wagrad.Runner("shard_map", K)
   p0, x, y, loss_fn = setup(K, batch, hidden)
   n_params = sum(a.size for a in jax.tree_util.tree_leaves(p0))
@@ -126,26 +153,21 @@ def main(argv=None):
            "min_ms": 1e3 * min(times[name]), "max_ms": 1e3 * max(times[name]),
            "ratio_to_local_sgd": med[name] / base}
     if name.startswith("wagrad model_averaging"):
+      tau = int(name.rsplit("=", 1)[1])
       row["ratio_to_hand"] = med[name] / med[name.replace("wagrad model_averaging", "hand averaging")]
+      row["target_ratio_to_local_sgd"] = 1 + 1 / tau
     if name == "wagrad sync_sgd":
       row["ratio_to_hand"] = med[name] / med["hand sync_sgd"]
     f = variants[name][0]
     if hasattr(f, "num_traces"):
       row["num_traces"] = f.num_traces()
-      hlo = f.lower(*states[name]).compile().as_text()
-    else:
-      hlo = f.lower(*states[name]).compile().as_text()
-    row["collective_bytes"] = common.collective_bytes(hlo)
+    row["collective_bytes"] = common.collective_bytes(f.lower(*states[name]).compile().as_text())
     rows.append(row)
     print(f"{name:36s} {row['median_ms']:7.3f} ms  x{row['ratio_to_local_sgd']:.2f} local"
           + (f"  x{row['ratio_to_hand']:.3f} hand" if "ratio_to_hand" in row else "")
           + (f"  traces={row.get('num_traces')}" if "num_traces" in row else ""))
-  data = {"device": common.device_info(), "workers": K, "batch_per_worker": batch,
-          "params": int(n_params), "param_bytes": int(4 * n_params), "steps_per_rep": steps,
-          "reps": reps, "rows": rows}
-  common.save("overhead", data)
-  plot(data)
-  return data
+  return {"batch_per_worker": batch, "hidden": hidden, "params": int(n_params),
+          "param_bytes": int(4 * n_params), "steps_per_rep": steps, "reps": reps, "rows": rows}
 
 
 def extra_algorithms():
@@ -164,17 +186,23 @@ def plot(data):
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
-  rows = data["rows"]
-  fig, ax = plt.subplots(figsize=(8, 0.35 * len(rows) + 1.2))
-  names = [r["variant"] for r in rows]
-  ax.barh(names, [r["median_ms"] for r in rows],
-          xerr=[[r["median_ms"] - r["min_ms"] for r in rows], [r["max_ms"] - r["median_ms"] for r in rows]])
-  ax.invert_yaxis()
-  ax.set_xlabel("ms per step (median, min-max)")
-  ax.set_title(f"8 workers, {data['device']['platform']} x{data['device']['device_count']}")
+  models = data["models"]
+  n = max(len(m["rows"]) for m in models.values())
+  fig, axes = plt.subplots(1, len(models), figsize=(6.5 * len(models), 0.35 * n + 1.4),
+                           squeeze=False)
+  for ax, (name, m) in zip(axes[0], models.items()):
+    rows = m["rows"]
+    ax.barh([r["variant"] for r in rows], [r["median_ms"] for r in rows],
+            xerr=[[r["median_ms"] - r["min_ms"] for r in rows],
+                  [r["max_ms"] - r["median_ms"] for r in rows]])
+    ax.invert_yaxis()
+    ax.set_xlabel("ms per step (median, min-max)")
+    ax.set_title(f"{name}: {m['params']} params, batch {m['batch_per_worker']}/worker")
+  fig.suptitle(f"8 workers, {data['device']['platform']} x{data['device']['device_count']}")
   fig.tight_layout()
   path = os.path.join(common.OUT, "overhead.png")
   fig.savefig(path, dpi=110)
+  plt.close(fig)
   print(f"wrote {path}")
 
 

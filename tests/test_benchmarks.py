@@ -13,7 +13,8 @@ def test_overhead_benchmark_tiny(tmp_path, monkeypatch):
   import common
   monkeypatch.setattr(common, "OUT", str(tmp_path))
   import overhead
-  data = overhead.main(["--quick", "--steps", "2", "--reps", "1"])
+  data = overhead.main(["--quick", "--steps", "2", "--reps", "1", "--models", "tiny"])
+  data = data["models"]["tiny"]
   rows = {r["variant"]: r for r in data["rows"]}
   assert (tmp_path / "overhead.json").exists() and (tmp_path / "overhead.png").exists()
   # compile once: every wagrad step function was traced exactly once

@@ -21,7 +21,7 @@ moving to the leader with strength 1, the end of the warm-up) ``assign`` is true
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Union
+from typing import Any, Callable, NamedTuple, Union
 
 import jax
 import jax.numpy as jnp
@@ -206,6 +206,46 @@ def tree_zeros_like(tree):
   return jax.tree_util.tree_map(jnp.zeros_like, tree)
 
 
+class Flat(NamedTuple):
+  """A pytree stored as one flat vector per dtype (``{dtype name: 1-D array}``).
+
+  Shared parameter-shaped state (an exchange target, a center) is kept like this: under
+  XLA:CPU every leaf carried through a conditional or the step's state costs a buffer
+  copy and dispatch per device, one flat buffer per dtype almost nothing
+  (benchmarks/overhead_ablation.py). :func:`unflatten` restores the tree given a tree of
+  the same structure (e.g. the params).
+  """
+  buffers: dict
+
+
+def _dtype_groups(leaves):
+  groups = {}
+  for i, x in enumerate(leaves):
+    groups.setdefault(jnp.dtype(x.dtype).name, []).append(i)
+  return groups
+
+
+def flatten(tree: PyTree) -> Flat:
+  """Pack ``tree``'s leaves into :class:`Flat` (leaf order, grouped by dtype)."""
+  leaves = [jnp.asarray(x) for x in jax.tree_util.tree_leaves(tree)]
+  return Flat({dt: jnp.concatenate([leaves[i].ravel() for i in idx]) if len(idx) > 1
+               else leaves[idx[0]].ravel() for dt, idx in _dtype_groups(leaves).items()})
+
+
+def unflatten(flat: Flat, like: PyTree) -> PyTree:
+  """Inverse of :func:`flatten`: ``like`` gives the structure, shapes and dtypes (its
+  leaves may be arrays or shape-dtype structs)."""
+  leaves, treedef = jax.tree_util.tree_flatten(like)
+  out = [None] * len(leaves)
+  for dt, idx in _dtype_groups(leaves).items():
+    off = 0
+    for i in idx:
+      n = int(np.prod(leaves[i].shape, dtype=np.int64))
+      out[i] = flat.buffers[dt][off:off + n].reshape(leaves[i].shape)
+      off += n
+  return jax.tree_util.tree_unflatten(treedef, out)
+
+
 def apply_updates(params: PyTree, updates: PyTree, opt_state: PyTree) -> PyTree:
   """``optax.apply_updates`` that takes the rule's target exactly on assigning steps.
 
@@ -220,5 +260,8 @@ def apply_updates(params: PyTree, updates: PyTree, opt_state: PyTree) -> PyTree:
   sh = find_shared(opt_state, "assign")
   if sh is None or getattr(sh, "target", None) is None:
     return new
+  target = sh.target
+  if isinstance(target, Flat):
+    target = unflatten(target, params)
   return jax.tree_util.tree_map(
-      lambda t, n: jnp.where(sh.assign, t.astype(n.dtype), n), sh.target, new)
+      lambda t, n: jnp.where(sh.assign, t.astype(n.dtype), n), target, new)

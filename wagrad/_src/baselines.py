@@ -80,10 +80,10 @@ class AveragingShared:
   count: jax.Array          # global step (decides exchanges)
   last_exchange: jax.Array  # count right after the last exchange
   num_exchanges: jax.Array  # how many exchanges (and warm-up ends) ran
-  target: Any               # global parameters after the last exchange (DiLoCo's x_global)
+  target: Any               # global parameters after the last exchange (DiLoCo's
+                            # x_global), as base.Flat (one buffer per dtype)
   assign: jax.Array         # this step assigns target (exact) -- see wagrad.apply_updates
   outer: Any                # outer optimizer state (or None)
-  consensus: jax.Array      # consensus distance just before the last exchange
 
 
 class ModelAveragingState(NamedTuple):
@@ -151,10 +151,8 @@ def model_averaging(inner: optax.GradientTransformation, sync_period=1, *,
     zero = jnp.zeros([], jnp.int32)
     return ModelAveragingState(inner.init(params), AveragingShared(
         count=zero, last_exchange=zero, num_exchanges=zero,
-        target=jax.tree_util.tree_map(jnp.asarray, params),
-        assign=jnp.bool_(False),
-        outer=None if outer_optimizer is None else outer_optimizer.init(params),
-        consensus=jnp.zeros([], jnp.float32)))
+        target=base.flatten(params), assign=jnp.bool_(False),
+        outer=None if outer_optimizer is None else outer_optimizer.init(params)))
 
   def update_fn(grads, state, params=None, *, active=None, **extra):
     if params is None:
@@ -171,44 +169,42 @@ def model_averaging(inner: optax.GradientTransformation, sync_period=1, *,
       weight = active.astype(jnp.float32)
     x_half = base.tree_add(params, u)
     idx = periodic.branch_index(sh.count, sh.last_exchange, warmup_steps, period_fn)
+    # Only what an exchange changes goes through the branch: the shared target (flat),
+    # the outer state and, unless kept local, the inner state. x_new is selected after.
+    sync_inner = opt_state_sync != "local"
+    carried = inner_state if sync_inner else None
 
-    def local(x_half, inner_state):
-      return x_half, inner_state, sh.target, sh.outer, sh.consensus
+    def local(x_half, carried):
+      return sh.target, sh.outer, carried
 
-    def exchange(x_half, inner_state):
-      avg = C.weighted_mean(x_half, weight, axis_name,
-                            fallback=base.tree_cast_like(sh.target, x_half))
-      xbar = avg.value
+    def exchange(x_half, carried):
+      last = base.unflatten(sh.target, x_half)
+      xbar = C.weighted_mean(x_half, weight, axis_name, fallback=last).value
       if outer_optimizer is None:
-        new_target, outer_state = base.tree_cast_like(xbar, sh.target), sh.outer
+        new_target, outer_state = xbar, sh.outer
       else:
-        delta = base.tree_sub(sh.target, xbar)
-        ou, outer_state = outer_optimizer.update(delta, sh.outer, sh.target)
-        new_target = optax.apply_updates(sh.target, ou)
-      # distance of the contributing workers to their mean: a scalar all-reduce only
-      dev = sum(jnp.sum((a.astype(jnp.float32) - b.astype(jnp.float32)) ** 2)
-                for a, b in zip(jax.tree_util.tree_leaves(x_half), jax.tree_util.tree_leaves(xbar)))
-      dist = lax.psum(jnp.where(avg.weight > 0, dev, 0.0), axis_name) / jnp.maximum(
-          lax.psum((avg.weight > 0).astype(jnp.float32), axis_name), 1.0)
-      new_inner = periodic.sync_opt_state(opt_state_sync, inner, inner_state, new_target,
-                                          axis_name)
-      return new_target, new_inner, new_target, outer_state, dist
+        ou, outer_state = outer_optimizer.update(base.tree_sub(last, xbar), sh.outer, last)
+        new_target = optax.apply_updates(last, ou)
+      if sync_inner:
+        carried = periodic.sync_opt_state(opt_state_sync, inner, carried, new_target, axis_name)
+      return base.flatten(new_target), outer_state, carried
 
-    def warmup_end(x_half, inner_state):
-      t = base.tree_cast_like(periodic.warmup_target(x_half, axis_name), sh.target)
-      return t, inner_state, t, sh.outer, jnp.zeros([], jnp.float32)
+    def warmup_end(x_half, carried):
+      return base.flatten(periodic.warmup_target(x_half, axis_name)), sh.outer, carried
 
     branches = (local, exchange) + ((warmup_end,) if warmup_steps > 0 else ())
-    x_new, inner_state, target, outer_state, dist = periodic.flat_switch(
-        idx, branches, x_half, inner_state)
-    updates = periodic.updates_to(x_new, params)
+    target, outer_state, carried = periodic.flat_switch(idx, branches, x_half, carried)
+    if sync_inner:
+      inner_state = carried
     assign = idx != periodic.NO_EXCHANGE
+    t = base.unflatten(target, params)
+    updates = jax.tree_util.tree_map(
+        lambda tt, x, p: jnp.where(assign, tt, x) - p, t, x_half, params)
     new_shared = AveragingShared(
         count=sh.count + 1,
         last_exchange=periodic.next_last_exchange(idx, sh.count, sh.last_exchange),
         num_exchanges=sh.num_exchanges + assign.astype(jnp.int32),
-        target=target, assign=assign, outer=outer_state,
-        consensus=dist.astype(jnp.float32))
+        target=target, assign=assign, outer=outer_state)
     return updates, ModelAveragingState(inner_state, new_shared)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)

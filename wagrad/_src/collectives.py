@@ -139,19 +139,19 @@ def weighted_mean(tree, weight, axis_name: AxisName, *, exclude_nonfinite=True,
   w = jnp.asarray(weight, jnp.float32)
   finite = tree_is_finite(tree) & jnp.isfinite(w) if exclude_nonfinite else jnp.bool_(True)
   w = jnp.where(finite & (w > 0), w, 0.0)
-  total = lax.psum(w, axis_name)
-  ok = total > 0
-  wn = jnp.where(ok, w / jnp.where(ok, total, 1.0), 0.0)
-
   if fallback is None:
     fallback = tree
-
+  # One all-reduce: sum_j w_j x_j and sum_j w_j travel in the same fused buffer.
   contrib = jax.tree_util.tree_map(
-      lambda x: wn.astype(_acc_dtype(x.dtype)) * jnp.where(finite, x, jnp.zeros_like(x)).astype(
+      lambda x: w.astype(_acc_dtype(x.dtype)) * jnp.where(finite, x, jnp.zeros_like(x)).astype(
           _acc_dtype(x.dtype)), tree)
-  summed = fused(contrib, lambda v: lax.psum(v, axis_name))  # one all-reduce per dtype
+  summed, total = fused((contrib, w), lambda v: lax.psum(v, axis_name))
+  ok = total > 0
+  inv = 1.0 / jnp.where(ok, total, 1.0)
+  wn = jnp.where(ok, w * inv, 0.0)
   value = jax.tree_util.tree_map(
-      lambda m, x, fb: jnp.where(ok, m, fb.astype(m.dtype)).astype(x.dtype), summed, tree, fallback)
+      lambda m, x, fb: jnp.where(ok, m / jnp.where(ok, total, 1.0).astype(m.dtype),
+                                 fb.astype(m.dtype)).astype(x.dtype), summed, tree, fallback)
   return Weighted(value, wn, ok)
 
 

@@ -224,6 +224,12 @@ class Runner:
       out.append(a[:n].reshape((K, n // K) + a.shape[1:]))
     return out[0] if len(out) == 1 else tuple(out)
 
+  def _named_shardings(self):
+    """(sharding of stacked leaves, sharding of shared leaves)."""
+    if not hasattr(self, "_shardings"):
+      self._shardings = (NamedSharding(self.mesh, self._mesh_spec), NamedSharding(self.mesh, P()))
+    return self._shardings
+
   def put(self, tree):
     """Place a stacked tree as the backend expects (shard_map: sharded by worker).
 
@@ -232,9 +238,7 @@ class Runner:
     """
     if self.backend == "vmap":
       return tree
-    if not hasattr(self, "_shardings"):
-      self._shardings = (NamedSharding(self.mesh, self._mesh_spec), NamedSharding(self.mesh, P()))
-    stacked, repl = self._shardings
+    stacked, repl = self._named_shardings()
 
     def place_leaf(x, sh):
       if isinstance(x, jax.Array) and x.sharding == sh:
@@ -300,6 +304,7 @@ class Runner:
 
     def mapped(*args):
       traces[0] += 1  # Python side effect: runs once per trace (compilation), not per step
+      runner._check_stacked(args)  # at trace time: shapes are static
       in_axes = tuple(base.worker_axes(a) for a in args)
       out_struct = runner._out_axes(fn, args, in_axes)
       out_axes = base.worker_axes(out_struct)
@@ -322,14 +327,38 @@ class Runner:
                     in_axes=in_axes, out_axes=out_axes, devices=runner.devices)
       return runner._flatten_stacked(pm(*sh), 2)
 
-    compiled = jax.jit(mapped, donate_argnums=donate_argnums) if jit else mapped
+    plain = jax.jit(mapped, donate_argnums=donate_argnums) if jit else mapped
+    by_structure = {}
+
+    def placed_jit(args):
+      """shard_map: a jit per argument structure whose in_shardings place the inputs,
+      so a step's own outputs go straight back in on JAX's C++ dispatch path (no Python
+      walk over the leaves); anything else is placed by :meth:`put` first."""
+      key = jax.tree_util.tree_structure(args)
+      f = by_structure.get(key)
+      if f is None:
+        stacked, repl = runner._named_shardings()
+        in_sh = tuple(base.worker_axes(a, stacked=stacked, shared=repl) for a in args)
+        f = by_structure[key] = jax.jit(mapped, in_shardings=in_sh,
+                                        donate_argnums=donate_argnums)
+      return f
 
     @functools.wraps(fn)
     def call(*args):
-      self._check_stacked(args)
-      if self.backend != "vmap":
-        args = self.put(args)
-      out = compiled(*args)
+      if self.backend == "shard_map" and jit:
+        f = placed_jit(args)
+        try:
+          out = f(*args)
+        except ValueError as e:  # an input not placed as the step expects
+          if "sharding" not in str(e).lower():
+            raise
+          self._check_stacked(args)
+          out = f(*self.put(args))
+      else:
+        if self.backend != "vmap":
+          self._check_stacked(args)
+          args = self.put(args)
+        out = plain(*args)
       if self.wait:
         out = jax.block_until_ready(out)
       return out

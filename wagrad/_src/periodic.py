@@ -107,31 +107,14 @@ def next_last_exchange(idx, count, last_exchange):
 
 
 def _pack(tree):
-  """tree -> (dict dtype -> flat vector, spec to unpack)."""
-  leaves, treedef = jax.tree_util.tree_flatten(tree)
-  leaves = [jnp.asarray(x) for x in leaves]
-  groups = {}
-  for i, x in enumerate(leaves):
-    groups.setdefault(x.dtype.name, []).append(i)
-  flat = {dt: jnp.concatenate([leaves[i].ravel() for i in idx]) if len(idx) > 1
-          else leaves[idx[0]].ravel() for dt, idx in groups.items()}
-  spec = (treedef, [(x.shape, x.dtype.name) for x in leaves], groups)
-  return flat, spec
+  """tree -> (dict dtype -> flat vector, the tree's shape-dtype structure to unpack)."""
+  spec = jax.tree_util.tree_map(
+      lambda x: jax.ShapeDtypeStruct(jnp.shape(x), jnp.asarray(x).dtype), tree)
+  return base.flatten(tree).buffers, spec
 
 
 def _unpack(flat, spec):
-  treedef, shapes, groups = spec
-  out = [None] * len(shapes)
-  for dt, idx in groups.items():
-    off = 0
-    for i in idx:
-      shape = shapes[i][0]
-      n = 1
-      for d in shape:
-        n *= d
-      out[i] = flat[dt][off:off + n].reshape(shape)
-      off += n
-  return jax.tree_util.tree_unflatten(treedef, out)
+  return base.unflatten(base.Flat(flat), spec)
 
 
 def flat_switch(index, branches, *operands):
@@ -143,8 +126,7 @@ def flat_switch(index, branches, *operands):
   out_struct = jax.eval_shape(branches[0], *operands)
   single = not isinstance(out_struct, tuple)
   outs = (out_struct,) if single else out_struct
-  out_specs = [_pack(jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), o))[1]
-               for o in outs]
+  out_specs = list(outs)
 
   def wrap(branch):
     def run(*flat):
