@@ -48,6 +48,40 @@ def is_shared(node) -> bool:
   return getattr(type(node), _SHARED_FLAG, False)
 
 
+class Clock:
+  """Mixin for a shared state whose step bookkeeping lives in one int32[4] field
+  ``clock`` = (count, last_exchange, num_exchanges, assign), read through properties.
+
+  Every leaf of a step's state is a buffer the runtime handles on every device at every
+  call; on forced CPU devices each replicated scalar costs about as much as a small
+  fused kernel (benchmarks/overhead_ablation.py), so the four scalars travel as one.
+  """
+
+  @property
+  def count(self):
+    return self.clock[0]
+
+  @property
+  def last_exchange(self):
+    return self.clock[1]
+
+  @property
+  def num_exchanges(self):
+    return self.clock[2]
+
+  @property
+  def assign(self):
+    return self.clock[3] != 0
+
+
+def make_clock(count, last_exchange=0, num_exchanges=0, assign=False):
+  """The ``clock`` field of a :class:`Clock` state."""
+  return jnp.stack([jnp.asarray(count).astype(jnp.int32),
+                    jnp.asarray(last_exchange).astype(jnp.int32),
+                    jnp.asarray(num_exchanges).astype(jnp.int32),
+                    jnp.asarray(assign).astype(jnp.int32)])
+
+
 @shared_state
 class Shared:
   """Wrap any pytree to mark it as shared (identical on all workers, not stacked)."""

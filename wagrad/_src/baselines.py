@@ -76,13 +76,14 @@ def sync_sgd(inner: optax.GradientTransformation, *, axis_name="workers"
 
 
 @base.shared_state
-class AveragingShared:
-  count: jax.Array          # global step (decides exchanges)
-  last_exchange: jax.Array  # count right after the last exchange
-  num_exchanges: jax.Array  # how many exchanges (and warm-up ends) ran
+class AveragingShared(base.Clock):
+  clock: jax.Array          # (count, last_exchange, num_exchanges, assign), see base.Clock:
+                            # the global step (decides exchanges), the count right after
+                            # the last exchange, how many exchanges (and warm-up ends)
+                            # ran, and whether this step assigns `target` exactly
+                            # (see wagrad.apply_updates)
   target: Any               # global parameters after the last exchange (DiLoCo's
                             # x_global), as base.Flat (one buffer per dtype)
-  assign: jax.Array         # this step assigns target (exact) -- see wagrad.apply_updates
   outer: Any                # outer optimizer state (or None)
 
 
@@ -148,10 +149,8 @@ def model_averaging(inner: optax.GradientTransformation, sync_period=1, *,
   inner = periodic.inner_with_extra_args(inner)
 
   def init_fn(params):
-    zero = jnp.zeros([], jnp.int32)
     return ModelAveragingState(inner.init(params), AveragingShared(
-        count=zero, last_exchange=zero, num_exchanges=zero,
-        target=base.flatten(params), assign=jnp.bool_(False),
+        clock=base.make_clock(0), target=base.flatten(params),
         outer=None if outer_optimizer is None else outer_optimizer.init(params)))
 
   def update_fn(grads, state, params=None, *, active=None, **extra):
@@ -201,10 +200,10 @@ def model_averaging(inner: optax.GradientTransformation, sync_period=1, *,
     updates = jax.tree_util.tree_map(
         lambda tt, x, p: jnp.where(assign, tt, x) - p, t, x_half, params)
     new_shared = AveragingShared(
-        count=sh.count + 1,
-        last_exchange=periodic.next_last_exchange(idx, sh.count, sh.last_exchange),
-        num_exchanges=sh.num_exchanges + assign.astype(jnp.int32),
-        target=target, assign=assign, outer=outer_state)
+        clock=base.make_clock(sh.count + 1,
+                              periodic.next_last_exchange(idx, sh.count, sh.last_exchange),
+                              sh.num_exchanges + assign.astype(jnp.int32), assign),
+        target=target, outer=outer_state)
     return updates, ModelAveragingState(inner_state, new_shared)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)

@@ -124,7 +124,7 @@ def flat_switch(index, branches, *operands):
   flat_ops = [p[0] for p in packed]
   specs = [p[1] for p in packed]
   out_struct = jax.eval_shape(branches[0], *operands)
-  single = not isinstance(out_struct, tuple)
+  single = type(out_struct) is not tuple  # a NamedTuple result is one result
   outs = (out_struct,) if single else out_struct
   out_specs = list(outs)
 
