@@ -1,14 +1,19 @@
-"""Where does model averaging's per-step overhead come from (forced CPU devices)?
+"""Where does a periodic algorithm's per-step overhead come from (forced CPU devices)?
 
-Builds the transform up from plain local SGD, one piece at a time, and times each
-program through the runner and as the compiled program called directly (no Python
-runner overhead), interleaved, medians over repetitions:
+Starts from the hand-written averaging step of ``overhead.py`` (a ``lax.cond`` holding
+a per-leaf ``lax.pmean``, never taken in these runs) and adds one thing at a time to the
+state the step carries in and out, then compares with wagrad's model averaging (period
+10^6, so no exchange runs either). Interleaved repetitions, medians, tiny model (where
+the fixed per-step costs show):
 
-* ``sgd``: plain ``optax.sgd`` (no exchange, no shared state);
-* ``cond``: + a shared step count and a ``lax.cond`` holding the averaging (never taken);
-* ``cond+target``: + the exact-assignment target (a parameter-sized shared tree) carried
-  in the state and ``wagrad.apply_updates``;
-* ``model_averaging``: the real transform (period 10^6, never exchanging in the run).
+* ``local sgd``: no cond at all;
+* ``hand``: the cond, a replicated step count in the state;
+* ``hand + 2 scalars`` / ``hand + 6 scalars``: more replicated int32 scalars in the state
+  (model averaging used to carry count, last exchange, exchange count and assign as
+  four of them; they now travel as one int32[4], ``base.Clock``);
+* ``hand + flat target``: a replicated parameter-sized flat buffer carried through (the
+  exact-assignment target, ``base.Flat``);
+* ``wagrad model_averaging``: the real transform through ``wagrad.Runner``.
 
     python benchmarks/overhead_ablation.py
 """
@@ -24,71 +29,64 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
 from jax import lax  # noqa: E402
+from jax.sharding import PartitionSpec as P  # noqa: E402
 
 import wagrad  # noqa: E402
-from wagrad._src import base  # noqa: E402
-from overhead import setup, wagrad_variant  # noqa: E402
+from overhead import LR, setup, wagrad_variant  # noqa: E402
 
 NEVER = 1_000_000
 
 
-@base.shared_state
-class _Count:
-  count: jax.Array
-
-
-@base.shared_state
-class _CountTarget:
-  count: jax.Array
-  target: object
-  assign: jax.Array
-
-
-def _staged(with_target, axis_name="workers"):
-  sgd = optax.sgd(0.05)
+def hand_step(runner, p0, x, y, loss_fn, *, cond=True, scalars=0, target=False):
+  sgd = optax.sgd(LR)
   tm = jax.tree_util.tree_map
 
-  def init(p):
-    sh = _CountTarget(jnp.int32(0), p, jnp.bool_(False)) if with_target else _Count(jnp.int32(0))
-    return sgd.init(p), sh
+  def body(p, count, extra, x, y):
+    p, x, y = tm(lambda a: a[0], (p, x, y))
+    _, g = jax.value_and_grad(loss_fn)(p, x, y)
+    u, _ = sgd.update(g, sgd.init(p), p)
+    p = optax.apply_updates(p, u)
+    if cond:
+      p = lax.cond((count + 1) % NEVER == 0,
+                   lambda p: tm(lambda a: lax.pmean(a, "workers"), p), lambda p: p, p)
+    ints, flat = extra
+    ints = tuple(i + 1 for i in ints)
+    return tm(lambda a: a[None], p), count + 1, (ints, flat), x[None], y[None]
 
-  def update(g, state, p, **kw):
-    inner, sh = state
-    u, inner = sgd.update(g, inner, p)
-    xh = tm(jnp.add, p, u)
-    pred = (sh.count + 1) % NEVER == 0
-    if with_target:
-      xn, t2 = lax.cond(pred, lambda q, t: (wagrad.pmean_tree(q, axis_name),) * 2,
-                        lambda q, t: (q, t), xh, sh.target)
-      return tm(jnp.subtract, xn, p), (inner, _CountTarget(sh.count + 1, t2, pred))
-    xn = lax.cond(pred, lambda q: wagrad.pmean_tree(q, axis_name), lambda q: q, xh)
-    return tm(jnp.subtract, xn, p), (inner, _Count(sh.count + 1))
-
-  return optax.GradientTransformationExtraArgs(init, update)
+  specs = (P("workers"), P(), P(), P("workers"), P("workers"))
+  f = jax.jit(jax.shard_map(body, mesh=runner.mesh, in_specs=specs, out_specs=specs,
+                            check_vma=False))
+  flat = wagrad.Shared(jnp.concatenate([a.ravel() for a in jax.tree_util.tree_leaves(p0)])
+                       ) if target else None
+  extra = (tuple(jnp.int32(0) for _ in range(scalars)), None if flat is None else flat.value)
+  return f, (runner.replicate(p0), jnp.int32(0), extra, runner.put(x), runner.put(y))
 
 
 def main(argv=None):
-  steps, reps = 300, 5
+  steps, reps = 200, 9
   runner = wagrad.Runner("shard_map", 8)
   p0, x, y, loss_fn = setup(8, 32, 256)
-  txs = {"sgd": optax.sgd(0.05), "cond": _staged(False), "cond+target": _staged(True),
-         "model_averaging": wagrad.model_averaging(optax.sgd(0.05), NEVER)}
-  variants = {}
-  for name, tx in txs.items():
-    f, st = wagrad_variant(runner, tx, p0, x, y, loss_fn)
-    st = jax.block_until_ready(f(*st))
-    compiled = f.lower(*st).compile()
-    variants[name + " (runner)"] = [f, st]
-    variants[name + " (compiled)"] = [lambda *a, c=compiled: c(*a), st]
+  variants = {
+      "local sgd": hand_step(runner, p0, x, y, loss_fn, cond=False),
+      "hand": hand_step(runner, p0, x, y, loss_fn),
+      "hand + 2 scalars": hand_step(runner, p0, x, y, loss_fn, scalars=2),
+      "hand + 6 scalars": hand_step(runner, p0, x, y, loss_fn, scalars=6),
+      "hand + flat target": hand_step(runner, p0, x, y, loss_fn, target=True),
+      "wagrad model_averaging": wagrad_variant(
+          runner, wagrad.model_averaging(optax.sgd(LR), NEVER), p0, x, y, loss_fn),
+  }
+  states = {}
+  for k, (f, st) in variants.items():
+    states[k] = jax.block_until_ready(f(*st))
   times = {k: [] for k in variants}
   for _ in range(reps):
-    for k, v in variants.items():
-      dt, v[1] = common.time_steps(v[0], v[1], steps)
+    for k, (f, _) in variants.items():
+      dt, states[k] = common.time_steps(f, states[k], steps)
       times[k].append(dt)
   rows = [{"variant": k, "median_ms": 1e3 * float(np.median(v)), "min_ms": 1e3 * min(v),
            "max_ms": 1e3 * max(v)} for k, v in times.items()]
   for r in rows:
-    print(f"{r['variant']:32s} {r['median_ms']:.3f} ms")
+    print(f"{r['variant']:26s} {r['median_ms']:.3f} ms")
   common.save("overhead_ablation", {"device": common.device_info(), "steps": steps,
                                     "reps": reps, "rows": rows})
   return rows

@@ -169,12 +169,9 @@ def easgd_center(opt_state):
 
 
 @base.shared_state
-class EASGDShared:
-  count: jax.Array          # global step (decides exchanges)
-  last_exchange: jax.Array  # count right after the last exchange
-  num_exchanges: jax.Array  # how many exchanges (and warm-up ends) ran
+class EASGDShared(base.Clock):
+  clock: jax.Array          # (count, last_exchange, num_exchanges, assign): base.Clock
   target: Any               # warm-up end's parameters (or None without warm-up)
-  assign: jax.Array         # this step assigns target exactly (only the warm-up end)
   center: Any               # the center variable x~
   distance: jax.Array       # mean_i ||x_i - x~||^2 (finite workers) at the last exchange
   outer: Any                # outer optimizer state (or None)
@@ -239,9 +236,9 @@ def easgd(inner: optax.GradientTransformation, sync_period=1, *, alpha: float | 
     zero = jnp.zeros([], jnp.int32)
     center = _tmap(jnp.asarray, params)
     return EASGDState(inner.init(params), EASGDShared(
-        count=zero, last_exchange=zero, num_exchanges=zero,
-        target=center if warmup_steps > 0 else None, assign=jnp.bool_(False),
-        center=center, distance=jnp.zeros([], jnp.float32),
+        clock=base.make_clock(zero, zero, zero, jnp.bool_(False)),
+        target=center if warmup_steps > 0 else None, center=center,
+        distance=jnp.zeros([], jnp.float32),
         outer=None if outer_optimizer is None else outer_optimizer.init(params)))
 
   def update_fn(grads, state, params=None, **extra):
@@ -282,11 +279,13 @@ def easgd(inner: optax.GradientTransformation, sync_period=1, *, alpha: float | 
         idx, branches, u, inner_state)
     exchanged = idx != periodic.NO_EXCHANGE
     new_shared = EASGDShared(
-        count=sh.count + 1,
-        last_exchange=periodic.next_last_exchange(idx, sh.count, sh.last_exchange),
-        num_exchanges=sh.num_exchanges + exchanged.astype(jnp.int32),
-        target=target, assign=idx == periodic.WARMUP_END, center=center,
-        distance=jnp.asarray(dist, jnp.float32), outer=outer_state)
+        clock=base.make_clock(
+            sh.count + 1,
+            periodic.next_last_exchange(idx, sh.count, sh.last_exchange),
+            sh.num_exchanges + exchanged.astype(jnp.int32),
+            idx == periodic.WARMUP_END),
+        target=target, center=center, distance=jnp.asarray(dist, jnp.float32),
+        outer=outer_state)
     return upd, EASGDState(inner_state, new_shared)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
@@ -296,12 +295,9 @@ def easgd(inner: optax.GradientTransformation, sync_period=1, *, alpha: float | 
 
 
 @base.shared_state
-class EAMSGDShared:
-  count: jax.Array
-  last_exchange: jax.Array
-  num_exchanges: jax.Array
+class EAMSGDShared(base.Clock):
+  clock: jax.Array          # (count, last_exchange, num_exchanges, assign): base.Clock
   target: Any               # always None (EAMSGD never assigns)
-  assign: jax.Array         # always False
   center: Any               # the center variable x~
   distance: jax.Array       # mean_i ||x_i - x~||^2 (finite workers) at the last exchange
   momentum: jax.Array       # delta (constant; read by eamsgd_lookahead)
@@ -364,9 +360,9 @@ def eamsgd(learning_rate, sync_period=1, *, momentum: float = 0.99,
   def init_fn(params):
     zero = jnp.zeros([], jnp.int32)
     return EAMSGDState(_tmap(jnp.zeros_like, params), EAMSGDShared(
-        count=zero, last_exchange=zero, num_exchanges=zero, target=None,
-        assign=jnp.bool_(False), center=_tmap(jnp.asarray, params),
-        distance=jnp.zeros([], jnp.float32), momentum=jnp.float32(delta)))
+        clock=base.make_clock(zero, zero, zero, jnp.bool_(False)), target=None,
+        center=_tmap(jnp.asarray, params), distance=jnp.zeros([], jnp.float32),
+        momentum=jnp.float32(delta)))
 
   def update_fn(grads, state, params=None, **extra):
     del extra
@@ -393,10 +389,12 @@ def eamsgd(learning_rate, sync_period=1, *, momentum: float = 0.99,
 
     upd, v, center, dist = periodic.flat_cond(ex, exchange, local, v)
     new_shared = EAMSGDShared(
-        count=sh.count + 1,
-        last_exchange=jnp.where(ex, sh.count + 1, sh.last_exchange).astype(jnp.int32),
-        num_exchanges=sh.num_exchanges + ex.astype(jnp.int32), target=None,
-        assign=jnp.bool_(False), center=center, distance=jnp.asarray(dist, jnp.float32),
+        clock=base.make_clock(
+            sh.count + 1,
+            jnp.where(ex, sh.count + 1, sh.last_exchange).astype(jnp.int32),
+            sh.num_exchanges + ex.astype(jnp.int32),
+            jnp.bool_(False)),
+        target=None, center=center, distance=jnp.asarray(dist, jnp.float32),
         momentum=sh.momentum)
     return upd, EAMSGDState(v, new_shared)
 
@@ -454,12 +452,9 @@ def async_easgd_schedule(active, sync_period: int):
 
 
 @base.shared_state
-class AsyncEASGDShared:
-  count: jax.Array          # global step
-  last_exchange: jax.Array  # count right after the last step where anyone exchanged
-  num_exchanges: jax.Array  # total worker exchanges with the master so far
+class AsyncEASGDShared(base.Clock):
+  clock: jax.Array          # (count, last_exchange, num_exchanges, assign): base.Clock
   target: Any               # always None (no exact assignment)
-  assign: jax.Array         # always False
   center: Any               # the master's center variable x~
   distance: jax.Array       # mean ||x_i - x~_seen||^2 of the workers of the last exchange
   num_exchanging: jax.Array  # workers that exchanged in the last step
@@ -529,9 +524,9 @@ def async_easgd(inner: optax.GradientTransformation, sync_period: int = 1, *,
   def init_fn(params):
     zero = jnp.zeros([], jnp.int32)
     return AsyncEASGDState(inner.init(params), zero, AsyncEASGDShared(
-        count=zero, last_exchange=zero, num_exchanges=zero, target=None,
-        assign=jnp.bool_(False), center=_tmap(jnp.asarray, params),
-        distance=jnp.zeros([], jnp.float32), num_exchanging=zero))
+        clock=base.make_clock(zero, zero, zero, jnp.bool_(False)), target=None,
+        center=_tmap(jnp.asarray, params), distance=jnp.zeros([], jnp.float32),
+        num_exchanging=zero))
 
   def update_fn(grads, state, params=None, *, active=True, any_exchange=None, **extra):
     if params is None:
@@ -599,10 +594,13 @@ def async_easgd(inner: optax.GradientTransformation, sync_period: int = 1, *,
 
     upd, center, dist, n_me = periodic.flat_cond(pred, exchange, local, u)
     new_shared = AsyncEASGDShared(
-        count=sh.count + 1,
-        last_exchange=jnp.where(pred, sh.count + 1, sh.last_exchange).astype(jnp.int32),
-        num_exchanges=sh.num_exchanges + n_me, target=None, assign=jnp.bool_(False),
-        center=center, distance=jnp.asarray(dist, jnp.float32), num_exchanging=n_me)
+        clock=base.make_clock(
+            sh.count + 1,
+            jnp.where(pred, sh.count + 1, sh.last_exchange).astype(jnp.int32),
+            sh.num_exchanges + n_me,
+            jnp.bool_(False)),
+        target=None, center=center, distance=jnp.asarray(dist, jnp.float32),
+        num_exchanging=n_me)
     clock = state.clock + act.astype(jnp.int32)
     return upd, AsyncEASGDState(inner_state, clock, new_shared)
 
@@ -613,13 +611,10 @@ def async_easgd(inner: optax.GradientTransformation, sync_period: int = 1, *,
 
 
 @base.shared_state
-class TreeEASGDShared:
-  count: jax.Array          # global step
-  last_exchange: jax.Array  # count right after the last (group-level) exchange
-  num_exchanges: jax.Array  # group-level (worker <-> group center) exchanges
+class TreeEASGDShared(base.Clock):
+  clock: jax.Array          # (count, last_exchange, num_exchanges, assign): base.Clock
   num_root_exchanges: jax.Array  # root-level (group center <-> root) exchanges
   target: Any               # always None
-  assign: jax.Array         # always False
   center: Any               # the root r (the model to evaluate)
   distance: jax.Array       # mean_i ||x_i - z_g(i)||^2 at the last group-level exchange
   root_distance: jax.Array  # mean_g ||z_g - r||^2 at the last root-level exchange
@@ -696,9 +691,9 @@ def tree_easgd(inner: optax.GradientTransformation, *, group_axis, global_axis,
     zero = jnp.zeros([], jnp.int32)
     p = _tmap(jnp.asarray, params)
     return TreeEASGDState(inner.init(params), p, TreeEASGDShared(
-        count=zero, last_exchange=zero, num_exchanges=zero, num_root_exchanges=zero,
-        target=None, assign=jnp.bool_(False), center=p,
-        distance=jnp.zeros([], jnp.float32), root_distance=jnp.zeros([], jnp.float32)))
+        clock=base.make_clock(zero, zero, zero, jnp.bool_(False)), num_root_exchanges=zero,
+        target=None, center=p, distance=jnp.zeros([], jnp.float32),
+        root_distance=jnp.zeros([], jnp.float32)))
 
   def update_fn(grads, state, params=None, **extra):
     if params is None:
@@ -748,12 +743,13 @@ def tree_easgd(inner: optax.GradientTransformation, *, group_axis, global_axis,
     upd, z_new, r_new, dist, rdist = periodic.flat_switch(
         branch, [make(False, False), make(True, False), make(False, True), make(True, True)], u)
     new_shared = TreeEASGDShared(
-        count=sh.count + 1,
-        last_exchange=jnp.where(low, sh.count + 1, sh.last_exchange).astype(jnp.int32),
-        num_exchanges=sh.num_exchanges + low.astype(jnp.int32),
-        num_root_exchanges=sh.num_root_exchanges + high.astype(jnp.int32),
-        target=None, assign=jnp.bool_(False), center=r_new, distance=dist,
-        root_distance=rdist)
+        clock=base.make_clock(
+            sh.count + 1,
+            jnp.where(low, sh.count + 1, sh.last_exchange).astype(jnp.int32),
+            sh.num_exchanges + low.astype(jnp.int32),
+            jnp.bool_(False)),
+        num_root_exchanges=sh.num_root_exchanges + high.astype(jnp.int32), target=None,
+        center=r_new, distance=dist, root_distance=rdist)
     return upd, TreeEASGDState(inner_state, z_new, new_shared)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
@@ -763,12 +759,9 @@ def tree_easgd(inner: optax.GradientTransformation, *, group_axis, global_axis,
 
 
 @base.shared_state
-class DownpourShared:
-  count: jax.Array          # global step
-  last_exchange: jax.Array  # count right after the last push/pull
-  num_exchanges: jax.Array  # push/pull rounds so far
+class DownpourShared(base.Clock):
+  clock: jax.Array          # (count, last_exchange, num_exchanges, assign): base.Clock
   target: Any               # the master's parameters (assigned exactly on exchanges)
-  assign: jax.Array         # this step assigns target (every exchange)
   center: Any               # same as target: the master's parameters (model to evaluate)
   momentum: Any             # MDOWNPOUR's master momentum buffer (or None)
 
@@ -830,9 +823,9 @@ def downpour(learning_rate, sync_period=1, *, axis_name="workers",
     p = _tmap(jnp.asarray, params)
     return DownpourState(
         inner.init(params), _tmap(lambda x: jnp.zeros(jnp.shape(x), _f32(x).dtype), params),
-        DownpourShared(count=zero, last_exchange=zero, num_exchanges=zero, target=p,
-                       assign=jnp.bool_(False), center=p,
-                       momentum=None if mu == 0 else _tmap(
+        DownpourShared(
+            clock=base.make_clock(zero, zero, zero, jnp.bool_(False)), target=p, center=p,
+            momentum=None if mu == 0 else _tmap(
                            lambda x: jnp.zeros(jnp.shape(x), _f32(x).dtype), params)))
 
   def update_fn(grads, state, params=None, **extra):
@@ -862,10 +855,12 @@ def downpour(learning_rate, sync_period=1, *, axis_name="workers",
 
     upd, acc, master, mom = periodic.flat_cond(ex, exchange, local, u, acc)
     new_shared = DownpourShared(
-        count=sh.count + 1,
-        last_exchange=jnp.where(ex, sh.count + 1, sh.last_exchange).astype(jnp.int32),
-        num_exchanges=sh.num_exchanges + ex.astype(jnp.int32), target=master, assign=ex,
-        center=master, momentum=mom)
+        clock=base.make_clock(
+            sh.count + 1,
+            jnp.where(ex, sh.count + 1, sh.last_exchange).astype(jnp.int32),
+            sh.num_exchanges + ex.astype(jnp.int32),
+            ex),
+        target=master, center=master, momentum=mom)
     return upd, DownpourState(inner_state, acc, new_shared)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)

@@ -156,12 +156,9 @@ def _check_proximal(name, value):
 
 
 @base.shared_state
-class LSGDShared:
-  count: jax.Array          # global step (decides exchanges)
-  last_exchange: jax.Array  # count right after the last exchange (or warm-up end)
-  num_exchanges: jax.Array  # exchanges (and warm-up ends) so far
+class LSGDShared(base.Clock):
+  clock: jax.Array          # (count, last_exchange, num_exchanges, assign): base.Clock
   target: Any               # = leader_params; assigned exactly when pull == 1
-  assign: jax.Array         # this step assigns target (see wagrad.apply_updates)
   leader_params: Any        # L: copy of the last leader's parameters
   leader: jax.Array         # index of the last leader (-1 before the first exchange)
   leader_loss: jax.Array    # its running loss when elected
@@ -257,8 +254,7 @@ def lsgd(inner: optax.GradientTransformation, sync_period=4, *, pull: float = 0.
         losses=jnp.zeros([avg_size], jnp.float32),
         num_losses=zero,
         shared=LSGDShared(
-            count=zero, last_exchange=zero, num_exchanges=zero,
-            target=leader_params, assign=jnp.bool_(False),
+            clock=base.make_clock(zero, zero, zero, jnp.bool_(False)), target=leader_params,
             leader_params=leader_params, leader=jnp.int32(-1),
             leader_loss=jnp.float32(jnp.inf), mix_weights=_one_hot(-1, k),
             exchanged=jnp.bool_(False), pull_distance=jnp.zeros([], jnp.float32)))
@@ -330,12 +326,14 @@ def lsgd(inner: optax.GradientTransformation, sync_period=4, *, pull: float = 0.
     if mix is not None:
       mix = jnp.where(exchanged, _one_hot(leader, mix.shape[0]), mix)
     new_shared = LSGDShared(
-        count=sh.count + 1,
-        last_exchange=periodic.next_last_exchange(idx, sh.count, sh.last_exchange),
-        num_exchanges=sh.num_exchanges + (idx != _NO_EXCHANGE).astype(jnp.int32),
-        target=L, assign=assign, leader_params=L,
-        leader=leader.astype(jnp.int32), leader_loss=leader_loss.astype(jnp.float32),
-        mix_weights=mix, exchanged=exchanged, pull_distance=dist.astype(jnp.float32))
+        clock=base.make_clock(
+            sh.count + 1,
+            periodic.next_last_exchange(idx, sh.count, sh.last_exchange),
+            sh.num_exchanges + (idx != _NO_EXCHANGE).astype(jnp.int32),
+            assign),
+        target=L, leader_params=L, leader=leader.astype(jnp.int32),
+        leader_loss=leader_loss.astype(jnp.float32), mix_weights=mix, exchanged=exchanged,
+        pull_distance=dist.astype(jnp.float32))
     return updates, LSGDState(inner_state, losses, num_losses, new_shared)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
@@ -369,13 +367,10 @@ def uneven_round_steps(active, l_comm: int) -> np.ndarray:
 
 
 @base.shared_state
-class MultiLeaderShared:
-  count: jax.Array
-  last_exchange: jax.Array
-  num_exchanges: jax.Array          # local rounds (and warm-up ends)
+class MultiLeaderShared(base.Clock):
+  clock: jax.Array          # (count, last_exchange, num_exchanges, assign): base.Clock
   num_global_exchanges: jax.Array   # global rounds
   target: Any                       # = global_leader_params; assigned when global_pull == 1
-  assign: jax.Array
   global_leader_params: Any         # copy of the last global leader's parameters
   leader: jax.Array                 # index of the last global leader (-1 before any)
   leader_loss: jax.Array
@@ -480,11 +475,10 @@ def multi_leader_lsgd(inner: optax.GradientTransformation, *, group_axis, global
         num_losses=zero, group_leader_params=p, group_leader=jnp.int32(-1),
         group_leader_loss=jnp.float32(jnp.inf),
         shared=MultiLeaderShared(
-            count=zero, last_exchange=zero, num_exchanges=zero, num_global_exchanges=zero,
-            target=p, assign=jnp.bool_(False), global_leader_params=p,
-            leader=jnp.int32(-1), leader_loss=jnp.float32(jnp.inf),
-            mix_weights=_one_hot(-1, k), exchanged=jnp.bool_(False),
-            pull_distance=jnp.zeros([], jnp.float32)))
+            clock=base.make_clock(zero, zero, zero, jnp.bool_(False)),
+            num_global_exchanges=zero, target=p, global_leader_params=p, leader=jnp.int32(-1),
+            leader_loss=jnp.float32(jnp.inf), mix_weights=_one_hot(-1, k),
+            exchanged=jnp.bool_(False), pull_distance=jnp.zeros([], jnp.float32)))
 
   def update_fn(grads, state, params=None, **extra):
     if params is None:
@@ -566,13 +560,15 @@ def multi_leader_lsgd(inner: optax.GradientTransformation, *, group_axis, global
     if mix is not None:
       mix = jnp.where(exchanged, _one_hot(leader, mix.shape[0]), mix)
     new_shared = MultiLeaderShared(
-        count=sh.count + 1,
-        last_exchange=jnp.where(idx == 0, sh.last_exchange, sh.count + 1).astype(jnp.int32),
-        num_exchanges=sh.num_exchanges + (idx != 0).astype(jnp.int32),
-        num_global_exchanges=sh.num_global_exchanges + (idx == 2).astype(jnp.int32),
-        target=Lg, assign=assign, global_leader_params=Lg,
-        leader=leader.astype(jnp.int32), leader_loss=leader_loss.astype(jnp.float32),
-        mix_weights=mix, exchanged=exchanged, pull_distance=dist.astype(jnp.float32))
+        clock=base.make_clock(
+            sh.count + 1,
+            jnp.where(idx == 0, sh.last_exchange, sh.count + 1).astype(jnp.int32),
+            sh.num_exchanges + (idx != 0).astype(jnp.int32),
+            assign),
+        num_global_exchanges=sh.num_global_exchanges + (idx == 2).astype(jnp.int32), target=Lg,
+        global_leader_params=Lg, leader=leader.astype(jnp.int32),
+        leader_loss=leader_loss.astype(jnp.float32), mix_weights=mix, exchanged=exchanged,
+        pull_distance=dist.astype(jnp.float32))
     return updates, MultiLeaderState(
         inner_state, losses, num_losses,
         base.tree_cast_like(Ll, state.group_leader_params), gi.astype(jnp.int32),
@@ -585,13 +581,10 @@ def multi_leader_lsgd(inner: optax.GradientTransformation, *, group_axis, global
 
 
 @base.shared_state
-class AsyncLSGDShared:
-  count: jax.Array            # global step
-  last_exchange: jax.Array    # count right after the last step with a report
-  num_exchanges: jax.Array    # steps on which at least one worker reported
+class AsyncLSGDShared(base.Clock):
+  clock: jax.Array          # (count, last_exchange, num_exchanges, assign): base.Clock
   num_replacements: jax.Array # times the master's leader was replaced
   target: Any                 # None: pulls are per worker, nothing is assigned
-  assign: jax.Array           # always False
   leader_params: Any          # the master's leader
   leader: jax.Array           # worker that sent it (-1: the initial parameters)
   leader_loss: jax.Array      # its running loss when it was sent (+inf initially)
@@ -665,9 +658,8 @@ def async_lsgd(inner: optax.GradientTransformation, sync_period: int = 4, *,
         inner=inner.init(params), losses=jnp.zeros([avg_size], jnp.float32),
         num_losses=zero, local_count=zero,
         shared=AsyncLSGDShared(
-            count=zero, last_exchange=zero, num_exchanges=zero, num_replacements=zero,
-            target=None, assign=jnp.bool_(False),
-            leader_params=jax.tree_util.tree_map(jnp.asarray, params),
+            clock=base.make_clock(zero, zero, zero, jnp.bool_(False)), num_replacements=zero,
+            target=None, leader_params=jax.tree_util.tree_map(jnp.asarray, params),
             leader=jnp.int32(-1), leader_loss=jnp.float32(jnp.inf),
             pull_distance=jnp.zeros([], jnp.float32)))
 
@@ -709,11 +701,12 @@ def async_lsgd(inner: optax.GradientTransformation, sync_period: int = 4, *,
     x_new, L, leader, leader_loss, replaced, dist = periodic.flat_cond(anyone, report, quiet, x)
     updates = periodic.updates_to(x_new, params)
     new_shared = AsyncLSGDShared(
-        count=sh.count + 1,
-        last_exchange=jnp.where(anyone, sh.count + 1, sh.last_exchange).astype(jnp.int32),
-        num_exchanges=sh.num_exchanges + anyone.astype(jnp.int32),
-        num_replacements=sh.num_replacements + replaced.astype(jnp.int32),
-        target=None, assign=jnp.bool_(False),
+        clock=base.make_clock(
+            sh.count + 1,
+            jnp.where(anyone, sh.count + 1, sh.last_exchange).astype(jnp.int32),
+            sh.num_exchanges + anyone.astype(jnp.int32),
+            jnp.bool_(False)),
+        num_replacements=sh.num_replacements + replaced.astype(jnp.int32), target=None,
         leader_params=base.tree_cast_like(L, sh.leader_params),
         leader=leader.astype(jnp.int32), leader_loss=leader_loss.astype(jnp.float32),
         pull_distance=jnp.asarray(dist, jnp.float32))

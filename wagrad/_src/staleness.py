@@ -189,12 +189,9 @@ def softsync_schedule(num_learners: int, n: int, num_steps: int, *,
 
 
 @base.shared_state
-class StalenessShared:
-  count: jax.Array           # global step
-  last_exchange: jax.Array   # count right after the last server update
-  num_exchanges: jax.Array   # server updates so far = the server version
+class StalenessShared(base.Clock):
+  clock: jax.Array          # (count, last_exchange, num_exchanges, assign): base.Clock
   target: Any                # None: assignment is per worker, see staleness_apply
-  assign: jax.Array          # always False (wagrad.apply_updates = optax.apply_updates)
   server: Any                # the master parameters theta
   inner: Any                 # the server optimizer's state (inner, on aggregated grads)
   num_gradients: jax.Array   # gradients applied so far
@@ -301,12 +298,10 @@ def staleness_aware_sgd(inner: optax.GradientTransformation, *, alpha0: float = 
     return StalenessState(
         version=zero, staleness=zero, pulled=jnp.bool_(False),
         shared=StalenessShared(
-            count=zero, last_exchange=zero, num_exchanges=zero, target=None,
-            assign=jnp.bool_(False), server=server, inner=inner.init(server),
-            num_gradients=zero, last_num_gradients=zero,
-            staleness_sum=jnp.zeros([], jnp.float32),
-            mean_staleness=jnp.zeros([], jnp.float32),
-            histogram=jnp.zeros([bins], jnp.int32)))
+            clock=base.make_clock(zero, zero, zero, jnp.bool_(False)), target=None,
+            server=server, inner=inner.init(server), num_gradients=zero,
+            last_num_gradients=zero, staleness_sum=jnp.zeros([], jnp.float32),
+            mean_staleness=jnp.zeros([], jnp.float32), histogram=jnp.zeros([bins], jnp.int32)))
 
   def update_fn(grads, state, params=None, *, push=None, staleness=None, apply=None,
                 **extra):
@@ -389,10 +384,12 @@ def staleness_aware_sgd(inner: optax.GradientTransformation, *, alpha0: float = 
     num_gradients = sh.num_gradients + num
     staleness_sum = sh.staleness_sum + ssum
     new_shared = StalenessShared(
-        count=sh.count + 1,
-        last_exchange=jnp.where(updated, sh.count + 1, sh.last_exchange).astype(jnp.int32),
-        num_exchanges=new_version, target=None, assign=jnp.bool_(False),
-        server=server, inner=inner_state, num_gradients=num_gradients,
+        clock=base.make_clock(
+            sh.count + 1,
+            jnp.where(updated, sh.count + 1, sh.last_exchange).astype(jnp.int32),
+            new_version,
+            jnp.bool_(False)),
+        target=None, server=server, inner=inner_state, num_gradients=num_gradients,
         last_num_gradients=num, staleness_sum=staleness_sum,
         mean_staleness=jnp.where(num_gradients > 0,
                                  staleness_sum / jnp.maximum(num_gradients, 1), 0.0

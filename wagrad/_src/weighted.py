@@ -142,12 +142,9 @@ def loss_weights(loss, axis_name, weight_fn="boltzmann", temperature=1.0):
 
 
 @base.shared_state
-class WASGDShared:
-  count: jax.Array          # global step (decides exchanges)
-  last_exchange: jax.Array  # count right after the last exchange
-  num_exchanges: jax.Array  # exchanges (and warm-up ends) so far
+class WASGDShared(base.Clock):
+  clock: jax.Array          # (count, last_exchange, num_exchanges, assign): base.Clock
   target: Any               # x_w of the last exchange (assigned exactly when a = 1)
-  assign: jax.Array         # this step assigns `target` (see wagrad.apply_updates)
   exchanged: jax.Array      # this step exchanged (drives wagrad.sync_model_state)
   weights: jax.Array        # [K] normalised aggregation weights of the last exchange
   mix_weights: jax.Array    # [K] weights for mixing model state (= weights)
@@ -192,11 +189,10 @@ def _weighted_transform(name, inner, period_fn, *, temperature, moving_rate, wei
         loss_sum=jnp.zeros([], jnp.float32),
         loss_count=jnp.zeros([], jnp.int32),
         shared=WASGDShared(
-            count=zero, last_exchange=zero, num_exchanges=zero,
-            target=jax.tree_util.tree_map(jnp.asarray, params),
-            assign=jnp.bool_(False), exchanged=jnp.bool_(False),
-            weights=uniform, mix_weights=uniform,
-            losses=jnp.zeros((n,), jnp.float32), ok=jnp.bool_(True)))
+            clock=base.make_clock(zero, zero, zero, jnp.bool_(False)),
+            target=jax.tree_util.tree_map(jnp.asarray, params), exchanged=jnp.bool_(False),
+            weights=uniform, mix_weights=uniform, losses=jnp.zeros((n,), jnp.float32),
+            ok=jnp.bool_(True)))
 
   def update_fn(grads, state, params=None, *, value=None, eval_value=None, **extra):
     if params is None:
@@ -274,12 +270,13 @@ def _weighted_transform(name, inner, period_fn, *, temperature, moving_rate, wei
     exchanged = idx != periodic.NO_EXCHANGE
     assign = (idx == periodic.WARMUP_END) | ((idx == periodic.EXCHANGE) & (a == 1.0))
     new_shared = WASGDShared(
-        count=sh.count + 1,
-        last_exchange=periodic.next_last_exchange(idx, sh.count, sh.last_exchange),
-        num_exchanges=sh.num_exchanges + exchanged.astype(jnp.int32),
-        target=base.tree_cast_like(target, sh.target),
-        assign=assign, exchanged=exchanged,
-        weights=wvec, mix_weights=mvec, losses=lvec, ok=ok)
+        clock=base.make_clock(
+            sh.count + 1,
+            periodic.next_last_exchange(idx, sh.count, sh.last_exchange),
+            sh.num_exchanges + exchanged.astype(jnp.int32),
+            assign),
+        target=base.tree_cast_like(target, sh.target), exchanged=exchanged, weights=wvec,
+        mix_weights=mvec, losses=lvec, ok=ok)
     return updates, WASGDState(
         inner=inner_state,
         loss_sum=jnp.where(exchanged, 0.0, loss_sum).astype(jnp.float32),
@@ -493,12 +490,9 @@ _WEIGHTING_CODE = {w: i for i, w in enumerate(WPSGD_WEIGHTINGS)}
 
 
 @base.shared_state
-class WPSGDShared:
-  count: jax.Array          # global step (decides combinations)
-  last_exchange: jax.Array  # count right after the last combination
-  num_exchanges: jax.Array  # combinations (and warm-up ends) so far
+class WPSGDShared(base.Clock):
+  clock: jax.Array          # (count, last_exchange, num_exchanges, assign): base.Clock
   target: Any               # the last combined model (initial params before any)
-  assign: jax.Array         # this step assigns `target` (see wagrad.apply_updates)
   exchanged: jax.Array      # this step combined (drives wagrad.sync_model_state)
   weights: jax.Array        # [K] normalised weights of the last combination
   mix_weights: jax.Array    # [K] = weights
@@ -608,9 +602,8 @@ def wpsgd(inner: optax.GradientTransformation, sync_period=None, *,
         inner=inner.init(params),
         local_steps=jnp.zeros([], jnp.int32),
         shared=WPSGDShared(
-            count=zero, last_exchange=zero, num_exchanges=zero,
-            target=jax.tree_util.tree_map(jnp.asarray, params),
-            assign=jnp.bool_(False), exchanged=jnp.bool_(False),
+            clock=base.make_clock(zero, zero, zero, jnp.bool_(False)),
+            target=jax.tree_util.tree_map(jnp.asarray, params), exchanged=jnp.bool_(False),
             weights=uniform, mix_weights=uniform, steps=jnp.zeros((n,), jnp.int32),
             weighting=jnp.int32(code), decay=jnp.float32(decay), ok=jnp.bool_(True)))
 
@@ -662,12 +655,13 @@ def wpsgd(inner: optax.GradientTransformation, sync_period=None, *,
     updates = periodic.updates_to(x_new, params)
     exchanged = idx != periodic.NO_EXCHANGE
     new_shared = WPSGDShared(
-        count=sh.count + 1,
-        last_exchange=periodic.next_last_exchange(idx, sh.count, sh.last_exchange),
-        num_exchanges=sh.num_exchanges + exchanged.astype(jnp.int32),
-        target=base.tree_cast_like(target, sh.target),
-        assign=exchanged, exchanged=exchanged, weights=wvec, mix_weights=mvec,
-        steps=svec, weighting=sh.weighting, decay=sh.decay, ok=ok)
+        clock=base.make_clock(
+            sh.count + 1,
+            periodic.next_last_exchange(idx, sh.count, sh.last_exchange),
+            sh.num_exchanges + exchanged.astype(jnp.int32),
+            exchanged),
+        target=base.tree_cast_like(target, sh.target), exchanged=exchanged, weights=wvec,
+        mix_weights=mvec, steps=svec, weighting=sh.weighting, decay=sh.decay, ok=ok)
     return updates, WPSGDState(
         inner=inner_state,
         local_steps=jnp.where(exchanged, 0, t_i).astype(jnp.int32),
