@@ -59,11 +59,20 @@ def all_gather(tree, axis_name: AxisName):
   return jax.tree_util.tree_map(gather, tree)
 
 
+# Leaves with at least this many elements get their own collective; smaller ones share
+# one buffer per dtype. One buffer saves a rendezvous per leaf (benchmarks/overhead.py,
+# "tiny": wagrad's sync_sgd against the hand-written per-leaf pmean), but a large
+# gradient leaf fused with the rest must wait for the whole backward pass, while on its
+# own its all-reduce overlaps the rest of it (the "small" model's sync_sgd was slower
+# than the hand-written step until its 65536-element kernel went on its own).
+FUSE_BELOW = 1 << 15
+
+
 def fused(tree, op, dtype=None):
-  """Apply a collective ``op`` (flat vector -> flat vector of the same size) to every
-  leaf of ``tree`` at once: leaves are raveled and concatenated per accumulation dtype
-  (float32 for bf16/f16/f32 leaves), so a pytree costs one collective per dtype instead
-  of one per leaf (fewer rendezvous, much faster compiles). Results are cast back.
+  """Apply a collective ``op`` (flat vector -> flat vector of the same size) to the
+  leaves of ``tree``: leaves smaller than ``FUSE_BELOW`` elements are raveled and
+  concatenated per accumulation dtype (float32 for bf16/f16/f32 leaves) into one
+  collective, larger ones get one each. Results are cast back.
   """
   leaves, treedef = jax.tree_util.tree_flatten(tree)
   if not leaves:
@@ -72,9 +81,10 @@ def fused(tree, op, dtype=None):
   groups = {}
   for i, x in enumerate(leaves):
     acc = dtype or (_acc_dtype(x.dtype) if jnp.issubdtype(x.dtype, jnp.inexact) else x.dtype)
-    groups.setdefault(jnp.dtype(acc), []).append(i)
+    key = (jnp.dtype(acc), i if x.size >= FUSE_BELOW else -1)
+    groups.setdefault(key, []).append(i)
   out = [None] * len(leaves)
-  for acc, idx in groups.items():
+  for (acc, _), idx in groups.items():
     flat = jnp.concatenate([leaves[i].astype(acc).ravel() for i in idx])
     res = op(flat)
     off = 0
