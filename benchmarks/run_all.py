@@ -2,7 +2,8 @@
 
     python benchmarks/run_all.py --quick
 
-Writes benchmarks/results/{overhead,scaling,convergence}.json and .png.
+Writes benchmarks/results/{overhead,overhead_ablation,scaling,convergence}.json and
+.png; `python benchmarks/report.py` prints the README's tables from them.
 """
 import os
 import sys
@@ -13,12 +14,13 @@ import common  # noqa: E402,F401  (forced CPU devices before JAX starts)
 
 import convergence  # noqa: E402
 import overhead  # noqa: E402
+import overhead_ablation  # noqa: E402
 import scaling  # noqa: E402
 
 
 def main(argv=None):
   argv = list(sys.argv[1:] if argv is None else argv)
-  for mod in (overhead, scaling, convergence):
+  for mod in (overhead, overhead_ablation, scaling, convergence):
     t0 = time.perf_counter()
     print(f"== {mod.__name__} ==", flush=True)
     mod.main(argv)

@@ -36,3 +36,12 @@ def test_convergence_benchmark_tiny(tmp_path, monkeypatch):
   assert {c["verdict"] for c in data["claims"]} <= {"holds", "does not hold",
                                                    "tie (within seed spread)"}
   assert json.load(open(tmp_path / "convergence.json"))["steps"] == 20
+
+
+def test_report_renders_committed_results(capsys):
+  """README's benchmark tables come from the committed JSON through report.py."""
+  import report
+  report.main()
+  out = capsys.readouterr().out
+  assert "wagrad model_averaging tau=4" in out and "x hand-written" in out
+  assert "hand + flat target" in out and "shard_map with 8 workers" in out

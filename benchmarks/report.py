@@ -1,0 +1,72 @@
+"""Print the README's benchmark tables (markdown) from benchmarks/results/*.json.
+
+    python benchmarks/report.py
+"""
+import json
+import os
+
+RES = os.environ.get("WAGRAD_BENCH_OUT") or os.path.join(
+    os.path.dirname(os.path.abspath(__file__)), "results")
+
+
+def load(name):
+  with open(os.path.join(RES, name + ".json")) as f:
+    return json.load(f)
+
+
+def overhead_tables(data):
+  out = []
+  for name, m in data["models"].items():
+    out.append(f"*{name}*: {m['params']} parameters, batch {m['batch_per_worker']} per worker, "
+               f"{m['reps']} interleaved repetitions of {m['steps_per_rep']} steps\n")
+    out.append("| variant | ms/step (median) | min-max | x local SGD | x hand-written |")
+    out.append("| --- | ---: | ---: | ---: | ---: |")
+    for r in m["rows"]:
+      hand = f"{r['ratio_to_hand']:.2f}" if "ratio_to_hand" in r else ""
+      out.append(f"| {r['variant']} | {r['median_ms']:.2f} | {r['min_ms']:.2f}-{r['max_ms']:.2f} "
+                 f"| {r['ratio_to_local_sgd']:.2f} | {hand} |")
+    out.append("")
+  return "\n".join(out)
+
+
+def ablation_table(rows):
+  out = ["| program (tiny model, no exchange taken) | ms/step (median) |", "| --- | ---: |"]
+  out += [f"| {r['variant']} | {r['median_ms']:.3f} |" for r in rows]
+  return "\n".join(out)
+
+
+def comm_table(data):
+  m = data["models"]["tiny"]
+  out = ["| algorithm | all-reduce bytes every step | collective bytes in the exchange branch(es) |",
+         "| --- | ---: | ---: |"]
+  seen = set()
+  for r in m["rows"]:
+    v = r["variant"].replace("wagrad ", "").split(" tau=")[0]
+    if v in seen or v.startswith("hand"):
+      continue
+    seen.add(v)
+    cb = r["collective_bytes"]
+    every = cb["every_step"].get("all-reduce", 0)
+    br = ", ".join(f"{k} {b}" for k, b in sorted(cb["in_branches"].items())) or "0"
+    out.append(f"| {v} | {every} | {br} |")
+  return f"(tiny model: the parameters are {m['param_bytes']} bytes)\n\n" + "\n".join(out)
+
+
+def scaling_text(data):
+  v = ", ".join(f"K={r['workers']}: {r['median_ms']:.2f} ms ({r['program_bytes'] / 1e6:.1f} MB)"
+                for r in data["vmap"])
+  s = ", ".join(f"D={r['devices']}: {r['median_ms']:.2f} ms" for r in data["shard_map"])
+  return f"vmap on one device {v}; shard_map with 8 workers over D devices {s}."
+
+
+def main():
+  print(overhead_tables(load("overhead")))
+  print(ablation_table(load("overhead_ablation")["rows"]))
+  print()
+  print(comm_table(load("overhead")))
+  print()
+  print(scaling_text(load("scaling")))
+
+
+if __name__ == "__main__":
+  main()
