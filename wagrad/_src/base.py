@@ -35,12 +35,56 @@ Period = Union[int, Callable[[Any], Any]]
 _SHARED_FLAG = "__wagrad_shared__"
 
 
-def shared_state(cls):
-  """Class decorator: a frozen dataclass pytree whose leaves are shared by all workers."""
+def shared_state(cls=None, *, flat=()):
+  """Class decorator: a frozen dataclass pytree whose leaves are shared by all workers.
+
+  ``flat`` names fields holding parameter-sized trees (a center, a leader copy, an
+  exchange target) that travel as :class:`Flat` -- one buffer per dtype -- whenever the
+  state is flattened (at a jit boundary, in a checkpoint), while reading the field
+  still gives the tree. On forced CPU devices every leaf a step carries costs a buffer
+  per device and call (benchmarks/overhead_ablation.py), so this keeps a shared tree's
+  cost at one leaf per dtype. Inside a jitted step the packing and slicing are fused
+  into the program.
+  """
+  if cls is None:
+    return lambda c: shared_state(c, flat=flat)
   cls = dataclasses.dataclass(frozen=True)(cls)
   setattr(cls, _SHARED_FLAG, True)
   fields = [f.name for f in dataclasses.fields(cls)]
-  return jax.tree_util.register_dataclass(cls, data_fields=fields, meta_fields=[])
+  if not flat:
+    return jax.tree_util.register_dataclass(cls, data_fields=fields, meta_fields=[])
+  flat = frozenset(flat)
+  unknown = flat - set(fields)
+  if unknown:
+    raise TypeError(f"{cls.__name__}: `flat` names unknown fields {sorted(unknown)}.")
+
+  def stored(obj, name):
+    v = obj.__dict__[name]
+    if name in flat and v is not None and not isinstance(v, Flat):
+      v = flatten(v)
+    return v
+
+  def flatten_with_keys(obj):
+    return [(jax.tree_util.GetAttrKey(n), stored(obj, n)) for n in fields], None
+
+  def unflatten_fn(_, children):
+    obj = object.__new__(cls)
+    for n, c in zip(fields, children):
+      object.__setattr__(obj, n, c)
+    return obj
+
+  jax.tree_util.register_pytree_with_keys(
+      cls, flatten_with_keys, unflatten_fn,
+      flatten_func=lambda obj: ([stored(obj, n) for n in fields], None))
+
+  def __getattribute__(self, name):
+    v = object.__getattribute__(self, name)
+    if name in flat and isinstance(v, Flat):
+      return v.tree()
+    return v
+
+  cls.__getattribute__ = __getattribute__
+  return cls
 
 
 def is_shared(node) -> bool:
@@ -240,42 +284,81 @@ def tree_zeros_like(tree):
   return jax.tree_util.tree_map(jnp.zeros_like, tree)
 
 
-class Flat(NamedTuple):
-  """A pytree stored as one flat vector per dtype (``{dtype name: 1-D array}``).
+@jax.tree_util.register_pytree_node_class
+class Flat:
+  """A pytree stored as one flat vector per dtype, ``buffers = {dtype name: 1-D array}``,
+  that remembers its structure (static ``spec``), so :meth:`tree` rebuilds it.
 
-  Shared parameter-shaped state (an exchange target, a center) is kept like this: under
-  XLA:CPU every leaf carried through a conditional or the step's state costs a buffer
-  copy and dispatch per device, one flat buffer per dtype almost nothing
-  (benchmarks/overhead_ablation.py). :func:`unflatten` restores the tree given a tree of
-  the same structure (e.g. the params).
+  Parameter-shaped shared state (an exchange target, a center) travels like this: under
+  XLA:CPU every leaf carried through a conditional or through the step's state costs a
+  buffer per device and call; one flat buffer per dtype almost nothing
+  (benchmarks/overhead_ablation.py). See ``shared_state(flat=...)``.
   """
-  buffers: dict
+  __slots__ = ("buffers", "spec")
+
+  def __init__(self, buffers, spec=None):
+    self.buffers = dict(buffers)
+    self.spec = spec  # (treedef, ((shape, dtype name), ...)) or None
+
+  def tree_flatten(self):
+    keys = tuple(self.buffers)
+    return [self.buffers[k] for k in keys], (keys, self.spec)
+
+  @classmethod
+  def tree_unflatten(cls, aux, children):
+    keys, spec = aux
+    return cls(dict(zip(keys, children)), spec)
+
+  def tree(self, like=None):
+    """The tree (shaped as ``like`` when given, else as when it was flattened)."""
+    return unflatten(self, like)
+
+  def __repr__(self):
+    return f"Flat({ {k: getattr(v, 'shape', v) for k, v in self.buffers.items()} })"
 
 
-def _dtype_groups(leaves):
+def _dtype_groups(infos):
   groups = {}
-  for i, x in enumerate(leaves):
-    groups.setdefault(jnp.dtype(x.dtype).name, []).append(i)
+  for i, (_, dt) in enumerate(infos):
+    groups.setdefault(dt, []).append(i)
   return groups
+
+
+def flat_spec(tree: PyTree):
+  """The static structure :class:`Flat` records for ``tree`` (arrays or shape-dtype
+  structs): (treedef, ((shape, dtype name), ...))."""
+  leaves, treedef = jax.tree_util.tree_flatten(tree)
+  return treedef, tuple((tuple(np.shape(x)), jnp.dtype(getattr(x, "dtype", None) or
+                                                      jnp.asarray(x).dtype).name)
+                        for x in leaves)
 
 
 def flatten(tree: PyTree) -> Flat:
   """Pack ``tree``'s leaves into :class:`Flat` (leaf order, grouped by dtype)."""
-  leaves = [jnp.asarray(x) for x in jax.tree_util.tree_leaves(tree)]
+  leaves, treedef = jax.tree_util.tree_flatten(tree)
+  leaves = [jnp.asarray(x) for x in leaves]
+  infos = tuple((tuple(x.shape), jnp.dtype(x.dtype).name) for x in leaves)
   return Flat({dt: jnp.concatenate([leaves[i].ravel() for i in idx]) if len(idx) > 1
-               else leaves[idx[0]].ravel() for dt, idx in _dtype_groups(leaves).items()})
+               else leaves[idx[0]].ravel() for dt, idx in _dtype_groups(infos).items()},
+              (treedef, infos))
 
 
-def unflatten(flat: Flat, like: PyTree) -> PyTree:
-  """Inverse of :func:`flatten`: ``like`` gives the structure, shapes and dtypes (its
-  leaves may be arrays or shape-dtype structs)."""
-  leaves, treedef = jax.tree_util.tree_flatten(like)
-  out = [None] * len(leaves)
-  for dt, idx in _dtype_groups(leaves).items():
+def unflatten(flat: Flat, like: PyTree = None) -> PyTree:
+  """Inverse of :func:`flatten`. ``like`` (arrays or shape-dtype structs) gives the
+  structure; without it the structure recorded by :func:`flatten` is used."""
+  if like is None:
+    if flat.spec is None:
+      raise ValueError("this Flat has no recorded structure: pass `like`.")
+    treedef, infos = flat.spec
+  else:
+    treedef, infos = flat_spec(like)
+  out = [None] * len(infos)
+  for dt, idx in _dtype_groups(infos).items():
     off = 0
     for i in idx:
-      n = int(np.prod(leaves[i].shape, dtype=np.int64))
-      out[i] = flat.buffers[dt][off:off + n].reshape(leaves[i].shape)
+      shape = infos[i][0]
+      n = int(np.prod(shape, dtype=np.int64))
+      out[i] = flat.buffers[dt][off:off + n].reshape(shape)
       off += n
   return jax.tree_util.tree_unflatten(treedef, out)
 

@@ -168,7 +168,7 @@ def easgd_center(opt_state):
 # ----------------------------------------------------------------------------- EASGD
 
 
-@base.shared_state
+@base.shared_state(flat=("target", "center"))
 class EASGDShared(base.Clock):
   clock: jax.Array          # (count, last_exchange, num_exchanges, assign): base.Clock
   target: Any               # warm-up end's parameters (or None without warm-up)
@@ -294,7 +294,7 @@ def easgd(inner: optax.GradientTransformation, sync_period=1, *, alpha: float | 
 # ----------------------------------------------------------------------------- EAMSGD
 
 
-@base.shared_state
+@base.shared_state(flat=("center",))
 class EAMSGDShared(base.Clock):
   clock: jax.Array          # (count, last_exchange, num_exchanges, assign): base.Clock
   target: Any               # always None (EAMSGD never assigns)
@@ -451,7 +451,7 @@ def async_easgd_schedule(active, sync_period: int):
   return exchange, exchange.any(axis=1)
 
 
-@base.shared_state
+@base.shared_state(flat=("center",))
 class AsyncEASGDShared(base.Clock):
   clock: jax.Array          # (count, last_exchange, num_exchanges, assign): base.Clock
   target: Any               # always None (no exact assignment)
@@ -610,7 +610,7 @@ def async_easgd(inner: optax.GradientTransformation, sync_period: int = 1, *,
 # ----------------------------------------------------------------------------- tree EASGD
 
 
-@base.shared_state
+@base.shared_state(flat=("center",))
 class TreeEASGDShared(base.Clock):
   clock: jax.Array          # (count, last_exchange, num_exchanges, assign): base.Clock
   num_root_exchanges: jax.Array  # root-level (group center <-> root) exchanges
@@ -758,7 +758,7 @@ def tree_easgd(inner: optax.GradientTransformation, *, group_axis, global_axis,
 # ----------------------------------------------------------------------------- DOWNPOUR
 
 
-@base.shared_state
+@base.shared_state(flat=("target", "center", "momentum"))
 class DownpourShared(base.Clock):
   clock: jax.Array          # (count, last_exchange, num_exchanges, assign): base.Clock
   target: Any               # the master's parameters (assigned exactly on exchanges)

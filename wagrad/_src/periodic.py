@@ -107,14 +107,13 @@ def next_last_exchange(idx, count, last_exchange):
 
 
 def _pack(tree):
-  """tree -> (dict dtype -> flat vector, the tree's shape-dtype structure to unpack)."""
-  spec = jax.tree_util.tree_map(
-      lambda x: jax.ShapeDtypeStruct(jnp.shape(x), jnp.asarray(x).dtype), tree)
-  return base.flatten(tree).buffers, spec
+  """tree -> (dict dtype -> flat vector, the spec to unpack it)."""
+  f = base.flatten(tree)
+  return f.buffers, f.spec
 
 
 def _unpack(flat, spec):
-  return base.unflatten(base.Flat(flat), spec)
+  return base.Flat(flat, spec).tree()
 
 
 def flat_switch(index, branches, *operands):
@@ -126,7 +125,7 @@ def flat_switch(index, branches, *operands):
   out_struct = jax.eval_shape(branches[0], *operands)
   single = type(out_struct) is not tuple  # a NamedTuple result is one result
   outs = (out_struct,) if single else out_struct
-  out_specs = list(outs)
+  out_specs = [base.flat_spec(o) for o in outs]
 
   def wrap(branch):
     def run(*flat):
