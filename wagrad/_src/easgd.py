@@ -171,7 +171,7 @@ def easgd_center(opt_state):
 @base.shared_state(flat=("target", "center"))
 class EASGDShared(base.Clock):
   clock: jax.Array          # (count, last_exchange, num_exchanges, assign): base.Clock
-  target: Any               # warm-up end's parameters (or None without warm-up)
+  target: Any               # = center with a warm-up (assigned exactly at its end), else None
   center: Any               # the center variable x~
   distance: jax.Array       # mean_i ||x_i - x~||^2 (finite workers) at the last exchange
   outer: Any                # outer optimizer state (or None)
@@ -251,41 +251,57 @@ def easgd(inner: optax.GradientTransformation, sync_period=1, *, alpha: float | 
         inner, grads, state.inner, params, sh.count, warmup_steps, axis_name, **extra)
     idx = periodic.branch_index(sh.count, sh.last_exchange, warmup_steps, period_fn)
 
-    def local(u, inner_state):
-      return u, inner_state, sh.center, sh.target, sh.outer, sh.distance
+    # Only shared results (and the inner state when it is synchronised) go through the
+    # branch; the workers' elastic step, which needs only the old center, is a select
+    # after it.
+    sync_inner = opt_state_sync != "local"
+    carried = inner_state if sync_inner else None
+    c_old = sh.center
 
-    def exchange(u, inner_state):
-      upd, finite, step, dist = _elastic_exchange(params, u, sh.center, a, axis_name)
+    def local(u, carried):
+      return c_old, sh.outer, sh.distance, jnp.bool_(True), carried
+
+    def exchange(u, carried):
+      upd, finite, step, dist = _elastic_exchange(params, u, c_old, a, axis_name)
       if outer_optimizer is None:
-        center = _tmap(lambda c, s: (_f32(c) + s).astype(c.dtype), sh.center, step)
+        center = _tmap(lambda c, s: (_f32(c) + s).astype(c.dtype), c_old, step)
         outer_state = sh.outer
       else:
-        pseudo = _tmap(lambda s, c: (-s).astype(c.dtype), step, sh.center)
-        ou, outer_state = outer_optimizer.update(pseudo, sh.outer, sh.center)
-        center = optax.apply_updates(sh.center, ou)
-      upd = _reset_nonfinite(upd, finite, center, params)
-      new_inner = periodic.sync_opt_state(opt_state_sync, inner, inner_state,
+        pseudo = _tmap(lambda s, c: (-s).astype(c.dtype), step, c_old)
+        ou, outer_state = outer_optimizer.update(pseudo, sh.outer, c_old)
+        center = optax.apply_updates(c_old, ou)
+      if sync_inner:
+        upd = _reset_nonfinite(upd, finite, center, params)
+        carried = periodic.sync_opt_state(opt_state_sync, inner, carried,
                                           base.tree_add(params, upd), axis_name)
-      return upd, new_inner, center, sh.target, outer_state, dist
+      return center, outer_state, dist, finite, carried
 
-    def warmup_end(u, inner_state):
+    def warmup_end(u, carried):
       t = base.tree_cast_like(periodic.warmup_target(base.tree_add(params, u), axis_name),
-                              sh.center)
-      return (periodic.updates_to(t, params), inner_state, t, t, sh.outer,
-              jnp.zeros([], jnp.float32))
+                              c_old)
+      return t, sh.outer, jnp.zeros([], jnp.float32), jnp.bool_(True), carried
 
     branches = (local, exchange) + ((warmup_end,) if warmup_steps > 0 else ())
-    upd, inner_state, center, target, outer_state, dist = periodic.flat_switch(
-        idx, branches, u, inner_state)
-    exchanged = idx != periodic.NO_EXCHANGE
+    center, outer_state, dist, finite, carried = periodic.flat_switch(idx, branches, u, carried)
+    if sync_inner:
+      inner_state = carried
+    exchanged = idx == periodic.EXCHANGE
+    to_center = (idx == periodic.WARMUP_END) | (exchanged & ~finite)
+
+    def worker_update(uu, x, c0, c1):
+      elastic = (_f32(uu) - a * (_f32(x) - _f32(c0))).astype(x.dtype)
+      return jnp.where(to_center, c1.astype(x.dtype) - x,
+                       jnp.where(exchanged, elastic, uu)).astype(uu.dtype)
+
+    upd = _tmap(worker_update, u, params, c_old, center)
     new_shared = EASGDShared(
         clock=base.make_clock(
             sh.count + 1,
             periodic.next_last_exchange(idx, sh.count, sh.last_exchange),
-            sh.num_exchanges + exchanged.astype(jnp.int32),
+            sh.num_exchanges + (idx != periodic.NO_EXCHANGE).astype(jnp.int32),
             idx == periodic.WARMUP_END),
-        target=target, center=center, distance=jnp.asarray(dist, jnp.float32),
-        outer=outer_state)
+        target=center if warmup_steps > 0 else None, center=center,
+        distance=jnp.asarray(dist, jnp.float32), outer=outer_state)
     return upd, EASGDState(inner_state, new_shared)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)

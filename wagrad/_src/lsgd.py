@@ -155,16 +155,20 @@ def _check_proximal(name, value):
 # ----------------------------------------------------------------------------- LSGD
 
 
-@base.shared_state(flat=("target", "leader_params"))
+@base.shared_state(flat=("leader_params",))
 class LSGDShared(base.Clock):
   clock: jax.Array          # (count, last_exchange, num_exchanges, assign): base.Clock
-  target: Any               # = leader_params; assigned exactly when pull == 1
-  leader_params: Any        # L: copy of the last leader's parameters
+  leader_params: Any        # L: copy of the last leader's parameters (also `target`:
+                            # assigned exactly when pull == 1)
   leader: jax.Array         # index of the last leader (-1 before the first exchange)
   leader_loss: jax.Array    # its running loss when elected
   mix_weights: Any          # one-hot of the leader (length K), or None if K unknown
   exchanged: jax.Array      # this step exchanged (drives wagrad.sync_model_state)
   pull_distance: jax.Array  # mean_i ||x_i - L||^2 just before the last pull
+
+  @property
+  def target(self):
+    return self.leader_params
 
 
 class LSGDState(NamedTuple):
@@ -254,7 +258,7 @@ def lsgd(inner: optax.GradientTransformation, sync_period=4, *, pull: float = 0.
         losses=jnp.zeros([avg_size], jnp.float32),
         num_losses=zero,
         shared=LSGDShared(
-            clock=base.make_clock(zero, zero, zero, jnp.bool_(False)), target=leader_params,
+            clock=base.make_clock(zero, zero, zero, jnp.bool_(False)),
             leader_params=leader_params, leader=jnp.int32(-1),
             leader_loss=jnp.float32(jnp.inf), mix_weights=_one_hot(-1, k),
             exchanged=jnp.bool_(False), pull_distance=jnp.zeros([], jnp.float32)))
@@ -294,32 +298,41 @@ def lsgd(inner: optax.GradientTransformation, sync_period=4, *, pull: float = 0.
         idx = jnp.where(sh.count == warmup_steps - 1, _WARMUP_END, idx)
       idx = idx.astype(jnp.int32)
 
-    def local(x, inner_state):
-      return (x, inner_state, L_old, sh.leader, sh.leader_loss, jnp.bool_(False),
-              sh.pull_distance)
+    # Only shared results (and the inner state when it is synchronised) go through the
+    # branch; the workers' pull towards the new leader is a select after it.
+    sync_inner = opt_state_sync != "local"
+    carried = inner_state if sync_inner else None
 
-    def do_exchange(x, inner_state):
+    def local(x, carried):
+      return (L_old, sh.leader, sh.leader_loss, jnp.bool_(False), sh.pull_distance, carried)
+
+    def do_exchange(x, carried):
       ld = C.elect_leader(run_loss, axis_name, eligible=C.tree_is_finite(x))
       L = base.tree_where(ld.ok, C.broadcast_from(x, ld.index, axis_name), L_old)
       dist = _finite_mean(_sq_dist(x, L), axis_name)
-      x_new = L if pull == 1.0 else _pull(x, L, pull)
-      x_new = base.tree_where(ld.ok, x_new, x)
-      inner_state = periodic.sync_opt_state(opt_state_sync, inner, inner_state, x_new,
-                                            axis_name)
-      return (x_new, inner_state, L, jnp.where(ld.ok, ld.index, sh.leader),
+      if sync_inner:
+        x_new = base.tree_where(ld.ok, L if pull == 1.0 else _pull(x, L, pull), x)
+        carried = periodic.sync_opt_state(opt_state_sync, inner, carried, x_new, axis_name)
+      return (L, jnp.where(ld.ok, ld.index, sh.leader),
               jnp.where(ld.ok, ld.loss, sh.leader_loss), ld.ok,
-              jnp.where(ld.ok, dist, sh.pull_distance))
+              jnp.where(ld.ok, dist, sh.pull_distance), carried)
 
-    def warmup_end(x, inner_state):
+    def warmup_end(x, carried):
       t = base.tree_cast_like(periodic.warmup_target(x, axis_name), params)
-      return (t, inner_state, t, jnp.int32(0), sh.leader_loss, jnp.bool_(True),
-              jnp.zeros([], jnp.float32))
+      return (t, jnp.int32(0), sh.leader_loss, jnp.bool_(True), jnp.zeros([], jnp.float32),
+              carried)
 
     branches = (local, do_exchange) + ((warmup_end,) if warmup_steps > 0 else ())
-    x_new, inner_state, L, leader, leader_loss, ok, dist = periodic.flat_switch(
-        idx, branches, x, inner_state)
-    updates = periodic.updates_to(x_new, params)
+    L, leader, leader_loss, ok, dist, carried = periodic.flat_switch(idx, branches, x, carried)
+    if sync_inner:
+      inner_state = carried
     exchanged = (idx != _NO_EXCHANGE) & ok
+    take_L = (idx == _WARMUP_END) | (exchanged & (pull == 1.0))
+    if pull == 1.0:
+      x_new = base.tree_where(take_L, L, x)
+    else:
+      x_new = base.tree_where(take_L, L, base.tree_where(exchanged, _pull(x, L, pull), x))
+    updates = periodic.updates_to(x_new, params)
     assign = (idx == _WARMUP_END) | ((idx == _EXCHANGE) & ok & (pull == 1.0))
     L = base.tree_cast_like(L, sh.leader_params)
     mix = sh.mix_weights
@@ -331,7 +344,7 @@ def lsgd(inner: optax.GradientTransformation, sync_period=4, *, pull: float = 0.
             periodic.next_last_exchange(idx, sh.count, sh.last_exchange),
             sh.num_exchanges + (idx != _NO_EXCHANGE).astype(jnp.int32),
             assign),
-        target=L, leader_params=L, leader=leader.astype(jnp.int32),
+        leader_params=L, leader=leader.astype(jnp.int32),
         leader_loss=leader_loss.astype(jnp.float32), mix_weights=mix, exchanged=exchanged,
         pull_distance=dist.astype(jnp.float32))
     return updates, LSGDState(inner_state, losses, num_losses, new_shared)

@@ -234,38 +234,50 @@ def _weighted_transform(name, inner, period_fn, *, temperature, moving_rate, wei
     idx = periodic.branch_index(sh.count, sh.last_exchange, warmup_steps, period_fn)
     target0 = base.tree_cast_like(sh.target, x_half)
 
-    def local(x_half, inner_state):
-      return x_half, inner_state, target0, weights0, mix0, losses0, sh.ok
+    # Only shared results, this worker's finiteness and (when synchronised) the inner
+    # state go through the branch; the workers' move to x_w is a select after it.
+    sync_inner = opt_state_sync != "local"
+    carried = inner_state if sync_inner else None
 
-    def exchange(x_half, inner_state):
+    def mix(x, m, finite):
+      acc = jnp.promote_types(x.dtype, jnp.float32)
+      y = ((1.0 - a) * x.astype(acc) + a * m.astype(acc)).astype(x.dtype)
+      return jnp.where(finite, y, m)
+
+    def local(x_half, carried):
+      return target0, weights0, mix0, losses0, sh.ok, jnp.bool_(True), carried
+
+    def exchange(x_half, carried):
       w = loss_weights(round_loss, axis_name, weight_fn, temperature)
       res = C.weighted_mean(x_half, w, axis_name, fallback=target0)
       x_w = res.value
-      if a == 1.0:
-        x_new = x_w
-      else:
-        finite = C.tree_is_finite(x_half)
-
-        def mix(x, m):
-          acc = jnp.promote_types(x.dtype, jnp.float32)
-          y = ((1.0 - a) * x.astype(acc) + a * m.astype(acc)).astype(x.dtype)
-          return jnp.where(finite, y, m)
-
-        x_new = jax.tree_util.tree_map(mix, x_half, x_w)
+      finite = jnp.bool_(True) if a == 1.0 else C.tree_is_finite(x_half)
       wvec = C.all_gather(res.weight, axis_name).astype(jnp.float32)
       lvec = C.all_gather(round_loss, axis_name).astype(jnp.float32)
-      new_inner = periodic.sync_opt_state(opt_state_sync, inner, inner_state, x_new, axis_name)
-      return x_new, new_inner, x_w, wvec, wvec, lvec, res.ok
+      if sync_inner:
+        x_new = x_w if a == 1.0 else jax.tree_util.tree_map(
+            lambda x, m: mix(x, m, finite), x_half, x_w)
+        carried = periodic.sync_opt_state(opt_state_sync, inner, carried, x_new, axis_name)
+      return x_w, wvec, wvec, lvec, res.ok, finite, carried
 
-    def warmup_end(x_half, inner_state):
+    def warmup_end(x_half, carried):
       t = periodic.warmup_target(x_half, axis_name)
       t = base.tree_cast_like(t, x_half)
       uni = jnp.full((K,), 1.0 / K, jnp.float32)
-      return t, inner_state, t, weights0, uni, losses0, sh.ok
+      return t, weights0, uni, losses0, sh.ok, jnp.bool_(True), carried
 
-    x_new, inner_state, target, wvec, mvec, lvec, ok = periodic.flat_switch(
+    target, wvec, mvec, lvec, ok, finite, carried = periodic.flat_switch(
         idx, (local, exchange) + ((warmup_end,) if warmup_steps > 0 else ()), x_half,
-        inner_state)
+        carried)
+    if sync_inner:
+      inner_state = carried
+    take = (idx == periodic.WARMUP_END) | ((idx == periodic.EXCHANGE) & (a == 1.0))
+    if a == 1.0:
+      x_new = base.tree_where(take, target, x_half)
+    else:
+      moved = jax.tree_util.tree_map(lambda x, m: mix(x, m, finite), x_half, target)
+      x_new = base.tree_where(
+          take, target, base.tree_where(idx == periodic.EXCHANGE, moved, x_half))
     updates = periodic.updates_to(x_new, params)
     exchanged = idx != periodic.NO_EXCHANGE
     assign = (idx == periodic.WARMUP_END) | ((idx == periodic.EXCHANGE) & (a == 1.0))
