@@ -35,53 +35,64 @@ Period = Union[int, Callable[[Any], Any]]
 _SHARED_FLAG = "__wagrad_shared__"
 
 
-def shared_state(cls=None, *, flat=()):
+def shared_state(cls=None, *, packed=False):
   """Class decorator: a frozen dataclass pytree whose leaves are shared by all workers.
 
-  ``flat`` names fields holding parameter-sized trees (a center, a leader copy, an
-  exchange target) that travel as :class:`Flat` -- one buffer per dtype -- whenever the
-  state is flattened (at a jit boundary, in a checkpoint), while reading the field
-  still gives the tree. On forced CPU devices every leaf a step carries costs a buffer
-  per device and call (benchmarks/overhead_ablation.py), so this keeps a shared tree's
-  cost at one leaf per dtype. Inside a jitted step the packing and slicing are fused
-  into the program.
+  With ``packed=True`` the whole node travels as :class:`Flat` -- one buffer per dtype
+  (an int32 one for counters and indices, a float32 one for a center or leader copy and
+  the float metrics, ...) -- whenever it is flattened (at a jit boundary, in a
+  checkpoint), while its fields still read as arrays and trees. On forced CPU devices
+  every leaf a step carries costs a buffer per device and call
+  (benchmarks/overhead_ablation.py), so this keeps a transform's shared state at a leaf
+  or three; inside a jitted step the packing and slicing are fused into the program.
   """
   if cls is None:
-    return lambda c: shared_state(c, flat=flat)
+    return lambda c: shared_state(c, packed=packed)
   cls = dataclasses.dataclass(frozen=True)(cls)
   setattr(cls, _SHARED_FLAG, True)
-  fields = [f.name for f in dataclasses.fields(cls)]
-  if not flat:
-    return jax.tree_util.register_dataclass(cls, data_fields=fields, meta_fields=[])
-  flat = frozenset(flat)
-  unknown = flat - set(fields)
-  if unknown:
-    raise TypeError(f"{cls.__name__}: `flat` names unknown fields {sorted(unknown)}.")
+  fields = tuple(f.name for f in dataclasses.fields(cls))
+  if not packed:
+    return jax.tree_util.register_dataclass(cls, data_fields=list(fields), meta_fields=[])
+  names = frozenset(fields)
 
-  def stored(obj, name):
-    v = obj.__dict__[name]
-    if name in flat and v is not None and not isinstance(v, Flat):
-      v = flatten(v)
-    return v
+  def pack(obj):
+    d = obj.__dict__
+    p = d.get("_packed")
+    if p is None:
+      p = flatten(tuple(d[n] for n in fields))
+    keys = tuple(p.buffers)
+    return [p.buffers[k] for k in keys], (keys, p.spec)
 
   def flatten_with_keys(obj):
-    return [(jax.tree_util.GetAttrKey(n), stored(obj, n)) for n in fields], None
+    children, aux = pack(obj)
+    return [(jax.tree_util.DictKey(k), c) for k, c in zip(aux[0], children)], aux
 
-  def unflatten_fn(_, children):
+  def unflatten_fn(aux, children):
     obj = object.__new__(cls)
-    for n, c in zip(fields, children):
-      object.__setattr__(obj, n, c)
+    keys, spec = aux
+    object.__setattr__(obj, "_packed", Flat(dict(zip(keys, children)), spec))
     return obj
 
   jax.tree_util.register_pytree_with_keys(
-      cls, flatten_with_keys, unflatten_fn,
-      flatten_func=lambda obj: ([stored(obj, n) for n in fields], None))
+      cls, flatten_with_keys, unflatten_fn, flatten_func=pack)
+
+  index = {n: i for i, n in enumerate(fields)}
 
   def __getattribute__(self, name):
-    v = object.__getattribute__(self, name)
-    if name in flat and isinstance(v, Flat):
-      return v.tree()
-    return v
+    if name in names:
+      d = object.__getattribute__(self, "__dict__")
+      if name in d:
+        return d[name]
+      # slices of the packed buffers, taken on every read (not cached: a read inside
+      # a cond branch must not leave that branch's tracers behind)
+      p = d["_packed"]
+      treedef, infos = p.spec
+      kids = treedef.children()
+      i = index[name]
+      start = sum(k.num_leaves for k in kids[:i])
+      leaves = _unpack_leaves(p, infos, range(start, start + kids[i].num_leaves))
+      return jax.tree_util.tree_unflatten(kids[i], leaves)
+    return object.__getattribute__(self, name)
 
   cls.__getattribute__ = __getattribute__
   return cls
@@ -292,7 +303,7 @@ class Flat:
   Parameter-shaped shared state (an exchange target, a center) travels like this: under
   XLA:CPU every leaf carried through a conditional or through the step's state costs a
   buffer per device and call; one flat buffer per dtype almost nothing
-  (benchmarks/overhead_ablation.py). See ``shared_state(flat=...)``.
+  (benchmarks/overhead_ablation.py). See ``shared_state(packed=True)``.
   """
   __slots__ = ("buffers", "spec")
 
@@ -352,15 +363,29 @@ def unflatten(flat: Flat, like: PyTree = None) -> PyTree:
     treedef, infos = flat.spec
   else:
     treedef, infos = flat_spec(like)
-  out = [None] * len(infos)
+  return jax.tree_util.tree_unflatten(treedef, _unpack_leaves(flat, infos, range(len(infos))))
+
+
+def _unpack_leaves(flat, infos, wanted):
+  """The leaves ``wanted`` (indices into ``infos``) of a :class:`Flat`, in that order."""
+  wanted = list(wanted)
+  need = set(wanted)
+  out = {}
   for dt, idx in _dtype_groups(infos).items():
+    buf = flat.buffers[dt]
     off = 0
     for i in idx:
       shape = infos[i][0]
       n = int(np.prod(shape, dtype=np.int64))
-      out[i] = flat.buffers[dt][off:off + n].reshape(shape)
+      if i in need:
+        if isinstance(buf, jax.ShapeDtypeStruct):  # e.g. under jax.eval_shape
+          out[i] = jax.ShapeDtypeStruct(shape, dt)
+        elif hasattr(buf, "reshape"):
+          out[i] = buf[off:off + n].reshape(shape)
+        else:  # a placeholder some JAX transformation put in place of the buffer
+          out[i] = buf
       off += n
-  return jax.tree_util.tree_unflatten(treedef, out)
+  return [out[i] for i in wanted]
 
 
 def apply_updates(params: PyTree, updates: PyTree, opt_state: PyTree) -> PyTree:

@@ -75,7 +75,7 @@ def sync_sgd(inner: optax.GradientTransformation, *, axis_name="workers"
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
-@base.shared_state
+@base.shared_state(packed=True)
 class AveragingShared(base.Clock):
   clock: jax.Array          # (count, last_exchange, num_exchanges, assign), see base.Clock:
                             # the global step (decides exchanges), the count right after

@@ -168,7 +168,7 @@ def easgd_center(opt_state):
 # ----------------------------------------------------------------------------- EASGD
 
 
-@base.shared_state(flat=("target", "center"))
+@base.shared_state(packed=True)
 class EASGDShared(base.Clock):
   clock: jax.Array          # (count, last_exchange, num_exchanges, assign): base.Clock
   target: Any               # = center with a warm-up (assigned exactly at its end), else None
@@ -310,7 +310,7 @@ def easgd(inner: optax.GradientTransformation, sync_period=1, *, alpha: float | 
 # ----------------------------------------------------------------------------- EAMSGD
 
 
-@base.shared_state(flat=("center",))
+@base.shared_state(packed=True)
 class EAMSGDShared(base.Clock):
   clock: jax.Array          # (count, last_exchange, num_exchanges, assign): base.Clock
   target: Any               # always None (EAMSGD never assigns)
@@ -467,7 +467,7 @@ def async_easgd_schedule(active, sync_period: int):
   return exchange, exchange.any(axis=1)
 
 
-@base.shared_state(flat=("center",))
+@base.shared_state(packed=True)
 class AsyncEASGDShared(base.Clock):
   clock: jax.Array          # (count, last_exchange, num_exchanges, assign): base.Clock
   target: Any               # always None (no exact assignment)
@@ -626,7 +626,7 @@ def async_easgd(inner: optax.GradientTransformation, sync_period: int = 1, *,
 # ----------------------------------------------------------------------------- tree EASGD
 
 
-@base.shared_state(flat=("center",))
+@base.shared_state(packed=True)
 class TreeEASGDShared(base.Clock):
   clock: jax.Array          # (count, last_exchange, num_exchanges, assign): base.Clock
   num_root_exchanges: jax.Array  # root-level (group center <-> root) exchanges
@@ -774,7 +774,7 @@ def tree_easgd(inner: optax.GradientTransformation, *, group_axis, global_axis,
 # ----------------------------------------------------------------------------- DOWNPOUR
 
 
-@base.shared_state(flat=("target", "center", "momentum"))
+@base.shared_state(packed=True)
 class DownpourShared(base.Clock):
   clock: jax.Array          # (count, last_exchange, num_exchanges, assign): base.Clock
   target: Any               # the master's parameters (assigned exactly on exchanges)

@@ -155,7 +155,7 @@ def _check_proximal(name, value):
 # ----------------------------------------------------------------------------- LSGD
 
 
-@base.shared_state(flat=("leader_params",))
+@base.shared_state(packed=True)
 class LSGDShared(base.Clock):
   clock: jax.Array          # (count, last_exchange, num_exchanges, assign): base.Clock
   leader_params: Any        # L: copy of the last leader's parameters (also `target`:
@@ -379,7 +379,7 @@ def uneven_round_steps(active, l_comm: int) -> np.ndarray:
 # ----------------------------------------------------------------------------- multi-leader
 
 
-@base.shared_state(flat=("target", "global_leader_params"))
+@base.shared_state(packed=True)
 class MultiLeaderShared(base.Clock):
   clock: jax.Array          # (count, last_exchange, num_exchanges, assign): base.Clock
   num_global_exchanges: jax.Array   # global rounds
@@ -593,7 +593,7 @@ def multi_leader_lsgd(inner: optax.GradientTransformation, *, group_axis, global
 # ----------------------------------------------------------------------------- async LSGD
 
 
-@base.shared_state(flat=("leader_params",))
+@base.shared_state(packed=True)
 class AsyncLSGDShared(base.Clock):
   clock: jax.Array          # (count, last_exchange, num_exchanges, assign): base.Clock
   num_replacements: jax.Array # times the master's leader was replaced

@@ -188,7 +188,7 @@ def softsync_schedule(num_learners: int, n: int, num_steps: int, *,
 # ----------------------------------------------------------------------------- transform
 
 
-@base.shared_state(flat=("server",))
+@base.shared_state(packed=True)
 class StalenessShared(base.Clock):
   clock: jax.Array          # (count, last_exchange, num_exchanges, assign): base.Clock
   target: Any                # None: assignment is per worker, see staleness_apply

@@ -141,7 +141,7 @@ def loss_weights(loss, axis_name, weight_fn="boltzmann", temperature=1.0):
 # ----------------------------------------------------------------------------- WASGD
 
 
-@base.shared_state(flat=("target",))
+@base.shared_state(packed=True)
 class WASGDShared(base.Clock):
   clock: jax.Array          # (count, last_exchange, num_exchanges, assign): base.Clock
   target: Any               # x_w of the last exchange (assigned exactly when a = 1)
@@ -501,7 +501,7 @@ def wasgd_plus_sample_order(num_examples: int, num_workers: int, batch_size: int
 _WEIGHTING_CODE = {w: i for i, w in enumerate(WPSGD_WEIGHTINGS)}
 
 
-@base.shared_state(flat=("target",))
+@base.shared_state(packed=True)
 class WPSGDShared(base.Clock):
   clock: jax.Array          # (count, last_exchange, num_exchanges, assign): base.Clock
   target: Any               # the last combined model (initial params before any)
