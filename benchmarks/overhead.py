@@ -147,6 +147,14 @@ def run_model(batch, hidden, steps, reps, K=8):
 
   med = {n: float(np.median(v)) for n, v in times.items()}
   base = med["local_sgd (no comm)"]
+
+  def paired(a, b):
+    """Median and quartiles over repetitions of t_a / t_b within the same repetition:
+    the interleaving makes both see the same machine load, so this is much tighter
+    than a ratio of medians on a noisy machine."""
+    r = np.asarray(times[a]) / np.asarray(times[b])
+    return [float(np.percentile(r, q)) for q in (25, 50, 75)]
+
   rows = []
   for name in variants:
     row = {"variant": name, "median_ms": 1e3 * med[name],
@@ -154,10 +162,14 @@ def run_model(batch, hidden, steps, reps, K=8):
            "ratio_to_local_sgd": med[name] / base}
     if name.startswith("wagrad model_averaging"):
       tau = int(name.rsplit("=", 1)[1])
-      row["ratio_to_hand"] = med[name] / med[name.replace("wagrad model_averaging", "hand averaging")]
+      hand = name.replace("wagrad model_averaging", "hand averaging")
+      row["ratio_to_hand"] = med[name] / med[hand]
+      row["paired_ratio_to_hand_q25_q50_q75"] = paired(name, hand)
+      row["paired_ratio_to_local_sgd_q25_q50_q75"] = paired(name, "local_sgd (no comm)")
       row["target_ratio_to_local_sgd"] = 1 + 1 / tau
     if name == "wagrad sync_sgd":
       row["ratio_to_hand"] = med[name] / med["hand sync_sgd"]
+      row["paired_ratio_to_hand_q25_q50_q75"] = paired(name, "hand sync_sgd")
     f = variants[name][0]
     if hasattr(f, "num_traces"):
       row["num_traces"] = f.num_traces()

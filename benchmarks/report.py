@@ -16,6 +16,19 @@ def load(name):
 
 def overhead_tables(data):
   out = []
+  out.append("Paired ratios (within each repetition, quartiles over repetitions):\n")
+  out.append("| model | variant | x hand-written (q25 / median / q75) | x local SGD (median) | target x local |")
+  out.append("| --- | --- | ---: | ---: | ---: |")
+  for name, m in data["models"].items():
+    for r in m["rows"]:
+      if "paired_ratio_to_hand_q25_q50_q75" not in r:
+        continue
+      q = r["paired_ratio_to_hand_q25_q50_q75"]
+      loc = r.get("paired_ratio_to_local_sgd_q25_q50_q75")
+      tgt = r.get("target_ratio_to_local_sgd")
+      out.append(f"| {name} | {r['variant']} | {q[0]:.3f} / {q[1]:.3f} / {q[2]:.3f} | "
+                 f"{'' if loc is None else f'{loc[1]:.3f}'} | {'' if tgt is None else f'{tgt:.3f}'} |")
+  out.append("")
   for name, m in data["models"].items():
     out.append(f"*{name}*: {m['params']} parameters, batch {m['batch_per_worker']} per worker, "
                f"{m['reps']} interleaved repetitions of {m['steps_per_rep']} steps\n")
