@@ -777,9 +777,13 @@ def tree_easgd(inner: optax.GradientTransformation, *, group_axis, global_axis,
 @base.shared_state(packed=True)
 class DownpourShared(base.Clock):
   clock: jax.Array          # (count, last_exchange, num_exchanges, assign): base.Clock
-  target: Any               # the master's parameters (assigned exactly on exchanges)
-  center: Any               # same as target: the master's parameters (model to evaluate)
+  target: Any               # the master's parameters (assigned exactly on exchanges; also
+                            # `center`, the model to evaluate)
   momentum: Any             # MDOWNPOUR's master momentum buffer (or None)
+
+  @property
+  def center(self):
+    return self.target
 
 
 class DownpourState(NamedTuple):
@@ -840,7 +844,7 @@ def downpour(learning_rate, sync_period=1, *, axis_name="workers",
     return DownpourState(
         inner.init(params), _tmap(lambda x: jnp.zeros(jnp.shape(x), _f32(x).dtype), params),
         DownpourShared(
-            clock=base.make_clock(zero, zero, zero, jnp.bool_(False)), target=p, center=p,
+            clock=base.make_clock(zero, zero, zero, jnp.bool_(False)), target=p,
             momentum=None if mu == 0 else _tmap(
                            lambda x: jnp.zeros(jnp.shape(x), _f32(x).dtype), params)))
 
@@ -876,7 +880,7 @@ def downpour(learning_rate, sync_period=1, *, axis_name="workers",
             jnp.where(ex, sh.count + 1, sh.last_exchange).astype(jnp.int32),
             sh.num_exchanges + ex.astype(jnp.int32),
             ex),
-        target=master, center=master, momentum=mom)
+        target=master, momentum=mom)
     return upd, DownpourState(inner_state, acc, new_shared)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)

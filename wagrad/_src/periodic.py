@@ -98,10 +98,9 @@ def next_last_exchange(idx, count, last_exchange):
 # ----------------------------------------------------------------------------- flat branches
 #
 # XLA:CPU passes every leaf of a conditional's operands and results as its own buffer;
-# with forced CPU devices each of them costs a per-device copy and dispatch (measured in
-# benchmarks/overhead_ablation.py: carrying a 4-leaf parameter tree through a lax.cond
-# cost about 0.5 ms per step, the same tree as one flat buffer almost nothing). So the
-# exchange branch's operands and results travel as one flat vector per (argument or
+# with forced CPU devices each of them costs a per-device copy and dispatch (an earlier
+# version of benchmarks/overhead_ablation.py measured it; the current one measures the
+# same per-buffer cost on the step's state). So the exchange branch's operands and results travel as one flat vector per (argument or
 # result, dtype). Each argument / result is flattened on its own, so a shared result
 # (unbatched under vmap) is never concatenated with a per-worker one.
 
