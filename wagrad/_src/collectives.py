@@ -157,11 +157,11 @@ def weighted_mean(tree, weight, axis_name: AxisName, *, exclude_nonfinite=True,
           _acc_dtype(x.dtype)), tree)
   summed, total = fused((contrib, w), lambda v: lax.psum(v, axis_name))
   ok = total > 0
-  inv = 1.0 / jnp.where(ok, total, 1.0)
-  wn = jnp.where(ok, w * inv, 0.0)
+  safe = jnp.where(ok, total, 1.0)
+  wn = jnp.where(ok, w / safe, 0.0)
   value = jax.tree_util.tree_map(
-      lambda m, x, fb: jnp.where(ok, m / jnp.where(ok, total, 1.0).astype(m.dtype),
-                                 fb.astype(m.dtype)).astype(x.dtype), summed, tree, fallback)
+      lambda m, x, fb: jnp.where(ok, m / safe.astype(m.dtype), fb.astype(m.dtype)).astype(x.dtype),
+      summed, tree, fallback)
   return Weighted(value, wn, ok)
 
 
