@@ -42,3 +42,74 @@ def test_packed_state_under_eval_shape_and_tree_map():
   assert int(zeros.shared.count) == 0
   assert all(float(jnp.sum(jnp.abs(x))) == 0.0
              for x in jax.tree_util.tree_leaves(zeros.shared.leader_params))
+
+
+def test_flags_share_the_int32_buffer():
+  p = _params()
+  st = wagrad.Runner("vmap", 4).init(wagrad.lsgd(optax.sgd(0.1), 4), p)
+  sh = st.shared
+  assert sorted(x.dtype.name for x in jax.tree_util.tree_leaves(sh)) == ["float32", "int32"]
+  assert sh.exchanged.dtype == jnp.bool_ and not bool(sh.exchanged)
+  flat = base.flatten({"on": jnp.array([True, False]), "n": jnp.int32(7), "x": jnp.ones(2)})
+  assert sorted(flat.buffers) == ["float32", "int32"]
+  back = flat.tree()
+  assert back["on"].dtype == jnp.bool_ and back["on"].tolist() == [True, False]
+  assert int(back["n"]) == 7
+
+
+def test_replace_keeps_untouched_buffers():
+  p = _params()
+  sh = wagrad.easgd(optax.sgd(0.1), 4).init(p).shared
+  sh = jax.tree_util.tree_map(lambda x: x, sh)  # as it arrives in a jitted step: packed
+  new = base.replace(sh, clock=base.make_clock(5))
+  old_bufs = jax.tree_util.tree_leaves(sh)
+  new_bufs = jax.tree_util.tree_leaves(new)
+  f32 = [i for i, b in enumerate(old_bufs) if b.dtype == jnp.float32]
+  assert all(new_bufs[i] is old_bufs[i] for i in f32)  # the center's buffer is carried over
+  assert int(new.count) == 5
+  moved = base.replace(sh, center=jax.tree_util.tree_map(lambda x: x + 1, sh.center))
+  np.testing.assert_array_equal(moved.center["w"], p["w"] + 1)
+  assert int(moved.count) == 0
+  # a field whose shape changes repacks everything (and still reads back)
+  grown = base.replace(wagrad.wasgd(optax.sgd(0.1), 4).init(p).shared, weights=jnp.ones(3))
+  assert grown.weights.shape == (3,)
+
+
+def _sub_jaxprs(params):
+  for v in params.values():
+    for x in (v if isinstance(v, (tuple, list)) else (v,)):
+      if hasattr(x, "eqns"):
+        yield x
+      elif hasattr(x, "jaxpr") and hasattr(x.jaxpr, "eqns"):
+        yield x.jaxpr
+
+
+def _cond_branches(jaxpr):
+  """The branches of the first cond in ``jaxpr`` (depth-first), or None."""
+  for eqn in jaxpr.eqns:
+    if eqn.primitive.name == "cond":
+      return eqn.params["branches"]
+    for sub in _sub_jaxprs(eqn.params):
+      found = _cond_branches(sub)
+      if found:
+        return found
+  return None
+
+
+def test_local_branch_passes_the_shared_buffers_through():
+  """Without an exchange the branch neither slices nor re-concatenates the packed shared
+  state (an exchange target, a center, a leader copy): its buffers go straight out."""
+  p = _params()
+  for tx in (wagrad.model_averaging(optax.sgd(0.1), 4), wagrad.easgd(optax.sgd(0.1), 4),
+             wagrad.lsgd(optax.sgd(0.1), 4), wagrad.wasgd(optax.sgd(0.1), 4),
+             wagrad.downpour(0.1, 4)):
+    st = wagrad.Runner("vmap", 4).init(tx, p)
+    ps = jax.tree_util.tree_map(lambda x: jnp.stack([x] * 4), p)
+
+    def step(g, s, x):
+      return tx.update(g, s, x, value=jnp.float32(1.0))
+    jaxpr = jax.make_jaxpr(jax.vmap(step, in_axes=(0, base.worker_axes(st), 0),
+                                    axis_name="workers"))(ps, st, ps).jaxpr
+    local = _cond_branches(jaxpr)[0].jaxpr
+    floats = [v for v in local.outvars if jnp.issubdtype(v.aval.dtype, jnp.floating)]
+    assert floats and all(v in local.invars for v in floats), (type(st).__name__, local)

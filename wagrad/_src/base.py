@@ -77,6 +77,7 @@ def shared_state(cls=None, *, packed=False):
       cls, flatten_with_keys, unflatten_fn, flatten_func=pack)
 
   index = {n: i for i, n in enumerate(fields)}
+  cls._wagrad_packed = True
 
   def __getattribute__(self, name):
     if name in names:
@@ -96,6 +97,32 @@ def shared_state(cls=None, *, packed=False):
 
   cls.__getattribute__ = __getattribute__
   return cls
+
+
+def replace(obj, **changes):
+  """``dataclasses.replace`` for shared states. On a packed state the buffers that hold
+  none of the changed fields are carried over as they are (not rebuilt from slices of
+  themselves), so a branch that only moves the clock passes the parameter-sized float
+  buffer through untouched."""
+  new = dataclasses.replace(obj, **changes)
+  if not getattr(type(obj), "_wagrad_packed", False):
+    return new
+  old = object.__getattribute__(obj, "__dict__").get("_packed")
+  if old is None:
+    return new
+  flat = flatten(tuple(getattr(new, f.name) for f in dataclasses.fields(new)))
+  if flat.spec != old.spec:
+    return new
+  treedef, infos = old.spec
+  touched, start = set(), 0
+  for f, kid in zip(dataclasses.fields(new), treedef.children()):
+    if f.name in changes:
+      touched.update(_storage(infos[i][1]) for i in range(start, start + kid.num_leaves))
+    start += kid.num_leaves
+  buffers = {k: (v if k in touched else old.buffers[k]) for k, v in flat.buffers.items()}
+  out = object.__new__(type(obj))
+  object.__setattr__(out, "_packed", Flat(buffers, old.spec))
+  return out
 
 
 def is_shared(node) -> bool:
@@ -297,8 +324,9 @@ def tree_zeros_like(tree):
 
 @jax.tree_util.register_pytree_node_class
 class Flat:
-  """A pytree stored as one flat vector per dtype, ``buffers = {dtype name: 1-D array}``,
-  that remembers its structure (static ``spec``), so :meth:`tree` rebuilds it.
+  """A pytree stored as one flat vector per dtype, ``buffers = {dtype name: 1-D array}``
+  (booleans are kept as 0 / 1 in the int32 buffer), that remembers its structure
+  (static ``spec``), so :meth:`tree` rebuilds it.
 
   Parameter-shaped shared state (an exchange target, a center) travels like this: under
   XLA:CPU every leaf carried through a conditional or through the step's state costs a
@@ -328,10 +356,20 @@ class Flat:
     return f"Flat({ {k: getattr(v, 'shape', v) for k, v in self.buffers.items()} })"
 
 
+# Booleans are stored in the int32 buffer (as 0 / 1) rather than in a buffer of their
+# own: a state's flags then cost no extra buffer next to its counters.
+_STORAGE = {"bool": "int32"}
+
+
+def _storage(dt):
+  return _STORAGE.get(dt, dt)
+
+
 def _dtype_groups(infos):
+  """storage dtype name -> indices of the leaves stored in that buffer (leaf order)."""
   groups = {}
   for i, (_, dt) in enumerate(infos):
-    groups.setdefault(dt, []).append(i)
+    groups.setdefault(_storage(dt), []).append(i)
   return groups
 
 
@@ -349,8 +387,11 @@ def flatten(tree: PyTree) -> Flat:
   leaves, treedef = jax.tree_util.tree_flatten(tree)
   leaves = [jnp.asarray(x) for x in leaves]
   infos = tuple((tuple(x.shape), jnp.dtype(x.dtype).name) for x in leaves)
-  return Flat({dt: jnp.concatenate([leaves[i].ravel() for i in idx]) if len(idx) > 1
-               else leaves[idx[0]].ravel() for dt, idx in _dtype_groups(infos).items()},
+  def stored(i, dt):
+    x = leaves[i].ravel()
+    return x.astype(dt) if x.dtype != dt else x
+  return Flat({dt: jnp.concatenate([stored(i, dt) for i in idx]) if len(idx) > 1
+               else stored(idx[0], dt) for dt, idx in _dtype_groups(infos).items()},
               (treedef, infos))
 
 
@@ -371,17 +412,18 @@ def _unpack_leaves(flat, infos, wanted):
   wanted = list(wanted)
   need = set(wanted)
   out = {}
-  for dt, idx in _dtype_groups(infos).items():
-    buf = flat.buffers[dt]
+  for sdt, idx in _dtype_groups(infos).items():
+    buf = flat.buffers[sdt]
     off = 0
     for i in idx:
-      shape = infos[i][0]
+      shape, dt = infos[i]
       n = int(np.prod(shape, dtype=np.int64))
       if i in need:
         if isinstance(buf, jax.ShapeDtypeStruct):  # e.g. under jax.eval_shape
           out[i] = jax.ShapeDtypeStruct(shape, dt)
         elif hasattr(buf, "reshape"):
-          out[i] = buf[off:off + n].reshape(shape)
+          x = buf[off:off + n].reshape(shape)
+          out[i] = x if dt == sdt else x.astype(dt)
         else:  # a placeholder some JAX transformation put in place of the buffer
           out[i] = buf
       off += n

@@ -168,13 +168,16 @@ def model_averaging(inner: optax.GradientTransformation, sync_period=1, *,
       weight = active.astype(jnp.float32)
     x_half = base.tree_add(params, u)
     idx = periodic.branch_index(sh.count, sh.last_exchange, warmup_steps, period_fn)
-    # Only what an exchange changes goes through the branch: the shared target (flat),
-    # the outer state and, unless kept local, the inner state. x_new is selected after.
+    # Only the new shared state (packed: a local step passes its buffers through
+    # untouched) and, unless kept local, the inner state go through the branch; the
+    # workers' move is a select after it.
     sync_inner = opt_state_sync != "local"
     carried = inner_state if sync_inner else None
+    assign = idx != periodic.NO_EXCHANGE
+    clock = periodic.next_clock(idx, sh, assign)
 
     def local(x_half, carried):
-      return sh.target, sh.outer, carried
+      return base.replace(sh, clock=clock), carried
 
     def exchange(x_half, carried):
       last = base.unflatten(sh.target, x_half)
@@ -186,24 +189,21 @@ def model_averaging(inner: optax.GradientTransformation, sync_period=1, *,
         new_target = optax.apply_updates(last, ou)
       if sync_inner:
         carried = periodic.sync_opt_state(opt_state_sync, inner, carried, new_target, axis_name)
-      return base.flatten(new_target), outer_state, carried
+      return (base.replace(sh, clock=clock, target=base.flatten(new_target),
+                           outer=outer_state), carried)
 
     def warmup_end(x_half, carried):
-      return base.flatten(periodic.warmup_target(x_half, axis_name)), sh.outer, carried
+      return (base.replace(sh, clock=clock,
+                           target=base.flatten(periodic.warmup_target(x_half, axis_name))),
+              carried)
 
     branches = (local, exchange) + ((warmup_end,) if warmup_steps > 0 else ())
-    target, outer_state, carried = periodic.flat_switch(idx, branches, x_half, carried)
+    new_shared, carried = periodic.flat_switch(idx, branches, x_half, carried)
     if sync_inner:
       inner_state = carried
-    assign = idx != periodic.NO_EXCHANGE
-    t = base.unflatten(target, params)
+    t = base.unflatten(new_shared.target, params)
     updates = jax.tree_util.tree_map(
         lambda tt, x, p: jnp.where(assign, tt, x) - p, t, x_half, params)
-    new_shared = AveragingShared(
-        clock=base.make_clock(sh.count + 1,
-                              periodic.next_last_exchange(idx, sh.count, sh.last_exchange),
-                              sh.num_exchanges + assign.astype(jnp.int32), assign),
-        target=target, outer=outer_state)
     return updates, ModelAveragingState(inner_state, new_shared)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)

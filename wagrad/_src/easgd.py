@@ -151,6 +151,17 @@ def _reset_nonfinite(upd, finite, new_center, params):
                upd, new_center, params)
 
 
+def _worker_moves(u, params, c_old, c_new, a, exchanged, to_center):
+  """The workers' side of an exchange, as a select after the branch: the elastic step
+  ``u - a (x - c_old)`` on exchange steps, ``c_new - x`` where ``to_center`` (a
+  non-finite worker, the warm-up's end), ``u`` otherwise."""
+  def move(uu, x, c0, c1):
+    elastic = (_f32(uu) - a * (_f32(x) - _f32(c0))).astype(x.dtype)
+    return jnp.where(to_center, c1.astype(x.dtype) - x,
+                     jnp.where(exchanged, elastic, uu)).astype(uu.dtype)
+  return _tmap(move, u, params, c_old, c_new)
+
+
 def easgd_center(opt_state):
   """The center variable the paper evaluates (shared, identical on every worker).
 
@@ -251,17 +262,22 @@ def easgd(inner: optax.GradientTransformation, sync_period=1, *, alpha: float | 
         inner, grads, state.inner, params, sh.count, warmup_steps, axis_name, **extra)
     idx = periodic.branch_index(sh.count, sh.last_exchange, warmup_steps, period_fn)
 
-    # Only shared results (and the inner state when it is synchronised) go through the
-    # branch; the workers' elastic step, which needs only the old center, is a select
-    # after it.
+    # Only the new shared state (and the inner state when it is synchronised) goes
+    # through the branch, packed: a local step passes its buffers through untouched.
+    # The workers' elastic step, which needs only the old center, is a select after it.
     sync_inner = opt_state_sync != "local"
     carried = inner_state if sync_inner else None
-    c_old = sh.center
+    clock = periodic.next_clock(idx, sh)
+
+    def with_center(center, **changes):
+      return base.replace(sh, clock=clock, center=center,
+                          target=center if warmup_steps > 0 else None, **changes)
 
     def local(u, carried):
-      return c_old, sh.outer, sh.distance, jnp.bool_(True), carried
+      return base.replace(sh, clock=clock), jnp.bool_(True), carried
 
     def exchange(u, carried):
+      c_old = sh.center
       upd, finite, step, dist = _elastic_exchange(params, u, c_old, a, axis_name)
       if outer_optimizer is None:
         center = _tmap(lambda c, s: (_f32(c) + s).astype(c.dtype), c_old, step)
@@ -274,34 +290,22 @@ def easgd(inner: optax.GradientTransformation, sync_period=1, *, alpha: float | 
         upd = _reset_nonfinite(upd, finite, center, params)
         carried = periodic.sync_opt_state(opt_state_sync, inner, carried,
                                           base.tree_add(params, upd), axis_name)
-      return center, outer_state, dist, finite, carried
+      return (with_center(center, distance=jnp.asarray(dist, jnp.float32), outer=outer_state),
+              finite, carried)
 
     def warmup_end(u, carried):
       t = base.tree_cast_like(periodic.warmup_target(base.tree_add(params, u), axis_name),
-                              c_old)
-      return t, sh.outer, jnp.zeros([], jnp.float32), jnp.bool_(True), carried
+                              sh.center)
+      return with_center(t, distance=jnp.zeros([], jnp.float32)), jnp.bool_(True), carried
 
     branches = (local, exchange) + ((warmup_end,) if warmup_steps > 0 else ())
-    center, outer_state, dist, finite, carried = periodic.flat_switch(idx, branches, u, carried)
+    new_shared, finite, carried = periodic.flat_switch(idx, branches, u, carried)
     if sync_inner:
       inner_state = carried
     exchanged = idx == periodic.EXCHANGE
     to_center = (idx == periodic.WARMUP_END) | (exchanged & ~finite)
 
-    def worker_update(uu, x, c0, c1):
-      elastic = (_f32(uu) - a * (_f32(x) - _f32(c0))).astype(x.dtype)
-      return jnp.where(to_center, c1.astype(x.dtype) - x,
-                       jnp.where(exchanged, elastic, uu)).astype(uu.dtype)
-
-    upd = _tmap(worker_update, u, params, c_old, center)
-    new_shared = EASGDShared(
-        clock=base.make_clock(
-            sh.count + 1,
-            periodic.next_last_exchange(idx, sh.count, sh.last_exchange),
-            sh.num_exchanges + (idx != periodic.NO_EXCHANGE).astype(jnp.int32),
-            idx == periodic.WARMUP_END),
-        target=center if warmup_steps > 0 else None, center=center,
-        distance=jnp.asarray(dist, jnp.float32), outer=outer_state)
+    upd = _worker_moves(u, params, sh.center, new_shared.center, a, exchanged, to_center)
     return upd, EASGDState(inner_state, new_shared)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
@@ -392,26 +396,23 @@ def eamsgd(learning_rate, sync_period=1, *, momentum: float = 0.99,
     v = _tmap(lambda v, g: (delta * _f32(v) - eta * _f32(g)).astype(v.dtype),
               state.velocity, grads)
     ex = base.is_exchange_step(sh.count, sh.last_exchange, 0, period_fn)
+    clock = periodic.next_clock(ex.astype(jnp.int32), sh, False)
 
+    # Only the packed shared state and each worker's finiteness go through the branch;
+    # the workers' elastic step is a select after it.
     def local(v):
-      return v, v, sh.center, sh.distance
+      return base.replace(sh, clock=clock), jnp.bool_(True)
 
     def exchange(v):
-      upd, finite, step, dist = _elastic_exchange(params, v, sh.center, a, axis_name)
+      _, finite, step, dist = _elastic_exchange(params, v, sh.center, a, axis_name)
       center = _tmap(lambda c, s: (_f32(c) + s).astype(c.dtype), sh.center, step)
-      upd = _reset_nonfinite(upd, finite, center, params)
-      v = _tmap(lambda vv: jnp.where(finite, vv, jnp.zeros_like(vv)), v)
-      return upd, v, center, dist
+      return (base.replace(sh, clock=clock, center=center,
+                           distance=jnp.asarray(dist, jnp.float32)), finite)
 
-    upd, v, center, dist = periodic.flat_cond(ex, exchange, local, v)
-    new_shared = EAMSGDShared(
-        clock=base.make_clock(
-            sh.count + 1,
-            jnp.where(ex, sh.count + 1, sh.last_exchange).astype(jnp.int32),
-            sh.num_exchanges + ex.astype(jnp.int32),
-            jnp.bool_(False)),
-        target=None, center=center, distance=jnp.asarray(dist, jnp.float32),
-        momentum=sh.momentum)
+    new_shared, finite = periodic.flat_cond(ex, exchange, local, v)
+    to_center = ex & ~finite
+    upd = _worker_moves(v, params, sh.center, new_shared.center, a, ex, to_center)
+    v = _tmap(lambda vv: jnp.where(to_center, jnp.zeros_like(vv), vv), v)
     return upd, EAMSGDState(v, new_shared)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
@@ -561,8 +562,17 @@ def async_easgd(inner: optax.GradientTransformation, sync_period: int = 1, *,
     else:
       pred = jnp.asarray(any_exchange, jnp.bool_)
 
+    # The packed shared state goes through the branch whole (a local step passes its
+    # buffers through untouched); so does the update, which needs the center as seen.
+    def shared_after(n_me, **changes):
+      clock = base.make_clock(sh.count + 1,
+                              jnp.where(pred, sh.count + 1, sh.last_exchange),
+                              sh.num_exchanges + n_me, False)
+      return base.replace(sh, clock=clock, num_exchanging=jnp.asarray(n_me, jnp.int32),
+                          **changes)
+
     def local(u):
-      return u, sh.center, sh.distance, jnp.zeros([], jnp.int32)
+      return u, shared_after(jnp.zeros([], jnp.int32))
 
     def exchange(u):
       finite = C.tree_is_finite(params) & C.tree_is_finite(u)
@@ -606,17 +616,9 @@ def async_easgd(inner: optax.GradientTransformation, sync_period: int = 1, *,
                   upd, new_c, params)
       dist = lax.psum(jnp.where(ex, _sqnorm(diff), 0.0), axis_name) / jnp.maximum(
           m.astype(jnp.float32), 1.0)
-      return upd, new_c, dist, n_me
+      return upd, shared_after(n_me, center=new_c, distance=jnp.asarray(dist, jnp.float32))
 
-    upd, center, dist, n_me = periodic.flat_cond(pred, exchange, local, u)
-    new_shared = AsyncEASGDShared(
-        clock=base.make_clock(
-            sh.count + 1,
-            jnp.where(pred, sh.count + 1, sh.last_exchange).astype(jnp.int32),
-            sh.num_exchanges + n_me,
-            jnp.bool_(False)),
-        target=None, center=center, distance=jnp.asarray(dist, jnp.float32),
-        num_exchanging=n_me)
+    upd, new_shared = periodic.flat_cond(pred, exchange, local, u)
     clock = state.clock + act.astype(jnp.int32)
     return upd, AsyncEASGDState(inner_state, clock, new_shared)
 
@@ -727,10 +729,18 @@ def tree_easgd(inner: optax.GradientTransformation, *, group_axis, global_axis,
     low = (sh.count + 1) % tau_low == 0
     high = (sh.count + 1) % tau_high == 0
     branch = low.astype(jnp.int32) + 2 * high.astype(jnp.int32)
-    z, r = state.group_center, sh.center
+    z = state.group_center
+    clock = base.make_clock(sh.count + 1, jnp.where(low, sh.count + 1, sh.last_exchange),
+                            sh.num_exchanges + low.astype(jnp.int32), False)
+    n_root = sh.num_root_exchanges + high.astype(jnp.int32)
 
+    # The packed shared state goes through the branches whole (a step without exchange
+    # passes it through untouched).
     def make(do_low, do_high):
       def fn(u):
+        if not (do_low or do_high):
+          return u, z, base.replace(sh, clock=clock, num_root_exchanges=n_root)
+        r = sh.center
         upd, z_new, r_new = u, _tmap(_f32, z), r
         dist, rdist = sh.distance, sh.root_distance
         if do_low:
@@ -752,20 +762,13 @@ def tree_easgd(inner: optax.GradientTransformation, *, group_axis, global_axis,
         z_new = _tmap(lambda zn, zz: zn.astype(zz.dtype), z_new, z)
         if do_low:
           upd = _reset_nonfinite(upd, finite, z_new, params)
-        return upd, z_new, r_new, jnp.asarray(dist, jnp.float32), jnp.asarray(
-            rdist, jnp.float32)
+        return upd, z_new, base.replace(
+            sh, clock=clock, num_root_exchanges=n_root, center=r_new,
+            distance=jnp.asarray(dist, jnp.float32), root_distance=jnp.asarray(rdist, jnp.float32))
       return fn
 
-    upd, z_new, r_new, dist, rdist = periodic.flat_switch(
+    upd, z_new, new_shared = periodic.flat_switch(
         branch, [make(False, False), make(True, False), make(False, True), make(True, True)], u)
-    new_shared = TreeEASGDShared(
-        clock=base.make_clock(
-            sh.count + 1,
-            jnp.where(low, sh.count + 1, sh.last_exchange).astype(jnp.int32),
-            sh.num_exchanges + low.astype(jnp.int32),
-            jnp.bool_(False)),
-        num_root_exchanges=sh.num_root_exchanges + high.astype(jnp.int32), target=None,
-        center=r_new, distance=dist, root_distance=rdist)
     return upd, TreeEASGDState(inner_state, z_new, new_shared)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
@@ -858,10 +861,14 @@ def downpour(learning_rate, sync_period=1, *, axis_name="workers",
     acc = _tmap(lambda s, x: s + _f32(x), state.accumulated, u)
     ex = base.is_exchange_step(sh.count, sh.last_exchange, 0, period_fn)
 
-    def local(u, acc):
-      return u, acc, sh.target, sh.momentum
+    clock = periodic.next_clock(ex.astype(jnp.int32), sh, ex)
 
-    def exchange(u, acc):
+    # Only the packed shared state goes through the branch (a local step passes it
+    # through untouched); the workers' move to the master is a select after it.
+    def local(acc):
+      return base.replace(sh, clock=clock)
+
+    def exchange(acc):
       finite = C.tree_is_finite(acc)
       tot = C.fused(_tmap(lambda d: jnp.where(finite, d, jnp.zeros_like(d)), acc),
                     lambda v: lax.psum(v, axis_name))
@@ -871,16 +878,11 @@ def downpour(learning_rate, sync_period=1, *, axis_name="workers",
         mom = _tmap(lambda m, t: mu * m + t, sh.momentum, tot)
         step = mom
       master = _tmap(lambda xm, s: (_f32(xm) + s).astype(xm.dtype), sh.target, step)
-      return (periodic.updates_to(master, params), base.tree_zeros_like(acc), master, mom)
+      return base.replace(sh, clock=clock, target=master, momentum=mom)
 
-    upd, acc, master, mom = periodic.flat_cond(ex, exchange, local, u, acc)
-    new_shared = DownpourShared(
-        clock=base.make_clock(
-            sh.count + 1,
-            jnp.where(ex, sh.count + 1, sh.last_exchange).astype(jnp.int32),
-            sh.num_exchanges + ex.astype(jnp.int32),
-            ex),
-        target=master, momentum=mom)
+    new_shared = periodic.flat_cond(ex, exchange, local, acc)
+    upd = base.tree_where(ex, periodic.updates_to(new_shared.target, params), u)
+    acc = _tmap(lambda a: jnp.where(ex, jnp.zeros_like(a), a), acc)
     return upd, DownpourState(inner_state, acc, new_shared)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)

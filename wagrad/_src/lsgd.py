@@ -298,55 +298,52 @@ def lsgd(inner: optax.GradientTransformation, sync_period=4, *, pull: float = 0.
         idx = jnp.where(sh.count == warmup_steps - 1, _WARMUP_END, idx)
       idx = idx.astype(jnp.int32)
 
-    # Only shared results (and the inner state when it is synchronised) go through the
-    # branch; the workers' pull towards the new leader is a select after it.
+    # Only the new shared state (and the inner state when it is synchronised) goes
+    # through the branch, packed: a local step passes its buffers through untouched.
+    # The workers' pull towards the new leader is a select after it.
     sync_inner = opt_state_sync != "local"
     carried = inner_state if sync_inner else None
+    mix = sh.mix_weights
+
+    def elected(L, leader, assign, **changes):
+      return base.replace(
+          sh, clock=periodic.next_clock(idx, sh, assign), exchanged=jnp.bool_(True),
+          leader_params=base.tree_cast_like(L, sh.leader_params),
+          leader=jnp.asarray(leader, jnp.int32),
+          mix_weights=None if mix is None else _one_hot(leader, mix.shape[0]), **changes)
 
     def local(x, carried):
-      return (L_old, sh.leader, sh.leader_loss, jnp.bool_(False), sh.pull_distance, carried)
+      return (base.replace(sh, clock=periodic.next_clock(idx, sh, False),
+                           exchanged=jnp.bool_(False)), carried)
 
     def do_exchange(x, carried):
       ld = C.elect_leader(run_loss, axis_name, eligible=C.tree_is_finite(x))
-      L = base.tree_where(ld.ok, C.broadcast_from(x, ld.index, axis_name), L_old)
+      L = C.broadcast_from(x, ld.index, axis_name)
       dist = _finite_mean(_sq_dist(x, L), axis_name)
       if sync_inner:
         x_new = base.tree_where(ld.ok, L if pull == 1.0 else _pull(x, L, pull), x)
         carried = periodic.sync_opt_state(opt_state_sync, inner, carried, x_new, axis_name)
-      return (L, jnp.where(ld.ok, ld.index, sh.leader),
-              jnp.where(ld.ok, ld.loss, sh.leader_loss), ld.ok,
-              jnp.where(ld.ok, dist, sh.pull_distance), carried)
+      new = elected(L, ld.index, pull == 1.0, leader_loss=jnp.asarray(ld.loss, jnp.float32),
+                    pull_distance=jnp.asarray(dist, jnp.float32))
+      # no finite worker: nothing is elected, the step is a local one
+      return base.tree_where(ld.ok, new, local(x, None)[0]), carried
 
     def warmup_end(x, carried):
-      t = base.tree_cast_like(periodic.warmup_target(x, axis_name), params)
-      return (t, jnp.int32(0), sh.leader_loss, jnp.bool_(True), jnp.zeros([], jnp.float32),
-              carried)
+      return (elected(periodic.warmup_target(x, axis_name), 0, True,
+                      pull_distance=jnp.zeros([], jnp.float32)), carried)
 
     branches = (local, do_exchange) + ((warmup_end,) if warmup_steps > 0 else ())
-    L, leader, leader_loss, ok, dist, carried = periodic.flat_switch(idx, branches, x, carried)
+    new_shared, carried = periodic.flat_switch(idx, branches, x, carried)
     if sync_inner:
       inner_state = carried
-    exchanged = (idx != _NO_EXCHANGE) & ok
+    exchanged = new_shared.exchanged
+    L = base.tree_cast_like(new_shared.leader_params, params)
     take_L = (idx == _WARMUP_END) | (exchanged & (pull == 1.0))
     if pull == 1.0:
       x_new = base.tree_where(take_L, L, x)
     else:
       x_new = base.tree_where(take_L, L, base.tree_where(exchanged, _pull(x, L, pull), x))
     updates = periodic.updates_to(x_new, params)
-    assign = (idx == _WARMUP_END) | ((idx == _EXCHANGE) & ok & (pull == 1.0))
-    L = base.tree_cast_like(L, sh.leader_params)
-    mix = sh.mix_weights
-    if mix is not None:
-      mix = jnp.where(exchanged, _one_hot(leader, mix.shape[0]), mix)
-    new_shared = LSGDShared(
-        clock=base.make_clock(
-            sh.count + 1,
-            periodic.next_last_exchange(idx, sh.count, sh.last_exchange),
-            sh.num_exchanges + (idx != _NO_EXCHANGE).astype(jnp.int32),
-            assign),
-        leader_params=L, leader=leader.astype(jnp.int32),
-        leader_loss=leader_loss.astype(jnp.float32), mix_weights=mix, exchanged=exchanged,
-        pull_distance=dist.astype(jnp.float32))
     return updates, LSGDState(inner_state, losses, num_losses, new_shared)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
@@ -383,13 +380,17 @@ def uneven_round_steps(active, l_comm: int) -> np.ndarray:
 class MultiLeaderShared(base.Clock):
   clock: jax.Array          # (count, last_exchange, num_exchanges, assign): base.Clock
   num_global_exchanges: jax.Array   # global rounds
-  target: Any                       # = global_leader_params; assigned when global_pull == 1
-  global_leader_params: Any         # copy of the last global leader's parameters
+  global_leader_params: Any         # copy of the last global leader's parameters (also
+                                    # `target`: assigned when global_pull == 1)
   leader: jax.Array                 # index of the last global leader (-1 before any)
   leader_loss: jax.Array
   mix_weights: Any                  # one-hot of the global leader (length K) or None
   exchanged: jax.Array              # a global round (or warm-up end) ran this step
   pull_distance: jax.Array          # mean_i ||x_i - global leader||^2 before its pull
+
+  @property
+  def target(self):
+    return self.global_leader_params
 
 
 class MultiLeaderState(NamedTuple):
@@ -489,7 +490,7 @@ def multi_leader_lsgd(inner: optax.GradientTransformation, *, group_axis, global
         group_leader_loss=jnp.float32(jnp.inf),
         shared=MultiLeaderShared(
             clock=base.make_clock(zero, zero, zero, jnp.bool_(False)),
-            num_global_exchanges=zero, target=p, global_leader_params=p, leader=jnp.int32(-1),
+            num_global_exchanges=zero, global_leader_params=p, leader=jnp.int32(-1),
             leader_loss=jnp.float32(jnp.inf), mix_weights=_one_hot(-1, k),
             exchanged=jnp.bool_(False), pull_distance=jnp.zeros([], jnp.float32)))
 
@@ -524,7 +525,18 @@ def multi_leader_lsgd(inner: optax.GradientTransformation, *, group_axis, global
     me = lax.axis_index(full_axis)
     group_start = me - lax.axis_index(group_axis)
 
-    keep_global = (Lg_old, sh.leader, sh.leader_loss, jnp.bool_(False), sh.pull_distance)
+    mix = sh.mix_weights
+    n_global = sh.num_global_exchanges + (idx == 2).astype(jnp.int32)
+
+    # The packed shared state goes through the branches whole: a step without a global
+    # round passes it through untouched (only the clock moves).
+    def shared_after(assign, exchanged=False, leader=None, **changes):
+      if leader is not None:
+        changes.update(leader=jnp.asarray(leader, jnp.int32),
+                       mix_weights=None if mix is None else _one_hot(leader, mix.shape[0]))
+      return base.replace(sh, clock=periodic.next_clock(idx, sh, assign),
+                          num_global_exchanges=n_global, exchanged=jnp.bool_(exchanged),
+                          **changes)
 
     def group_round(x):
       if not use_local:
@@ -537,51 +549,43 @@ def multi_leader_lsgd(inner: optax.GradientTransformation, *, group_axis, global
               jnp.where(ld.ok, ld.loss, state.group_leader_loss))
 
     def none(x, inner_state):
-      return (x, inner_state, Ll_old, state.group_leader, state.group_leader_loss) + keep_global
+      return (x, inner_state, Ll_old, state.group_leader, state.group_leader_loss,
+              shared_after(False))
 
     def local_round(x, inner_state):
       x, Ll, gi, gl = group_round(x)
       if opt_state_sync == "reset":
         inner_state = periodic.sync_opt_state("reset", inner, inner_state, x, full_axis)
-      return (x, inner_state, Ll, gi, gl) + keep_global
+      return (x, inner_state, Ll, gi, gl, shared_after(False))
 
     def global_round(x, inner_state):
       x, Ll, gi, gl = group_round(x)
       ld = C.elect_leader(run_loss, full_axis, eligible=C.tree_is_finite(x))
-      Lg = base.tree_where(ld.ok, C.broadcast_from(x, ld.index, full_axis), Lg_old)
+      Lg = C.broadcast_from(x, ld.index, full_axis)
       dist = _finite_mean(_sq_dist(x, Lg), full_axis)
       if c2 > 0:
         x = base.tree_where(ld.ok, Lg if c2 == 1.0 else _pull(x, Lg, c2), x)
       inner_state = periodic.sync_opt_state(opt_state_sync, inner, inner_state, x, full_axis)
-      return (x, inner_state, Ll, gi, gl, Lg, jnp.where(ld.ok, ld.index, sh.leader),
-              jnp.where(ld.ok, ld.loss, sh.leader_loss), ld.ok,
-              jnp.where(ld.ok, dist, sh.pull_distance))
+      elected = shared_after(
+          c2 == 1.0, True, ld.index,
+          global_leader_params=base.tree_cast_like(Lg, sh.global_leader_params),
+          leader_loss=jnp.asarray(ld.loss, jnp.float32),
+          pull_distance=jnp.asarray(dist, jnp.float32))
+      # no finite worker: nothing is elected
+      return (x, inner_state, Ll, gi, gl,
+              base.tree_where(ld.ok, elected, shared_after(False)))
 
     def warmup_end(x, inner_state):
       t = base.tree_cast_like(periodic.warmup_target(x, full_axis), params)
-      return (t, inner_state, t, jnp.int32(0), state.group_leader_loss, t, jnp.int32(0),
-              sh.leader_loss, jnp.bool_(True), jnp.zeros([], jnp.float32))
+      return (t, inner_state, t, jnp.int32(0), state.group_leader_loss,
+              shared_after(True, True, 0,
+                           global_leader_params=base.tree_cast_like(t, sh.global_leader_params),
+                           pull_distance=jnp.zeros([], jnp.float32)))
 
     branches = (none, local_round, global_round) + ((warmup_end,) if warmup_steps > 0 else ())
-    (x_new, inner_state, Ll, gi, gl, Lg, leader, leader_loss, ok, dist) = periodic.flat_switch(
+    x_new, inner_state, Ll, gi, gl, new_shared = periodic.flat_switch(
         idx, branches, x, inner_state)
     updates = periodic.updates_to(x_new, params)
-    exchanged = ((idx == 2) & ok) | (idx == 3)
-    assign = (idx == 3) | ((idx == 2) & ok & (c2 == 1.0))
-    Lg = base.tree_cast_like(Lg, sh.global_leader_params)
-    mix = sh.mix_weights
-    if mix is not None:
-      mix = jnp.where(exchanged, _one_hot(leader, mix.shape[0]), mix)
-    new_shared = MultiLeaderShared(
-        clock=base.make_clock(
-            sh.count + 1,
-            jnp.where(idx == 0, sh.last_exchange, sh.count + 1).astype(jnp.int32),
-            sh.num_exchanges + (idx != 0).astype(jnp.int32),
-            assign),
-        num_global_exchanges=sh.num_global_exchanges + (idx == 2).astype(jnp.int32), target=Lg,
-        global_leader_params=Lg, leader=leader.astype(jnp.int32),
-        leader_loss=leader_loss.astype(jnp.float32), mix_weights=mix, exchanged=exchanged,
-        pull_distance=dist.astype(jnp.float32))
     return updates, MultiLeaderState(
         inner_state, losses, num_losses,
         base.tree_cast_like(Ll, state.group_leader_params), gi.astype(jnp.int32),
@@ -696,33 +700,31 @@ def async_lsgd(inner: optax.GradientTransformation, sync_period: int = 4, *,
       anyone = lax.pmax(reports.astype(jnp.int32), axis_name) > 0
     else:
       anyone = jnp.asarray(any_report, jnp.bool_)
-    L_old = base.tree_cast_like(sh.leader_params, params)
+    clock = base.make_clock(sh.count + 1, jnp.where(anyone, sh.count + 1, sh.last_exchange),
+                            sh.num_exchanges + anyone.astype(jnp.int32), False)
 
+    # Only the packed shared state goes through the branch (a quiet step passes it
+    # through untouched); the reporting workers' pull is a select after it.
     def quiet(x):
-      return x, L_old, sh.leader, sh.leader_loss, jnp.bool_(False), sh.pull_distance
+      return base.replace(sh, clock=clock)
 
     def report(x):
       ld = C.elect_leader(run_loss, axis_name, eligible=reports & C.tree_is_finite(x))
       better = ld.ok & (ld.loss < sh.leader_loss)
-      L = base.tree_where(better, C.broadcast_from(x, ld.index, axis_name), L_old)
+      L = base.tree_where(better, C.broadcast_from(x, ld.index, axis_name),
+                          base.tree_cast_like(sh.leader_params, params))
       d = jnp.where(reports, _sq_dist(x, L), jnp.nan)
-      x_new = base.tree_where(reports, L if pull == 1.0 else _pull(x, L, pull), x)
-      return (x_new, L, jnp.where(better, ld.index, sh.leader),
-              jnp.where(better, ld.loss, sh.leader_loss), better,
-              _finite_mean(d, axis_name))
+      return base.replace(
+          sh, clock=clock, num_replacements=sh.num_replacements + better.astype(jnp.int32),
+          leader_params=base.tree_cast_like(L, sh.leader_params),
+          leader=jnp.where(better, ld.index, sh.leader).astype(jnp.int32),
+          leader_loss=jnp.where(better, ld.loss, sh.leader_loss).astype(jnp.float32),
+          pull_distance=jnp.asarray(_finite_mean(d, axis_name), jnp.float32))
 
-    x_new, L, leader, leader_loss, replaced, dist = periodic.flat_cond(anyone, report, quiet, x)
+    new_shared = periodic.flat_cond(anyone, report, quiet, x)
+    L = base.tree_cast_like(new_shared.leader_params, params)
+    x_new = base.tree_where(anyone & reports, L if pull == 1.0 else _pull(x, L, pull), x)
     updates = periodic.updates_to(x_new, params)
-    new_shared = AsyncLSGDShared(
-        clock=base.make_clock(
-            sh.count + 1,
-            jnp.where(anyone, sh.count + 1, sh.last_exchange).astype(jnp.int32),
-            sh.num_exchanges + anyone.astype(jnp.int32),
-            jnp.bool_(False)),
-        num_replacements=sh.num_replacements + replaced.astype(jnp.int32), target=None,
-        leader_params=base.tree_cast_like(L, sh.leader_params),
-        leader=leader.astype(jnp.int32), leader_loss=leader_loss.astype(jnp.float32),
-        pull_distance=jnp.asarray(dist, jnp.float32))
     return updates, AsyncLSGDState(inner_state, losses, num_losses, local_count, new_shared)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)

@@ -95,6 +95,16 @@ def next_last_exchange(idx, count, last_exchange):
   return jnp.where(idx == NO_EXCHANGE, last_exchange, count + 1).astype(jnp.int32)
 
 
+def next_clock(idx, sh, assign=None):
+  """The clock (base.Clock) after a step that took branch ``idx``: the count moves on,
+  an exchange or the warm-up's end records itself; ``assign`` defaults to "the
+  warm-up ends here"."""
+  return base.make_clock(
+      sh.count + 1, next_last_exchange(idx, sh.count, sh.last_exchange),
+      sh.num_exchanges + (idx != NO_EXCHANGE).astype(jnp.int32),
+      idx == WARMUP_END if assign is None else assign)
+
+
 # ----------------------------------------------------------------------------- flat branches
 #
 # XLA:CPU passes every leaf of a conditional's operands and results as its own buffer;

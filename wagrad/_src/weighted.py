@@ -232,12 +232,19 @@ def _weighted_transform(name, inner, period_fn, *, temperature, moving_rate, wei
       round_loss = loss_sum / loss_count.astype(jnp.float32)
 
     idx = periodic.branch_index(sh.count, sh.last_exchange, warmup_steps, period_fn)
-    target0 = base.tree_cast_like(sh.target, x_half)
-
-    # Only shared results, this worker's finiteness and (when synchronised) the inner
-    # state go through the branch; the workers' move to x_w is a select after it.
+    # Only the new shared state, this worker's finiteness and (when synchronised) the
+    # inner state go through the branch, packed: a local step passes the shared buffers
+    # through untouched. The workers' move to x_w is a select after it.
     sync_inner = opt_state_sync != "local"
     carried = inner_state if sync_inner else None
+    # vectors that start with length 0 (K unknown at init) take their length here
+    sized = {k: v for k, v, v0 in (("weights", weights0, sh.weights),
+                                    ("mix_weights", mix0, sh.mix_weights),
+                                    ("losses", losses0, sh.losses)) if v0.shape != v.shape}
+
+    def shared_after(assign, **changes):
+      return base.replace(sh, clock=periodic.next_clock(idx, sh, assign),
+                          exchanged=idx != periodic.NO_EXCHANGE, **{**sized, **changes})
 
     def mix(x, m, finite):
       acc = jnp.promote_types(x.dtype, jnp.float32)
@@ -245,11 +252,12 @@ def _weighted_transform(name, inner, period_fn, *, temperature, moving_rate, wei
       return jnp.where(finite, y, m)
 
     def local(x_half, carried):
-      return target0, weights0, mix0, losses0, sh.ok, jnp.bool_(True), carried
+      return shared_after(False), jnp.bool_(True), carried
 
     def exchange(x_half, carried):
       w = loss_weights(round_loss, axis_name, weight_fn, temperature)
-      res = C.weighted_mean(x_half, w, axis_name, fallback=target0)
+      res = C.weighted_mean(x_half, w, axis_name,
+                            fallback=base.tree_cast_like(sh.target, x_half))
       x_w = res.value
       finite = jnp.bool_(True) if a == 1.0 else C.tree_is_finite(x_half)
       wvec = C.all_gather(res.weight, axis_name).astype(jnp.float32)
@@ -258,19 +266,21 @@ def _weighted_transform(name, inner, period_fn, *, temperature, moving_rate, wei
         x_new = x_w if a == 1.0 else jax.tree_util.tree_map(
             lambda x, m: mix(x, m, finite), x_half, x_w)
         carried = periodic.sync_opt_state(opt_state_sync, inner, carried, x_new, axis_name)
-      return x_w, wvec, wvec, lvec, res.ok, finite, carried
+      return (shared_after(a == 1.0, target=base.tree_cast_like(x_w, sh.target),
+                           weights=wvec, mix_weights=wvec, losses=lvec, ok=res.ok),
+              finite, carried)
 
     def warmup_end(x_half, carried):
-      t = periodic.warmup_target(x_half, axis_name)
-      t = base.tree_cast_like(t, x_half)
+      t = base.tree_cast_like(periodic.warmup_target(x_half, axis_name), sh.target)
       uni = jnp.full((K,), 1.0 / K, jnp.float32)
-      return t, weights0, uni, losses0, sh.ok, jnp.bool_(True), carried
+      return shared_after(True, target=t, mix_weights=uni), jnp.bool_(True), carried
 
-    target, wvec, mvec, lvec, ok, finite, carried = periodic.flat_switch(
+    new_shared, finite, carried = periodic.flat_switch(
         idx, (local, exchange) + ((warmup_end,) if warmup_steps > 0 else ()), x_half,
         carried)
     if sync_inner:
       inner_state = carried
+    target = base.tree_cast_like(new_shared.target, x_half)
     take = (idx == periodic.WARMUP_END) | ((idx == periodic.EXCHANGE) & (a == 1.0))
     if a == 1.0:
       x_new = base.tree_where(take, target, x_half)
@@ -280,15 +290,6 @@ def _weighted_transform(name, inner, period_fn, *, temperature, moving_rate, wei
           take, target, base.tree_where(idx == periodic.EXCHANGE, moved, x_half))
     updates = periodic.updates_to(x_new, params)
     exchanged = idx != periodic.NO_EXCHANGE
-    assign = (idx == periodic.WARMUP_END) | ((idx == periodic.EXCHANGE) & (a == 1.0))
-    new_shared = WASGDShared(
-        clock=base.make_clock(
-            sh.count + 1,
-            periodic.next_last_exchange(idx, sh.count, sh.last_exchange),
-            sh.num_exchanges + exchanged.astype(jnp.int32),
-            assign),
-        target=base.tree_cast_like(target, sh.target), exchanged=exchanged, weights=wvec,
-        mix_weights=mvec, losses=lvec, ok=ok)
     return updates, WASGDState(
         inner=inner_state,
         loss_sum=jnp.where(exchanged, 0.0, loss_sum).astype(jnp.float32),
@@ -642,38 +643,46 @@ def wpsgd(inner: optax.GradientTransformation, sync_period=None, *,
     t_i = state.local_steps + act.astype(jnp.int32)
 
     idx = periodic.branch_index(sh.count, sh.last_exchange, warmup_steps, period_fn)
-    target0 = base.tree_cast_like(sh.target, x_half)
+    exchanged = idx != periodic.NO_EXCHANGE
+    # Only the new shared state (packed: a local step passes it through untouched) and,
+    # unless kept local, the inner state go through the branch; the workers take the
+    # combined model with a select after it.
+    sync_inner = opt_state_sync != "local"
+    carried = inner_state if sync_inner else None
+    sized = {k: v for k, v, v0 in (("weights", weights0, sh.weights),
+                                    ("mix_weights", mix0, sh.mix_weights),
+                                    ("steps", steps0, sh.steps)) if v0.shape != v.shape}
 
-    def local(x_half, inner_state):
-      return x_half, inner_state, target0, weights0, mix0, steps0, sh.ok
+    def shared_after(**changes):
+      return base.replace(sh, clock=periodic.next_clock(idx, sh, exchanged),
+                          exchanged=exchanged, **{**sized, **changes})
 
-    def exchange(x_half, inner_state):
+    def local(x_half, carried):
+      return shared_after(), carried
+
+    def exchange(x_half, carried):
       s = _wpsgd_score(t_i, sh.weighting, sh.decay)
-      res = C.weighted_mean(x_half, s, axis_name, fallback=target0)
+      res = C.weighted_mean(x_half, s, axis_name,
+                            fallback=base.tree_cast_like(sh.target, x_half))
       wvec = C.all_gather(res.weight, axis_name).astype(jnp.float32)
       svec = C.all_gather(t_i, axis_name).astype(jnp.int32)
-      new_inner = periodic.sync_opt_state(opt_state_sync, inner, inner_state, res.value,
+      if sync_inner:
+        carried = periodic.sync_opt_state(opt_state_sync, inner, carried, res.value,
                                           axis_name)
-      return res.value, new_inner, res.value, wvec, wvec, svec, res.ok
+      return (shared_after(target=base.tree_cast_like(res.value, sh.target), weights=wvec,
+                           mix_weights=wvec, steps=svec, ok=res.ok), carried)
 
-    def warmup_end(x_half, inner_state):
-      t = base.tree_cast_like(periodic.warmup_target(x_half, axis_name), x_half)
-      uni = jnp.full((K,), 1.0 / K, jnp.float32)
-      return t, inner_state, t, weights0, uni, steps0, sh.ok
+    def warmup_end(x_half, carried):
+      t = base.tree_cast_like(periodic.warmup_target(x_half, axis_name), sh.target)
+      return shared_after(target=t, mix_weights=jnp.full((K,), 1.0 / K, jnp.float32)), carried
 
-    x_new, inner_state, target, wvec, mvec, svec, ok = periodic.flat_switch(
+    new_shared, carried = periodic.flat_switch(
         idx, (local, exchange) + ((warmup_end,) if warmup_steps > 0 else ()), x_half,
-        inner_state)
+        carried)
+    if sync_inner:
+      inner_state = carried
+    x_new = base.tree_where(exchanged, base.tree_cast_like(new_shared.target, x_half), x_half)
     updates = periodic.updates_to(x_new, params)
-    exchanged = idx != periodic.NO_EXCHANGE
-    new_shared = WPSGDShared(
-        clock=base.make_clock(
-            sh.count + 1,
-            periodic.next_last_exchange(idx, sh.count, sh.last_exchange),
-            sh.num_exchanges + exchanged.astype(jnp.int32),
-            exchanged),
-        target=base.tree_cast_like(target, sh.target), exchanged=exchanged, weights=wvec,
-        mix_weights=mvec, steps=svec, weighting=sh.weighting, decay=sh.decay, ok=ok)
     return updates, WPSGDState(
         inner=inner_state,
         local_steps=jnp.where(exchanged, 0, t_i).astype(jnp.int32),
