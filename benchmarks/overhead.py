@@ -4,8 +4,11 @@ For each algorithm: time per training step of a Flax MLP (digits-sized input) on
 8 workers over 8 (forced CPU) devices with shard_map, against, in the same process and
 interleaved: (a) a hand-written shard_map step doing the same math with raw ``jax.lax``
 collectives (same loss, same ``optax.sgd`` step, a ``lax.pmean`` of the parameters in a
-``lax.cond`` every tau steps), (b) local SGD with no communication at all, (c)
-synchronous all-reduce SGD. Medians over interleaved repetitions, with the spread.
+``lax.cond`` every tau steps; also written "as updates", the way an optax transform
+must: the cond returns ``x - p`` and ``optax.apply_updates`` adds it), (b) local SGD
+with no communication at all, (c) synchronous all-reduce SGD. wagrad's model averaging
+runs with ``exact=True`` (the default: it carries x_global for exact assignment) and
+``exact=False``. Medians over interleaved repetitions, with the spread.
 Bytes moved by collectives are read from the compiled HLO (entry computation = every
 step; conditional branches = exchange steps).
 
@@ -59,10 +62,12 @@ def wagrad_variant(runner, tx, p0, x, y, loss_fn):
   return f, state
 
 
-def hand_variant(runner, p0, x, y, loss_fn, tau):
+def hand_variant(runner, p0, x, y, loss_fn, tau, as_updates=False):
   """Raw lax: the same loss and optax.sgd step as the wagrad variants; then a pmean of
   the params every tau steps (tau=0: never; tau=-1: gradients averaged every step, i.e.
-  synchronous SGD)."""
+  synchronous SGD). ``as_updates``: the averaging written as an optax-style transform
+  would be -- the cond returns updates (``pmean(x_half) - p`` or ``x_half - p``) and
+  ``optax.apply_updates`` adds them -- instead of returning the new parameters."""
   mesh = runner.mesh
   sgd = optax.sgd(LR)
 
@@ -72,8 +77,14 @@ def hand_variant(runner, p0, x, y, loss_fn, tau):
     if tau == -1:
       g = jax.tree_util.tree_map(lambda a: lax.pmean(a, "workers"), g)
     u, _ = sgd.update(g, sgd.init(p), p)
+    if as_updates:
+      x_half = optax.apply_updates(p, u)
+      u = lax.cond((count + 1) % tau == 0,
+                   lambda x: jax.tree_util.tree_map(lambda a: lax.pmean(a, "workers"), x),
+                   lambda x: x, x_half)
+      u = jax.tree_util.tree_map(lambda a, b: a - b, u, p)
     p = optax.apply_updates(p, u)
-    if tau > 0:
+    if tau > 0 and not as_updates:
       p = lax.cond((count + 1) % tau == 0,
                    lambda p: jax.tree_util.tree_map(lambda a: lax.pmean(a, "workers"), p),
                    lambda p: p, p)
@@ -126,8 +137,12 @@ def run_model(batch, hidden, steps, reps, K=8):
   taus = (1, 4, 16)
   for tau in taus:
     variants[f"hand averaging tau={tau}"] = hand_variant(runner, p0, x, y, loss_fn, tau)
+    variants[f"hand averaging (as updates) tau={tau}"] = hand_variant(
+        runner, p0, x, y, loss_fn, tau, as_updates=True)
     variants[f"wagrad model_averaging tau={tau}"] = wagrad_variant(
         runner, wagrad.model_averaging(sgd, tau), p0, x, y, loss_fn)
+    variants[f"wagrad model_averaging exact=False tau={tau}"] = wagrad_variant(
+        runner, wagrad.model_averaging(sgd, tau, exact=False), p0, x, y, loss_fn)
   for name, factory in extra_algorithms().items():
     for tau in taus:
       variants[f"wagrad {name} tau={tau}"] = wagrad_variant(runner, factory(sgd, tau), p0, x, y, loss_fn)
@@ -162,9 +177,11 @@ def run_model(batch, hidden, steps, reps, K=8):
            "ratio_to_local_sgd": med[name] / base}
     if name.startswith("wagrad model_averaging"):
       tau = int(name.rsplit("=", 1)[1])
-      hand = name.replace("wagrad model_averaging", "hand averaging")
+      hand = f"hand averaging tau={tau}"
       row["ratio_to_hand"] = med[name] / med[hand]
       row["paired_ratio_to_hand_q25_q50_q75"] = paired(name, hand)
+      row["paired_ratio_to_hand_as_updates_q25_q50_q75"] = paired(
+          name, f"hand averaging (as updates) tau={tau}")
       row["paired_ratio_to_local_sgd_q25_q50_q75"] = paired(name, "local_sgd (no comm)")
       row["target_ratio_to_local_sgd"] = 1 + 1 / tau
     if name == "wagrad sync_sgd":

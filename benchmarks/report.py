@@ -17,8 +17,8 @@ def load(name):
 def overhead_tables(data):
   out = []
   out.append("Paired ratios (within each repetition, quartiles over repetitions):\n")
-  out.append("| model | variant | x hand-written (q25 / median / q75) | x local SGD (median) | target x local |")
-  out.append("| --- | --- | ---: | ---: | ---: |")
+  out.append("| model | variant | x hand-written (q25 / median / q75) | x hand-written as updates (median) | x local SGD (median) | target x local |")
+  out.append("| --- | --- | ---: | ---: | ---: | ---: |")
   for name, m in data["models"].items():
     for r in m["rows"]:
       if "paired_ratio_to_hand_q25_q50_q75" not in r:
@@ -26,7 +26,9 @@ def overhead_tables(data):
       q = r["paired_ratio_to_hand_q25_q50_q75"]
       loc = r.get("paired_ratio_to_local_sgd_q25_q50_q75")
       tgt = r.get("target_ratio_to_local_sgd")
+      upd = r.get("paired_ratio_to_hand_as_updates_q25_q50_q75")
       out.append(f"| {name} | {r['variant']} | {q[0]:.3f} / {q[1]:.3f} / {q[2]:.3f} | "
+                 f"{'' if upd is None else f'{upd[1]:.3f}'} | "
                  f"{'' if loc is None else f'{loc[1]:.3f}'} | {'' if tgt is None else f'{tgt:.3f}'} |")
   out.append("")
   for name, m in data["models"].items():

@@ -68,6 +68,23 @@ def test_model_averaging_matches_numpy(backend, K):
 
 
 @pytest.mark.parametrize("backend,K", BACKENDS, ids=BACKEND_IDS)
+def test_model_averaging_inexact_matches_numpy(backend, K):
+  """exact=False: no x_global in the state (no float buffer at all), the same math up
+  to rounding; workers agree up to the last bits after an exchange."""
+  steps, tau, warm = 11, 3, 2
+  w, s, A, b = run_tx(backend, K, lambda ax: wagrad.model_averaging(
+      optax.sgd(0.1), tau, warmup_steps=warm, axis_name=ax, exact=False), steps)
+  ref, n_ex = np_model_averaging(A, b, 0.1, tau, steps, warmup=warm)
+  np.testing.assert_allclose(w, ref, rtol=2e-5, atol=1e-6)
+  assert int(s.shared.num_exchanges) == n_ex == 4 and not bool(s.shared.assign)
+  assert s.shared.target is None
+  assert [x.dtype for x in jax.tree_util.tree_leaves(s.shared)] == [jnp.int32]
+  np.testing.assert_allclose(w, np.broadcast_to(w[0], w.shape), rtol=1e-6, atol=1e-7)
+  with pytest.raises(ValueError, match="exact"):
+    wagrad.model_averaging(optax.sgd(0.1), 4, exact=False, outer_optimizer=optax.sgd(1.0))
+
+
+@pytest.mark.parametrize("backend,K", BACKENDS, ids=BACKEND_IDS)
 def test_sync_sgd_matches_numpy(backend, K):
   steps = 5
   w, s, A, b = run_tx(backend, K, lambda ax: wagrad.sync_sgd(optax.sgd(0.1), axis_name=ax), steps)

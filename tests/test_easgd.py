@@ -385,6 +385,10 @@ TREE_LAYOUTS = [("vmap", 8, 2), ("vmap", 8, 4), ("shard_map", 8, 2), ("shard_map
 
 
 def tree_np(A, b, w0, c0, steps, G, taus, alphas, eta=ETA):
+  """Tree EASGD in float64; ``taus`` = (low, high), each an integer or a schedule
+  t -> period (a level exchanges once that many steps passed since its last one)."""
+  fns = [tau if callable(tau) else (lambda t, tau=tau: tau) for tau in taus]
+  last = [0, 0]
   x, r = w0.astype(np.float64), c0.astype(np.float64)
   K = len(x)
   W = K // G
@@ -392,7 +396,8 @@ def tree_np(A, b, w0, c0, steps, G, taus, alphas, eta=ETA):
   z = np.tile(r, (G, 1))
   for t in range(steps):
     u = -eta * _grads_np(x, A, b)
-    low, high = (t + 1) % taus[0] == 0, (t + 1) % taus[1] == 0
+    low, high = (t + 1 - last[0] >= fns[0](t)), (t + 1 - last[1] >= fns[1](t))
+    last = [t + 1 if low else last[0], t + 1 if high else last[1]]
     zinc = np.zeros_like(z)
     if low:
       d = x - z[grp]
@@ -432,6 +437,30 @@ def test_tree_easgd_matches_numpy(backend, K, G):
   _assert_close(s.group_center["w"], z)
   _assert_close(E.easgd_center(s)["w"], r)
   assert int(s.shared.num_exchanges) == 3 and int(s.shared.num_root_exchanges) == 2
+
+
+@pytest.mark.parametrize("backend", ["vmap", "shard_map"])
+def test_tree_easgd_period_schedules_match_numpy(backend):
+  K, G, steps = 8, 2, 12
+  runner = wagrad.Runner(backend, K, groups=G)
+  A, b, w0, c0 = _problem(K)
+  taus = (lambda t: 1 + t // 4, lambda t: 3 + t // 6)
+  tx = E.tree_easgd(optax.sgd(ETA), group_axis=runner.group_axis,
+                    global_axis=runner.global_axis, sync_period=taus)
+
+  def step(p, s, A, b):
+    g = jax.grad(ls_loss)(p, A, b)
+    u, s = tx.update(g, s, p)
+    return wagrad.apply_updates(p, u, s), s, _shared_equal(s, runner.axis_name)
+
+  p, s = _loop(runner, tx, step, {"w0": w0, "c0": c0}, (A, b), steps)
+  x, z, r = tree_np(A, b, w0, c0, steps, G, taus, (0.9 / (K // G), 0.9 / G))
+  _assert_close(p["w"], x)
+  _assert_close(s.group_center["w"], z)
+  _assert_close(E.easgd_center(s)["w"], r)
+  # low: ends of steps 1, 2, 3, 4, 6, 8, 11 (period 1, then 2, then 3 from step 9)
+  # high: 3, 6, 10 (period 3, then 4 from step 7)
+  assert int(s.shared.num_exchanges) == 7 and int(s.shared.num_root_exchanges) == 3
 
 
 # ----------------------------------------------------------------------------- DOWNPOUR
@@ -476,6 +505,45 @@ def test_downpour_matches_numpy(backend, K, mu):
   # right after the exchange at step 5 every worker held the master exactly; the
   # last step (6) is local again
   assert not bool(s.shared.assign)
+
+
+def _due_steps(period_fn, steps):
+  """1-based ends of the exchange steps of a schedule (a period since the last one)."""
+  out, last = [], 0
+  for t in range(steps):
+    if t + 1 - last >= period_fn(t):
+      out.append(t + 1)
+      last = t + 1
+  return out
+
+
+@pytest.mark.parametrize("name", ["eamsgd", "downpour"])
+def test_momentum_and_downpour_take_period_schedules(name):
+  """A constant schedule is the integer period bit for bit; a growing one exchanges at
+  the steps its periods give."""
+  K, steps = 8, 12
+  runner = wagrad.Runner("vmap", K)
+  A, b, w0, c0 = _problem(K)
+  make = {"eamsgd": lambda tau: E.eamsgd(0.05, tau, momentum=0.9),
+          "downpour": lambda tau: E.downpour(0.02, tau, master_momentum=0.5)}[name]
+
+  def run(tau):
+    tx = make(tau)
+
+    def step(p, s, A, b):
+      at = E.eamsgd_lookahead(p, s) if name == "eamsgd" else p
+      u, s = tx.update(jax.grad(ls_loss)(at, A, b), s, p)
+      return wagrad.apply_updates(p, u, s), s, _shared_equal(s, runner.axis_name)
+    return _loop(runner, tx, step, {"w0": w0, "c0": c0}, (A, b), steps)
+
+  p_int, s_int = run(3)
+  p_const, s_const = run(lambda t: 3)
+  np.testing.assert_array_equal(np.asarray(p_int["w"]), np.asarray(p_const["w"]))
+  np.testing.assert_array_equal(np.asarray(E.easgd_center(s_int)["w"]),
+                                np.asarray(E.easgd_center(s_const)["w"]))
+  grow = lambda t: 2 + t // 5  # noqa: E731
+  _, s = run(grow)
+  assert int(s.shared.num_exchanges) == len(_due_steps(grow, steps)) == 4
 
 
 # ----------------------------------------------------------------------------- errors

@@ -62,16 +62,22 @@ def test_linen_batchnorm_stats_averaged_at_exchanges(backend, K):
       jax.tree_util.tree_leaves(ref[-1][0]), jax.tree_util.tree_leaves(hist[2][0])))
 
 
-def test_sync_model_state_is_mean():
+@pytest.mark.parametrize("exact", [True, False])
+def test_sync_model_state_is_mean(exact):
   K = 8
   r = wagrad.Runner("vmap", K)
-  tx = wagrad.model_averaging(optax.sgd(0.1), 1, axis_name=r.axis_name)
+  tx = wagrad.model_averaging(optax.sgd(0.1), 2, axis_name=r.axis_name, exact=exact)
   stats = np.arange(K * 3, dtype=np.float32).reshape(K, 3)
 
   def fn(p, s, stats):
     u, s = tx.update(p, s, p)
-    return wagrad.sync_model_state(stats, s, r.axis_name)
-  out = jax.device_get(r.map(fn)(np.zeros((K, 2), np.float32), r.init(tx, jnp.zeros(2)), stats))
+    return s, wagrad.sync_model_state(stats, s, r.axis_name)
+  f = r.map(fn)
+  p = np.zeros((K, 2), np.float32)
+  s, out = f(p, r.init(tx, jnp.zeros(2)), stats)   # step 1: no exchange
+  np.testing.assert_array_equal(jax.device_get(out), stats)
+  s, out = f(p, s, stats)                              # step 2: exchange
+  out = jax.device_get(out)
   np.testing.assert_allclose(out, np.broadcast_to(stats.mean(0), out.shape), rtol=1e-6)
 
 

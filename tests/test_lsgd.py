@@ -78,7 +78,12 @@ def np_lsgd(A, b, w0, steps, *, tau, pull, prox, avg, warmup=0, active=None, exc
 
 
 def np_multi(A, b, w0, steps, *, G, lp, gp, c1, c2, p1, p2, avg):
-  """Multi-leader LSGD in float64 (groups of consecutive workers)."""
+  """Multi-leader LSGD in float64 (groups of consecutive workers). ``lp`` / ``gp``: an
+  integer or a schedule t -> period; a level's round is due once that many steps have
+  passed since its own last round (a global round only at a local one)."""
+  lp_fn = lp if callable(lp) else (lambda t: lp)
+  gp_fn = gp if callable(gp) else (lambda t: gp)
+  last_local = last_global = 0
   K = A.shape[0]
   W = K // G
   x = np.tile(np.asarray(w0, np.float64), (K, 1))
@@ -95,10 +100,11 @@ def np_multi(A, b, w0, steps, *, G, lp, gp, c1, c2, p1, p2, avg):
       bufs[i].append(loss[i])
     r = np.array([_running(bf, avg) for bf in bufs])
     if p2 > 0:
-      x = x - p2 / gp * (x - Lg)
+      x = x - p2 / gp_fn(t) * (x - Lg)
     if use_local and p1 > 0:
-      x = x - p1 / lp * (x - Ll)
-    if (t + 1) % lp == 0:
+      x = x - p1 / lp_fn(t) * (x - Ll)
+    if t + 1 - last_local >= lp_fn(t):
+      last_local = t + 1
       if use_local:
         for gr in range(G):
           sl = slice(gr * W, (gr + 1) * W)
@@ -106,7 +112,8 @@ def np_multi(A, b, w0, steps, *, G, lp, gp, c1, c2, p1, p2, avg):
           lead = x[l].copy()
           Ll[sl] = lead
           x[sl] = x[sl] - c1 * (x[sl] - lead)
-      if (t + 1) % gp == 0:
+      if t + 1 - last_global >= gp_fn(t):
+        last_global = t + 1
         l = _argmin(r)
         Lg = x[l].copy()
         x = x - c2 * (x - Lg)
@@ -415,17 +422,22 @@ def test_bad_hyperparameters_multi_and_async():
 # ----------------------------------------------------------------------------- multi-leader
 
 
+def _multi_tx(r, K, cfg):
+  """multi_leader_lsgd with the symbols of np_multi's keyword arguments."""
+  return L.multi_leader_lsgd(
+      optax.sgd(LR), group_axis=r.group_axis, global_axis=r.global_axis,
+      local_period=cfg["lp"], global_period=cfg["gp"], local_pull=cfg["c1"],
+      global_pull=cfg["c2"], local_proximal=cfg["p1"], global_proximal=cfg["p2"],
+      avg_size=cfg["avg"], num_workers=K)
+
+
 @pytest.mark.parametrize("backend,K", [("vmap", 8), ("shard_map", 8), ("shard_map", 16)])
 def test_multi_leader_matches_numpy(backend, K):
   G = 2
   r = wagrad.Runner(backend, K, groups=G)
   A, b = _util.least_squares(K)
   cfg = dict(lp=2, gp=4, c1=0.3, c2=0.2, p1=0.1, p2=0.2, avg=2)
-  tx = L.multi_leader_lsgd(
-      optax.sgd(LR), group_axis=r.group_axis, global_axis=r.global_axis,
-      local_period=cfg["lp"], global_period=cfg["gp"], local_pull=cfg["c1"],
-      global_pull=cfg["c2"], local_proximal=cfg["p1"], global_proximal=cfg["p2"],
-      avg_size=cfg["avg"], num_workers=K)
+  tx = _multi_tx(r, K, cfg)
 
   def step(p, s, A, b):
     loss, g = jax.value_and_grad(_util.ls_loss)(p, A, b)
@@ -451,6 +463,37 @@ def test_multi_leader_matches_numpy(backend, K):
   x_ref, Lg_ref, gl_ref = np_multi(A, b, np.zeros(3), steps, G=G, **cfg)
   assert int(s.shared.num_exchanges) == 4 and int(s.shared.num_global_exchanges) == 2
   assert gleaders == gl_ref
+  np.testing.assert_allclose(np.asarray(p["w"]), x_ref, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(np.asarray(s.shared.global_leader_params["w"]), Lg_ref,
+                             rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", ["vmap", "shard_map"])
+def test_multi_leader_period_schedules_match_numpy(backend):
+  K, G, steps = 8, 2, 14
+  r = wagrad.Runner(backend, K, groups=G)
+  A, b = _util.least_squares(K)
+  cfg = dict(lp=lambda t: 2 + t // 8, gp=lambda t: 4 + t // 4, c1=0.3, c2=0.2, p1=0.1,
+             p2=0.2, avg=2)
+  tx = _multi_tx(r, K, cfg)
+
+  def step(p, s, A, b):
+    loss, g = jax.value_and_grad(_util.ls_loss)(p, A, b)
+    u, s = tx.update(g, s, p, value=loss)
+    return wagrad.apply_updates(p, u, s), s
+
+  f = r.map(step)
+  p, s = r.replicate(P0), r.init(tx, P0)
+  gleaders = []
+  for _ in range(steps):
+    p, s = f(p, s, A, b)
+    if bool(s.shared.exchanged):
+      gleaders.append(int(s.shared.leader))
+  x_ref, Lg_ref, gl_ref = np_multi(A, b, np.zeros(3), steps, G=G, **cfg)
+  # local rounds end steps 2, 4, 6, 8, 11, 14; global rounds at 4 and 11 (period 4,
+  # then 5 and 6 while waiting for a local round)
+  assert int(s.shared.num_exchanges) == 6 and int(s.shared.num_global_exchanges) == 2
+  assert gleaders == gl_ref and len(gl_ref) == 2
   np.testing.assert_allclose(np.asarray(p["w"]), x_ref, rtol=1e-5, atol=1e-6)
   np.testing.assert_allclose(np.asarray(s.shared.global_leader_params["w"]), Lg_ref,
                              rtol=1e-5, atol=1e-6)

@@ -86,6 +86,12 @@ class AveragingShared(base.Clock):
                             # x_global), as base.Flat (one buffer per dtype)
   outer: Any                # outer optimizer state (or None)
 
+  @property
+  def exchanged(self):
+    """This step exchanged (or ended the warm-up): drives wagrad.sync_model_state, also
+    with ``exact=False``, where nothing is assigned."""
+    return (self.last_exchange == self.count) & (self.count > 0)
+
 
 class ModelAveragingState(NamedTuple):
   inner: Any
@@ -95,7 +101,8 @@ class ModelAveragingState(NamedTuple):
 def model_averaging(inner: optax.GradientTransformation, sync_period=1, *,
                     axis_name="workers", warmup_steps: int = 0,
                     outer_optimizer: optax.GradientTransformation | None = None,
-                    opt_state_sync: str = "local") -> optax.GradientTransformationExtraArgs:
+                    opt_state_sync: str = "local", exact: bool = True
+                    ) -> optax.GradientTransformationExtraArgs:
   """Periodic model averaging (local SGD / post-local SGD), optionally with DiLoCo's
   outer optimizer.
 
@@ -129,6 +136,13 @@ def model_averaging(inner: optax.GradientTransformation, sync_period=1, *,
       ``x_global - xbar``; ``optax.sgd(1.0)`` is plain averaging.
     opt_state_sync: ``"local"`` (keep each worker's inner state; default, as DiLoCo),
       ``"average"`` (average its floating leaves at exchanges) or ``"reset"``.
+    exact: keep ``x_global`` in the (shared, replicated) state so that
+      :func:`wagrad.apply_updates` assigns it bit-exactly (default). ``False`` keeps no
+      parameter-sized copy -- one model's worth of memory less on every device and one
+      buffer less per step: the update is ``xbar - x_i`` and ``x_i + (xbar - x_i)``
+      may differ from ``xbar`` (and between workers) in the last bits until the next
+      exchange; if no worker is finite each keeps its own parameters. Not with
+      ``outer_optimizer``, which needs ``x_global``.
 
   Returns:
     A ``GradientTransformationExtraArgs`` whose state is ``ModelAveragingState``.
@@ -146,11 +160,14 @@ def model_averaging(inner: optax.GradientTransformation, sync_period=1, *,
   period_fn = periodic.check_common(inner, sync_period, warmup_steps, opt_state_sync, axis_name)
   if outer_optimizer is not None:
     base.check_transform("outer_optimizer", outer_optimizer)
+    if not exact:
+      raise ValueError("`exact=False` cannot be used with `outer_optimizer`: the outer "
+                       "step needs x_global, which `exact=True` keeps.")
   inner = periodic.inner_with_extra_args(inner)
 
   def init_fn(params):
     return ModelAveragingState(inner.init(params), AveragingShared(
-        clock=base.make_clock(0), target=base.flatten(params),
+        clock=base.make_clock(0), target=base.flatten(params) if exact else None,
         outer=None if outer_optimizer is None else outer_optimizer.init(params)))
 
   def update_fn(grads, state, params=None, *, active=None, **extra):
@@ -173,6 +190,9 @@ def model_averaging(inner: optax.GradientTransformation, sync_period=1, *,
     # workers' move is a select after it.
     sync_inner = opt_state_sync != "local"
     carried = inner_state if sync_inner else None
+    if not exact:
+      return _averaging_step_inexact(inner, opt_state_sync, axis_name, warmup_steps, sh,
+                                     idx, x_half, params, weight, inner_state)
     assign = idx != periodic.NO_EXCHANGE
     clock = periodic.next_clock(idx, sh, assign)
 
@@ -207,6 +227,32 @@ def model_averaging(inner: optax.GradientTransformation, sync_period=1, *,
     return updates, ModelAveragingState(inner_state, new_shared)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def _averaging_step_inexact(inner, opt_state_sync, axis_name, warmup_steps, sh, idx, x_half,
+                            params, weight, inner_state):
+  """model_averaging(exact=False): the branch returns each worker's new parameters (its
+  own on a local step, the mean on an exchange) and the update is their difference."""
+  sync_inner = opt_state_sync != "local"
+  clock = periodic.next_clock(idx, sh, False)  # nothing is assigned exactly
+
+  def local(x_half, carried):
+    return base.replace(sh, clock=clock), x_half, carried
+
+  def exchange(x_half, carried):
+    xbar = C.weighted_mean(x_half, weight, axis_name, fallback=x_half).value
+    if sync_inner:
+      carried = periodic.sync_opt_state(opt_state_sync, inner, carried, xbar, axis_name)
+    return base.replace(sh, clock=clock), xbar, carried
+
+  def warmup_end(x_half, carried):
+    return base.replace(sh, clock=clock), periodic.warmup_target(x_half, axis_name), carried
+
+  branches = (local, exchange) + ((warmup_end,) if warmup_steps > 0 else ())
+  new_shared, x_new, carried = periodic.flat_switch(
+      idx, branches, x_half, inner_state if sync_inner else None)
+  return (periodic.updates_to(x_new, params),
+          ModelAveragingState(carried if sync_inner else inner_state, new_shared))
 
 
 def diloco(inner_learning_rate=4e-4, outer_learning_rate=0.7, sync_period=500, *,

@@ -632,6 +632,7 @@ def async_easgd(inner: optax.GradientTransformation, sync_period: int = 1, *,
 class TreeEASGDShared(base.Clock):
   clock: jax.Array          # (count, last_exchange, num_exchanges, assign): base.Clock
   num_root_exchanges: jax.Array  # root-level (group center <-> root) exchanges
+  last_root_exchange: jax.Array  # the count right after the last root-level exchange
   target: Any               # always None
   center: Any               # the root r (the model to evaluate)
   distance: jax.Array       # mean_i ||x_i - z_g(i)||^2 at the last group-level exchange
@@ -675,7 +676,9 @@ def tree_easgd(inner: optax.GradientTransformation, *, group_axis, global_axis,
     inner: the local optimizer.
     group_axis: the axis of the workers inside a group (e.g. GPUs of a host).
     global_axis: the axis across groups (e.g. hosts).
-    sync_period: ``(tau_low, tau_high)``, integers >= 1.
+    sync_period: ``(tau_low, tau_high)``, each an integer >= 1 or a schedule
+      ``step -> period``; with schedules each level exchanges once ``period(step)``
+      steps have passed since its own last exchange.
     alpha: ``(alpha_low, alpha_high)`` in (0, 1); default ``(beta / W, beta / G)``
       with W workers per group and G groups.
     beta: in (0, 1], used when ``alpha`` is None.
@@ -694,7 +697,12 @@ def tree_easgd(inner: optax.GradientTransformation, *, group_axis, global_axis,
     arXiv 1605.02216 (tree EASGD).
   """
   base.check_transform("inner", inner)
-  tau_low, tau_high = _pair("sync_period", sync_period, base.check_positive_int)
+  def check_period(name, v):
+    if v is None:
+      raise ValueError(f"`{name}` must be an integer >= 1 or a schedule, got None.")
+    base.make_period_fn(name, v)
+  low_fn, high_fn = (base.make_period_fn(f"sync_period[{lvl}]", v) for v, lvl in zip(
+      _pair("sync_period", sync_period, check_period), ("low", "high")))
   if alpha is not None:
     alpha = _pair("alpha", alpha, lambda n, v: base.check_range(
         n, v, 0.0, 1.0, lo_open=True, hi_open=True))
@@ -710,7 +718,7 @@ def tree_easgd(inner: optax.GradientTransformation, *, group_axis, global_axis,
     p = _tmap(jnp.asarray, params)
     return TreeEASGDState(inner.init(params), p, TreeEASGDShared(
         clock=base.make_clock(zero, zero, zero, jnp.bool_(False)), num_root_exchanges=zero,
-        target=None, center=p, distance=jnp.zeros([], jnp.float32),
+        last_root_exchange=zero, target=None, center=p, distance=jnp.zeros([], jnp.float32),
         root_distance=jnp.zeros([], jnp.float32)))
 
   def update_fn(grads, state, params=None, **extra):
@@ -726,20 +734,22 @@ def tree_easgd(inner: optax.GradientTransformation, *, group_axis, global_axis,
       a_low, a_high = float(alpha[0]), float(alpha[1])
     sh = state.shared
     u, inner_state = inner.update(grads, state.inner, params, **extra)
-    low = (sh.count + 1) % tau_low == 0
-    high = (sh.count + 1) % tau_high == 0
+    low = base.is_exchange_step(sh.count, sh.last_exchange, 0, low_fn)
+    high = base.is_exchange_step(sh.count, sh.last_root_exchange, 0, high_fn)
     branch = low.astype(jnp.int32) + 2 * high.astype(jnp.int32)
     z = state.group_center
     clock = base.make_clock(sh.count + 1, jnp.where(low, sh.count + 1, sh.last_exchange),
                             sh.num_exchanges + low.astype(jnp.int32), False)
     n_root = sh.num_root_exchanges + high.astype(jnp.int32)
+    root_clock = dict(num_root_exchanges=n_root, last_root_exchange=jnp.where(
+        high, sh.count + 1, sh.last_root_exchange).astype(jnp.int32))
 
     # The packed shared state goes through the branches whole (a step without exchange
     # passes it through untouched).
     def make(do_low, do_high):
       def fn(u):
         if not (do_low or do_high):
-          return u, z, base.replace(sh, clock=clock, num_root_exchanges=n_root)
+          return u, z, base.replace(sh, clock=clock, **root_clock)
         r = sh.center
         upd, z_new, r_new = u, _tmap(_f32, z), r
         dist, rdist = sh.distance, sh.root_distance
@@ -763,7 +773,7 @@ def tree_easgd(inner: optax.GradientTransformation, *, group_axis, global_axis,
         if do_low:
           upd = _reset_nonfinite(upd, finite, z_new, params)
         return upd, z_new, base.replace(
-            sh, clock=clock, num_root_exchanges=n_root, center=r_new,
+            sh, clock=clock, **root_clock, center=r_new,
             distance=jnp.asarray(dist, jnp.float32), root_distance=jnp.asarray(rdist, jnp.float32))
       return fn
 

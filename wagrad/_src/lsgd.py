@@ -380,6 +380,8 @@ def uneven_round_steps(active, l_comm: int) -> np.ndarray:
 class MultiLeaderShared(base.Clock):
   clock: jax.Array          # (count, last_exchange, num_exchanges, assign): base.Clock
   num_global_exchanges: jax.Array   # global rounds
+  last_global_exchange: jax.Array   # the count right after the last global round (or
+                                    # the warm-up's end)
   global_leader_params: Any         # copy of the last global leader's parameters (also
                                     # `target`: assigned when global_pull == 1)
   leader: jax.Array                 # index of the last global leader (-1 before any)
@@ -404,7 +406,7 @@ class MultiLeaderState(NamedTuple):
 
 
 def multi_leader_lsgd(inner: optax.GradientTransformation, *, group_axis, global_axis,
-                      local_period: int, global_period: int, local_pull: float = 0.1,
+                      local_period, global_period, local_pull: float = 0.1,
                       global_pull: float = 0.1, local_proximal: float = 0.1,
                       global_proximal: float = 0.1, avg_size: int | None = None,
                       warmup_steps: int = 0, opt_state_sync: str = "local",
@@ -418,7 +420,7 @@ def multi_leader_lsgd(inner: optax.GradientTransformation, *, group_axis, global
       x_i <- x_i - (local_proximal / local_period) (x_i - L_group(i))
       every local_period steps:  L_group <- leader of the group,
                                  x_i <- x_i - local_pull (x_i - L_group)
-      every global_period steps, after that:
+      every global_period steps (at a local round), after that:
                                  L_global <- leader of all workers (after the local pull),
                                  x_i <- x_i - global_pull (x_i - L_global)
 
@@ -435,11 +437,14 @@ def multi_leader_lsgd(inner: optax.GradientTransformation, *, group_axis, global
       (``wagrad.Runner(..., groups=G).group_axis``).
     global_axis: axis across groups (``runner.global_axis``); all workers are
       ``global_axis + group_axis`` (``runner.axis_name``).
-    local_period: l_comm >= 1.
-    global_period: g_comm, a multiple of ``local_period``.
+    local_period: l_comm >= 1, or a schedule ``step -> period``.
+    global_period: g_comm, a multiple of ``local_period``, or a schedule: a global
+      round then runs at the first local round at least ``global_period(step)`` steps
+      after the last one (the proximal coefficients divide by the current periods).
     local_pull, global_pull: c1, c2 in [0, 1] (default 0.1 [code]).
     local_proximal, global_proximal: p1, p2 in [0, 1) (default 0.1 [code]).
-    avg_size: running-mean window (default ``local_period``).
+    avg_size: running-mean window (default ``local_period``; required when
+      ``local_period`` is a schedule).
     warmup_steps: synchronous SGD (over all workers) for this many steps first.
     opt_state_sync: ``"local"``, ``"average"`` (over all workers, at global rounds)
       or ``"reset"`` (at every round).
@@ -462,18 +467,24 @@ def multi_leader_lsgd(inner: optax.GradientTransformation, *, group_axis, global
         isinstance(ax, tuple) and not all(isinstance(a, str) for a in ax)):
       raise TypeError(f"`{name}` must be a string or a tuple of strings, got {ax!r}.")
   full_axis = _as_tuple(global_axis) + _as_tuple(group_axis)
-  base.check_positive_int("local_period", local_period)
+  for name, v in (("local_period", local_period), ("global_period", global_period)):
+    if v is None:
+      raise ValueError(f"`{name}` must be an integer >= 1 or a schedule, got None.")
+  base.make_period_fn("local_period", local_period)  # named errors for bad periods
+  global_fn = base.make_period_fn("global_period", global_period)
   period_fn = periodic.check_common(inner, local_period, warmup_steps, opt_state_sync,
                                     full_axis)
-  base.check_positive_int("global_period", global_period)
-  if global_period % local_period:
+  if not (callable(local_period) or callable(global_period)) and global_period % local_period:
     raise ValueError(f"`global_period`={global_period} must be a multiple of "
                      f"`local_period`={local_period}.")
   _check_pull("local_pull", local_pull, allow_zero=True)
   _check_pull("global_pull", global_pull, allow_zero=True)
   _check_proximal("local_proximal", local_proximal)
   _check_proximal("global_proximal", global_proximal)
-  avg_size = local_period if avg_size is None else avg_size
+  if avg_size is None:
+    if callable(local_period):
+      raise ValueError("`avg_size` must be given when `local_period` is a schedule.")
+    avg_size = local_period
   base.check_positive_int("avg_size", avg_size)
   base.check_positive_int("num_workers", num_workers, allow_none=True)
   c1, c2, p1, p2 = map(float, (local_pull, global_pull, local_proximal, global_proximal))
@@ -490,7 +501,8 @@ def multi_leader_lsgd(inner: optax.GradientTransformation, *, group_axis, global
         group_leader_loss=jnp.float32(jnp.inf),
         shared=MultiLeaderShared(
             clock=base.make_clock(zero, zero, zero, jnp.bool_(False)),
-            num_global_exchanges=zero, global_leader_params=p, leader=jnp.int32(-1),
+            num_global_exchanges=zero, last_global_exchange=zero, global_leader_params=p,
+            leader=jnp.int32(-1),
             leader_loss=jnp.float32(jnp.inf), mix_weights=_one_hot(-1, k),
             exchanged=jnp.bool_(False), pull_distance=jnp.zeros([], jnp.float32)))
 
@@ -511,13 +523,20 @@ def multi_leader_lsgd(inner: optax.GradientTransformation, *, group_axis, global
     Lg_old = base.tree_cast_like(sh.global_leader_params, params)
     Ll_old = base.tree_cast_like(state.group_leader_params, params)
     after_warmup = sh.count >= warmup_steps
+    def per_step(p, period, fn):  # p / period (a constant for an integer period)
+      return p / fn(sh.count).astype(jnp.float32) if callable(period) else p / period
     if p2 > 0:
-      x = base.tree_where(after_warmup, _pull(x, Lg_old, p2 / global_period), x)
+      coef = per_step(p2, global_period, global_fn)
+      x = base.tree_where(after_warmup, _pull(x, Lg_old, coef), x)
     if use_local and p1 > 0:
-      x = base.tree_where(after_warmup, _pull(x, Ll_old, p1 / local_period), x)
+      coef = per_step(p1, local_period, period_fn)
+      x = base.tree_where(after_warmup, _pull(x, Ll_old, coef), x)
 
     local_ex = base.is_exchange_step(sh.count, sh.last_exchange, warmup_steps, period_fn)
-    global_ex = local_ex & ((sh.count + 1 - warmup_steps) % global_period == 0)
+    # a global round: the first local round at least global_period steps after the last
+    # one (for integer periods, every global_period steps after the warm-up)
+    global_ex = local_ex & base.is_exchange_step(sh.count, sh.last_global_exchange,
+                                                 warmup_steps, global_fn)
     idx = jnp.where(global_ex, 2, jnp.where(local_ex, 1, 0))
     if warmup_steps > 0:
       idx = jnp.where(sh.count == warmup_steps - 1, 3, idx)
@@ -527,6 +546,8 @@ def multi_leader_lsgd(inner: optax.GradientTransformation, *, group_axis, global
 
     mix = sh.mix_weights
     n_global = sh.num_global_exchanges + (idx == 2).astype(jnp.int32)
+    last_global = jnp.where((idx == 2) | (idx == 3), sh.count + 1,
+                            sh.last_global_exchange).astype(jnp.int32)
 
     # The packed shared state goes through the branches whole: a step without a global
     # round passes it through untouched (only the clock moves).
@@ -535,7 +556,8 @@ def multi_leader_lsgd(inner: optax.GradientTransformation, *, group_axis, global
         changes.update(leader=jnp.asarray(leader, jnp.int32),
                        mix_weights=None if mix is None else _one_hot(leader, mix.shape[0]))
       return base.replace(sh, clock=periodic.next_clock(idx, sh, assign),
-                          num_global_exchanges=n_global, exchanged=jnp.bool_(exchanged),
+                          num_global_exchanges=n_global, last_global_exchange=last_global,
+                          exchanged=jnp.bool_(exchanged),
                           **changes)
 
     def group_round(x):
