@@ -13,7 +13,10 @@ the fixed per-step costs show):
   four of them; they now travel as one int32[4], ``base.Clock``);
 * ``hand + flat target``: a replicated parameter-sized flat buffer carried through (the
   exact-assignment target, ``base.Flat``);
-* ``wagrad model_averaging``: the real transform through ``wagrad.Runner``.
+* ``hand as updates``: the cond returns updates that ``optax.apply_updates`` adds, as
+  an optax transform must;
+* ``wagrad model_averaging``: the real transform through ``wagrad.Runner`` (exact
+  assignment: it carries the target), and with ``exact=False`` (no target).
 
     python benchmarks/overhead_ablation.py
 """
@@ -37,7 +40,8 @@ from overhead import LR, setup, wagrad_variant  # noqa: E402
 NEVER = 1_000_000
 
 
-def hand_step(runner, p0, x, y, loss_fn, *, cond=True, scalars=0, target=False):
+def hand_step(runner, p0, x, y, loss_fn, *, cond=True, scalars=0, target=False,
+              as_updates=False):
   sgd = optax.sgd(LR)
   tm = jax.tree_util.tree_map
 
@@ -45,8 +49,13 @@ def hand_step(runner, p0, x, y, loss_fn, *, cond=True, scalars=0, target=False):
     p, x, y = tm(lambda a: a[0], (p, x, y))
     _, g = jax.value_and_grad(loss_fn)(p, x, y)
     u, _ = sgd.update(g, sgd.init(p), p)
+    if as_updates:
+      x_new = lax.cond((count + 1) % NEVER == 0,
+                       lambda x: tm(lambda a: lax.pmean(a, "workers"), x), lambda x: x,
+                       optax.apply_updates(p, u))
+      u = tm(lambda a, b: a - b, x_new, p)
     p = optax.apply_updates(p, u)
-    if cond:
+    if cond and not as_updates:
       p = lax.cond((count + 1) % NEVER == 0,
                    lambda p: tm(lambda a: lax.pmean(a, "workers"), p), lambda p: p, p)
     ints, flat = extra
@@ -72,8 +81,12 @@ def main(argv=None):
       "hand + 2 scalars": hand_step(runner, p0, x, y, loss_fn, scalars=2),
       "hand + 6 scalars": hand_step(runner, p0, x, y, loss_fn, scalars=6),
       "hand + flat target": hand_step(runner, p0, x, y, loss_fn, target=True),
+      "hand as updates": hand_step(runner, p0, x, y, loss_fn, as_updates=True),
       "wagrad model_averaging": wagrad_variant(
           runner, wagrad.model_averaging(optax.sgd(LR), NEVER), p0, x, y, loss_fn),
+      "wagrad model_averaging exact=False": wagrad_variant(
+          runner, wagrad.model_averaging(optax.sgd(LR), NEVER, exact=False), p0, x, y,
+          loss_fn),
   }
   states = {}
   for k, (f, st) in variants.items():
@@ -83,10 +96,14 @@ def main(argv=None):
     for k, (f, _) in variants.items():
       dt, states[k] = common.time_steps(f, states[k], steps)
       times[k].append(dt)
+  hand = np.asarray(times["hand"])
   rows = [{"variant": k, "median_ms": 1e3 * float(np.median(v)), "min_ms": 1e3 * min(v),
-           "max_ms": 1e3 * max(v)} for k, v in times.items()]
+           "max_ms": 1e3 * max(v),
+           # within each interleaved repetition, this program's time over the hand one's
+           "paired_ratio_to_hand": float(np.median(np.asarray(v) / hand))}
+          for k, v in times.items()]
   for r in rows:
-    print(f"{r['variant']:26s} {r['median_ms']:.3f} ms")
+    print(f"{r['variant']:36s} {r['median_ms']:.3f} ms  x{r['paired_ratio_to_hand']:.3f} hand")
   common.save("overhead_ablation", {"device": common.device_info(), "steps": steps,
                                     "reps": reps, "rows": rows})
   return rows

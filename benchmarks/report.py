@@ -45,8 +45,11 @@ def overhead_tables(data):
 
 
 def ablation_table(rows):
-  out = ["| program (tiny model, no exchange taken) | ms/step (median) |", "| --- | ---: |"]
-  out += [f"| {r['variant']} | {r['median_ms']:.3f} |" for r in rows]
+  out = ["| program (tiny model, no exchange taken) | ms/step (median) | x hand (paired median) |",
+         "| --- | ---: | ---: |"]
+  out += [f"| {r['variant']} | {r['median_ms']:.3f} | "
+          f"{r['paired_ratio_to_hand']:.3f} |" if "paired_ratio_to_hand" in r else
+          f"| {r['variant']} | {r['median_ms']:.3f} | |" for r in rows]
   return "\n".join(out)
 
 

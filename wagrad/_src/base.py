@@ -57,11 +57,18 @@ def shared_state(cls=None, *, packed=False):
 
   def pack(obj):
     d = obj.__dict__
+    done = d.get("_children")
+    if done is not None:  # a packed state is flattened several times per step
+      return done
     p = d.get("_packed")
-    if p is None:
+    if p is None:  # built from fields: packing makes new arrays (tracers), never cached
       p = flatten(tuple(d[n] for n in fields))
+      keys = tuple(p.buffers)
+      return [p.buffers[k] for k in keys], (keys, p.spec)
     keys = tuple(p.buffers)
-    return [p.buffers[k] for k in keys], (keys, p.spec)
+    done = ([p.buffers[k] for k in keys], (keys, p.spec))
+    object.__setattr__(obj, "_children", done)  # the same buffers: nothing new is cached
+    return done
 
   def flatten_with_keys(obj):
     children, aux = pack(obj)
