@@ -300,9 +300,12 @@ def test_eamsgd_without_momentum_is_easgd():
 
 
 def async_easgd_np(A, b, w0, c0, active, tau, alpha, order, eta=ETA):
+  """``tau``: an int (exchange when the own clock is a multiple) or a schedule (at clock
+  0, then period(clock) own steps after each exchange)."""
   x, c = w0.astype(np.float64), c0.astype(np.float64)
   K = len(x)
   clock = np.zeros(K, int)
+  due = np.zeros(K, int)
   n = 0
   for t in range(len(active)):
     u = -eta * _grads_np(x, A, b)
@@ -311,7 +314,10 @@ def async_easgd_np(A, b, w0, c0, active, tau, alpha, order, eta=ETA):
     for i in range(K):                                     # master: ascending index
       if not active[t, i]:
         continue
-      if clock[i] % tau == 0:
+      fires = clock[i] == due[i] if callable(tau) else clock[i] % tau == 0
+      if fires:
+        if callable(tau):
+          due[i] = clock[i] + max(1, int(tau(clock[i])))
         seen = c if order == "sequential" else c_start
         e = alpha * (x[i] - seen)
         c = c + e
@@ -351,6 +357,33 @@ def test_async_easgd_matches_numpy(backend, K, order):
   np.testing.assert_array_equal(np.asarray(s.clock), clock)
   assert int(s.shared.num_exchanges) == n == int(exch.sum())
   assert int(s.shared.last_exchange) == int(np.nonzero(anyx)[0][-1]) + 1
+
+
+@pytest.mark.parametrize("backend", ["vmap", "shard_map"])
+def test_async_easgd_period_schedule_matches_numpy(backend):
+  K, T, alpha = 8, 14, 0.15
+  runner = wagrad.Runner(backend, K)
+  A, b, w0, c0 = _problem(K)
+  active = schedules.speed_schedule(K, T, np.linspace(1.0, 0.4, K), seed=2)
+  grow = lambda c: 1 + c // 3  # noqa: E731  (own clock -> period)
+  # a constant schedule gives the integer period's table
+  np.testing.assert_array_equal(E.async_easgd_schedule(active, lambda c: 3)[0],
+                                E.async_easgd_schedule(active, 3)[0])
+  exch, anyx = E.async_easgd_schedule(active, grow)
+  tx = E.async_easgd(optax.sgd(ETA), grow, alpha=alpha, axis_name=runner.axis_name)
+
+  def step(p, s, A, b, act, flag):
+    g = jax.grad(ls_loss)(p, A, b)
+    u, s = tx.update(g, s, p, active=act, any_exchange=flag.value)
+    return wagrad.apply_updates(p, u, s), s, _shared_equal(s, runner.axis_name)
+
+  rows = (active.T.copy(), wagrad.Shared(jnp.asarray(anyx)))
+  p, s = _loop(runner, tx, step, {"w0": w0, "c0": c0}, (A, b), T, rows)
+  x, c, clock, n = async_easgd_np(A, b, w0, c0, active, grow, alpha, "sequential")
+  _assert_close(p["w"], x)
+  _assert_close(s.shared.center["w"], c)
+  assert int(s.shared.num_exchanges) == n == int(exch.sum())
+  assert n < int(E.async_easgd_schedule(active, 1)[0].sum())  # the period grew
 
 
 def test_async_easgd_orders_differ_and_inactive_unchanged():

@@ -122,8 +122,11 @@ def np_multi(A, b, w0, steps, *, G, lp, gp, c1, c2, p1, p2, avg):
 
 
 def np_async(A, b, w0, active, *, tau, pull, avg):
-  """Asynchronous LSGD as reconstructed (master keeps the best reported leader)."""
+  """Asynchronous LSGD as reconstructed (master keeps the best reported leader).
+  ``tau``: an int, or a schedule (first report after tau(0) own steps, then tau(n)
+  own steps after each)."""
   T, K = active.shape
+  due = np.full(K, max(1, int(tau(0))) if callable(tau) else 0)
   x = np.tile(np.asarray(w0, np.float64), (K, 1))
   Lm, rm, origin = np.asarray(w0, np.float64).copy(), np.inf, -1
   bufs = [[] for _ in range(K)]
@@ -137,7 +140,12 @@ def np_async(A, b, w0, active, *, tau, pull, avg):
         x[i] = x[i] - LR * _util.ls_grad_np(x[i], A[i], b[i])
         bufs[i].append(loss)
         n[i] += 1
-    R = a & (n % tau == 0)
+    if callable(tau):
+      R = a & (n == due)
+      for i in np.nonzero(R)[0]:
+        due[i] = n[i] + max(1, int(tau(n[i])))
+    else:
+      R = a & (n % tau == 0)
     if R.any():
       r = np.array([_running(bf, avg) for bf in bufs])
       l = _argmin(r, R)
@@ -562,6 +570,39 @@ def test_async_lsgd_reconstruction_self_consistency(backend, K):
     np.testing.assert_allclose(np.asarray(s.shared.leader_params["w"]), L_ref, rtol=1e-5,
                                atol=1e-6)
   np.testing.assert_array_equal(results[0][0], results[1][0])
+
+
+@pytest.mark.parametrize("backend", ["vmap", "shard_map"])
+def test_async_lsgd_period_schedule_matches_numpy(backend):
+  K, steps = 8, 16
+  r = wagrad.Runner(backend, K)
+  A, b = _util.least_squares(K)
+  active = schedules.speed_schedule(K, steps, [1.0, 0.5, 1.0, 0.34, 1.0, 0.7, 0.5, 1.0],
+                                    seed=1)
+  grow = lambda n: 1 + n // 4  # noqa: E731  (own local count -> period)
+  np.testing.assert_array_equal(L.async_report_steps(active, lambda n: 2)[0],
+                                L.async_report_steps(active, 2)[0])
+  reports, anyone = L.async_report_steps(active, grow)
+  tx = L.async_lsgd(optax.sgd(LR), grow, pull=0.4, avg_size=2, axis_name=r.axis_name)
+
+  def step(p, s, A, b, a, any_r):
+    loss, g = jax.value_and_grad(_util.ls_loss)(p, A, b)
+    u, s = tx.update(g, s, p, value=loss, active=a, any_report=any_r.value)
+    return optax.apply_updates(p, u), s
+
+  f = r.map(step)
+  p, s = r.replicate(P0), r.init(tx, P0)
+  for t in range(steps):
+    p, s = f(p, s, A, b, jnp.asarray(active[t]), wagrad.Shared(jnp.asarray(anyone[t])))
+  x_ref, L_ref, origin, repl = np_async(A, b, np.zeros(3), active, tau=grow, pull=0.4,
+                                        avg=2)
+  assert int(s.shared.num_exchanges) == anyone.sum() > 0
+  assert int(s.shared.leader) == origin and int(s.shared.num_replacements) == repl
+  np.testing.assert_allclose(np.asarray(p["w"]), x_ref, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(np.asarray(s.shared.leader_params["w"]), L_ref, rtol=1e-5,
+                             atol=1e-6)
+  with pytest.raises(ValueError, match="avg_size"):
+    L.async_lsgd(optax.sgd(LR), grow)
 
 
 # ----------------------------------------------------------------------------- communication

@@ -444,27 +444,31 @@ def eamsgd_lookahead(params, opt_state):
 # ----------------------------------------------------------------------------- async EASGD
 
 
-def async_easgd_schedule(active, sync_period: int):
+def async_easgd_schedule(active, sync_period):
   """Which workers exchange at which global step in :func:`async_easgd` (NumPy).
 
   Worker i's clock ``t_i`` counts its own active steps; it exchanges at an active
-  step where ``t_i mod tau == 0`` (its first active step included).
+  step where ``t_i mod tau == 0`` (its first active step included); with a schedule,
+  at ``t_i = 0`` and then ``period(t_i)`` of its own steps after each exchange.
 
   Args:
     active: bool ``[T, K]`` activity masks (e.g. ``wagrad`` speed schedules).
-    sync_period: tau >= 1.
+    sync_period: tau >= 1, or a schedule ``own clock -> period``.
 
   Returns:
     ``(exchange, any_exchange)``: bool ``[T, K]`` and bool ``[T]``. Pass
     ``any_exchange[t]`` to ``tx.update(..., any_exchange=...)`` as a value shared by
     every worker (e.g. wrapped in ``wagrad.Shared`` in the mapped step's arguments).
   """
-  base.check_positive_int("sync_period", sync_period)
+  periodic.own_clock_period("sync_period", sync_period)
   active = np.asarray(active, dtype=bool)
   if active.ndim != 2:
     raise ValueError(f"`active` must have shape [T, K], got {active.shape}.")
   clock = np.cumsum(active, axis=0) - active  # active steps before step t
-  exchange = active & (clock % sync_period == 0)
+  if not callable(sync_period):
+    exchange = active & (clock % sync_period == 0)
+  else:
+    exchange = periodic.own_clock_table(active, clock, sync_period, first_due=0)
   return exchange, exchange.any(axis=1)
 
 
@@ -481,9 +485,10 @@ class AsyncEASGDState(NamedTuple):
   inner: Any                # inner optimizer state, per worker
   clock: jax.Array          # t_i: this worker's own active steps, per worker
   shared: AsyncEASGDShared
+  due: Any = None           # with a period schedule: the clock of the next exchange
 
 
-def async_easgd(inner: optax.GradientTransformation, sync_period: int = 1, *,
+def async_easgd(inner: optax.GradientTransformation, sync_period=1, *,
                 alpha: float | None = None, beta: float = 0.9, axis_name="workers",
                 order: str = "sequential") -> optax.GradientTransformationExtraArgs:
   """Asynchronous EASGD (Algorithm 1), simulated with per-step activity masks.
@@ -511,7 +516,9 @@ def async_easgd(inner: optax.GradientTransformation, sync_period: int = 1, *,
 
   Args:
     inner: the local optimizer (``optax.sgd(eta)`` is the paper's).
-    sync_period: tau >= 1 (an int: it is a per-worker clock period).
+    sync_period: tau >= 1 on each worker's own clock, or a schedule
+      ``own clock -> period``: a worker exchanges at its first active step and then
+      ``period(t_i)`` of its own steps after each exchange.
     alpha: moving rate in (0, 1); default ``beta / p``.
     beta: in (0, 1], used when ``alpha`` is None.
     axis_name: the worker axis.
@@ -529,21 +536,21 @@ def async_easgd(inner: optax.GradientTransformation, sync_period: int = 1, *,
     Zhang, Choromanska, LeCun, 2015, arXiv 1412.6651, Algorithm 1.
   """
   base.check_transform("inner", inner)
-  base.check_positive_int("sync_period", sync_period)
+  period_fn = periodic.own_clock_period("sync_period", sync_period)
   _check_alpha_beta(alpha, beta)
   if order not in ORDERS:
     raise ValueError(f"unknown `order` {order!r}; choose one of {ORDERS}.")
   if not isinstance(axis_name, (str, tuple)):
     raise TypeError(f"`axis_name` must be a string or a tuple of strings, got {axis_name!r}.")
   inner = periodic.inner_with_extra_args(inner)
-  tau = int(sync_period)
+  scheduled = callable(sync_period)
 
   def init_fn(params):
     zero = jnp.zeros([], jnp.int32)
     return AsyncEASGDState(inner.init(params), zero, AsyncEASGDShared(
         clock=base.make_clock(zero, zero, zero, jnp.bool_(False)), target=None,
         center=_tmap(jnp.asarray, params), distance=jnp.zeros([], jnp.float32),
-        num_exchanging=zero))
+        num_exchanging=zero), due=zero if scheduled else None)
 
   def update_fn(grads, state, params=None, *, active=True, any_exchange=None, **extra):
     if params is None:
@@ -556,7 +563,12 @@ def async_easgd(inner: optax.GradientTransformation, sync_period: int = 1, *,
     u, new_inner = inner.update(grads, state.inner, params, **extra)
     u = _tmap(lambda x: jnp.where(act, x, jnp.zeros_like(x)), u)
     inner_state = base.tree_where(act, new_inner, state.inner)
-    me = act & (state.clock % tau == 0)
+    if scheduled:
+      me = act & (state.clock == state.due)
+      due = jnp.where(me, state.clock + period_fn(state.clock), state.due)
+    else:
+      me = act & (state.clock % sync_period == 0)
+      due = None
     if any_exchange is None:
       pred = lax.pmax(me.astype(jnp.int32), axis_name) > 0
     else:
@@ -620,7 +632,7 @@ def async_easgd(inner: optax.GradientTransformation, sync_period: int = 1, *,
 
     upd, new_shared = periodic.flat_cond(pred, exchange, local, u)
     clock = state.clock + act.astype(jnp.int32)
-    return upd, AsyncEASGDState(inner_state, clock, new_shared)
+    return upd, AsyncEASGDState(inner_state, clock, new_shared, due)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 

@@ -636,9 +636,10 @@ class AsyncLSGDState(NamedTuple):
   num_losses: jax.Array
   local_count: jax.Array      # this worker's own local steps (its clock)
   shared: AsyncLSGDShared
+  due: Any = None             # with a period schedule: the local count of the next report
 
 
-def async_lsgd(inner: optax.GradientTransformation, sync_period: int = 4, *,
+def async_lsgd(inner: optax.GradientTransformation, sync_period=4, *,
                pull: float = 0.1, avg_size: int | None = None, axis_name="workers"
                ) -> optax.GradientTransformationExtraArgs:
   """Asynchronous LSGD with a master holding the leader [reconstruction].
@@ -663,10 +664,13 @@ def async_lsgd(inner: optax.GradientTransformation, sync_period: int = 4, *,
 
   Args:
     inner: the local optimizer.
-    sync_period: tau >= 1, local steps of a worker between its reports.
+    sync_period: tau >= 1, local steps of a worker between its reports, or a schedule
+      ``own local count -> period``: the first report after ``period(0)`` local steps,
+      each next one ``period(n_i)`` local steps after the last.
     pull: strength in (0, 1] of the pull toward the master's leader (the paper's
       lambda-like coupling; default 0.1).
-    avg_size: running-mean window of the losses (default ``sync_period``).
+    avg_size: running-mean window of the losses (default ``sync_period``; required
+      with a schedule).
     axis_name: the worker axis.
 
   Returns:
@@ -682,9 +686,13 @@ def async_lsgd(inner: optax.GradientTransformation, sync_period: int = 4, *,
     Teng et al., NeurIPS 2019, arXiv 1905.10395 (asynchronous LSGD).
   """
   base.check_transform("inner", inner)
-  base.check_positive_int("sync_period", sync_period)
+  period_fn = periodic.own_clock_period("sync_period", sync_period)
+  scheduled = callable(sync_period)
   _check_pull("pull", pull)
-  avg_size = sync_period if avg_size is None else avg_size
+  if avg_size is None:
+    if scheduled:
+      raise ValueError("`avg_size` must be given when `sync_period` is a schedule.")
+    avg_size = sync_period
   base.check_positive_int("avg_size", avg_size)
   if not isinstance(axis_name, (str, tuple)):
     raise TypeError(f"`axis_name` must be a string or a tuple of strings, got {axis_name!r}.")
@@ -696,6 +704,7 @@ def async_lsgd(inner: optax.GradientTransformation, sync_period: int = 4, *,
     return AsyncLSGDState(
         inner=inner.init(params), losses=jnp.zeros([avg_size], jnp.float32),
         num_losses=zero, local_count=zero,
+        due=period_fn(zero) if scheduled else None,
         shared=AsyncLSGDShared(
             clock=base.make_clock(zero, zero, zero, jnp.bool_(False)), num_replacements=zero,
             target=None, leader_params=jax.tree_util.tree_map(jnp.asarray, params),
@@ -717,7 +726,12 @@ def async_lsgd(inner: optax.GradientTransformation, sync_period: int = 4, *,
     losses, num_losses = _push_loss(state.losses, state.num_losses, loss, act)
     run_loss = _running_mean(losses, num_losses)
     local_count = state.local_count + act.astype(jnp.int32)
-    reports = act & (local_count % sync_period == 0)
+    if scheduled:
+      reports = act & (local_count == state.due)
+      due = jnp.where(reports, local_count + period_fn(local_count), state.due)
+    else:
+      reports = act & (local_count % sync_period == 0)
+      due = None
     if any_report is None:
       anyone = lax.pmax(reports.astype(jnp.int32), axis_name) > 0
     else:
@@ -747,21 +761,27 @@ def async_lsgd(inner: optax.GradientTransformation, sync_period: int = 4, *,
     L = base.tree_cast_like(new_shared.leader_params, params)
     x_new = base.tree_where(anyone & reports, L if pull == 1.0 else _pull(x, L, pull), x)
     updates = periodic.updates_to(x_new, params)
-    return updates, AsyncLSGDState(inner_state, losses, num_losses, local_count, new_shared)
+    return updates, AsyncLSGDState(inner_state, losses, num_losses, local_count, new_shared,
+                                   due)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
-def async_report_steps(active, sync_period: int):
+def async_report_steps(active, sync_period):
   """Which workers report at each step of :func:`async_lsgd` (NumPy, from the schedule).
 
   Returns ``(reports, any_report)``: bool ``[T, K]`` (worker i is active at t and has
-  completed a multiple of ``sync_period`` local steps) and bool ``[T]`` (someone
-  reports at t; pass row t as the shared ``any_report=``).
+  completed a multiple of ``sync_period`` local steps; with a schedule, its due local
+  count) and bool ``[T]`` (someone reports at t; pass row t as the shared
+  ``any_report=``).
   """
-  base.check_positive_int("sync_period", sync_period)
+  periodic.own_clock_period("sync_period", sync_period)
   a = np.asarray(active, dtype=bool)
   if a.ndim != 2:
     raise ValueError(f"`active` must be a [steps, workers] table, got shape {a.shape}.")
-  reports = a & (np.cumsum(a, axis=0) % sync_period == 0)
+  count = np.cumsum(a, axis=0)  # local steps completed, this one included
+  if callable(sync_period):
+    reports = periodic.own_clock_table(a, count, sync_period, first_due=None)
+  else:
+    reports = a & (count % sync_period == 0)
   return reports, reports.any(axis=1)

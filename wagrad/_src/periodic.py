@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from jax import lax
 
@@ -89,6 +90,32 @@ def sync_opt_state(policy, inner, inner_state, new_params, axis_name):
 def updates_to(target, params):
   """``target - params`` per leaf, in the params' dtype (use with wagrad.apply_updates)."""
   return jax.tree_util.tree_map(lambda t, p: (t.astype(p.dtype) - p), target, params)
+
+
+def own_clock_period(name, period):
+  """Validate the period of an asynchronous variant, counted on each worker's own clock
+  (an int >= 1 or a schedule); return the period function."""
+  if period is None:
+    raise ValueError(f"`{name}` must be an integer >= 1 or a schedule, got None.")
+  return base.make_period_fn(name, period)
+
+
+def own_clock_table(active, clock, period, first_due):
+  """NumPy: which active steps fire on each worker's own clock under a period schedule.
+
+  ``clock[t, i]`` is worker i's clock as the rule reads it at step t; a worker fires at
+  an active step whose clock equals its next due value, which starts at ``first_due``
+  (``None``: ``period(0)``) and moves to ``clock + period(clock)`` after each firing.
+  """
+  T, K = active.shape
+  p = lambda c: max(int(period(int(c))), 1)  # noqa: E731  (as make_period_fn: >= 1)
+  due = np.full(K, p(0) if first_due is None else first_due)
+  fires = np.zeros((T, K), bool)
+  for t in range(T):
+    fires[t] = active[t] & (clock[t] == due)
+    for i in np.nonzero(fires[t])[0]:
+      due[i] = clock[t, i] + p(clock[t, i])
+  return fires
 
 
 def next_last_exchange(idx, count, last_exchange):
