@@ -18,6 +18,9 @@ per-operation cost, so it shows what wagrad adds in absolute terms) and ``small`
 
     python benchmarks/overhead.py            # full size, both models
     python benchmarks/overhead.py --quick    # reduced size (part of run_all.py)
+    python benchmarks/overhead.py --targets  # only the variants #8's targets compare,
+                                             # 25 repetitions, bootstrap intervals
+                                             # (writes overhead_targets.json)
 """
 
 import argparse
@@ -106,6 +109,9 @@ def main(argv=None):
   ap.add_argument("--steps", type=int, default=None)
   ap.add_argument("--reps", type=int, default=None)
   ap.add_argument("--models", default="tiny,small", help="comma-separated: tiny, small")
+  ap.add_argument("--targets", action="store_true",
+                  help="only sync SGD and averaging against their hand-written steps and "
+                       "local SGD, more repetitions, 90%% bootstrap intervals")
   args = ap.parse_args(argv)
   models = [m for m in args.models.split(",") if m]
   for m in models:
@@ -115,16 +121,19 @@ def main(argv=None):
   for m in models:
     batch, hidden = MODELS[m]
     steps = args.steps or {"tiny": 48 if args.quick else 160, "small": 16 if args.quick else 48}[m]
-    reps = args.reps or (5 if args.quick else 9)
+    reps = args.reps or (5 if args.quick else 25 if args.targets else 9)
     print(f"== model {m}: hidden {hidden}, batch {batch} per worker, {reps} x {steps} steps",
           flush=True)
-    data["models"][m] = run_model(batch, hidden, steps, reps)
+    data["models"][m] = run_model(batch, hidden, steps, reps, targets=args.targets)
+  if args.targets:
+    common.save("overhead_targets", data)
+    return data
   common.save("overhead", data)
   plot(data)
   return data
 
 
-def run_model(batch, hidden, steps, reps, K=8):
+def run_model(batch, hidden, steps, reps, K=8, targets=False):
   runner = wagrad.Runner("shard_map", K)
   p0, x, y, loss_fn = setup(K, batch, hidden)
   n_params = sum(a.size for a in jax.tree_util.tree_leaves(p0))
@@ -143,7 +152,7 @@ def run_model(batch, hidden, steps, reps, K=8):
         runner, wagrad.model_averaging(sgd, tau), p0, x, y, loss_fn)
     variants[f"wagrad model_averaging exact=False tau={tau}"] = wagrad_variant(
         runner, wagrad.model_averaging(sgd, tau, exact=False), p0, x, y, loss_fn)
-  for name, factory in extra_algorithms().items():
+  for name, factory in ({} if targets else extra_algorithms()).items():
     for tau in taus:
       variants[f"wagrad {name} tau={tau}"] = wagrad_variant(runner, factory(sgd, tau), p0, x, y, loss_fn)
 
@@ -170,6 +179,13 @@ def run_model(batch, hidden, steps, reps, K=8):
     r = np.asarray(times[a]) / np.asarray(times[b])
     return [float(np.percentile(r, q)) for q in (25, 50, 75)]
 
+  def median_interval(a, b):
+    """90% bootstrap interval of the median paired ratio (seeded resampling)."""
+    r = np.asarray(times[a]) / np.asarray(times[b])
+    rng = np.random.default_rng(0)
+    meds = np.median(r[rng.integers(0, len(r), (2000, len(r)))], axis=1)
+    return [float(np.percentile(meds, 5)), float(np.percentile(meds, 95))]
+
   rows = []
   for name in variants:
     row = {"variant": name, "median_ms": 1e3 * med[name],
@@ -182,11 +198,20 @@ def run_model(batch, hidden, steps, reps, K=8):
       row["paired_ratio_to_hand_q25_q50_q75"] = paired(name, hand)
       row["paired_ratio_to_hand_as_updates_q25_q50_q75"] = paired(
           name, f"hand averaging (as updates) tau={tau}")
+      row["median_ratio_to_hand_90ci"] = median_interval(name, hand)
+      row["median_ratio_to_hand_as_updates_90ci"] = median_interval(
+          name, f"hand averaging (as updates) tau={tau}")
+      row["median_ratio_to_local_sgd_90ci"] = median_interval(name, "local_sgd (no comm)")
       row["paired_ratio_to_local_sgd_q25_q50_q75"] = paired(name, "local_sgd (no comm)")
       row["target_ratio_to_local_sgd"] = 1 + 1 / tau
+    if name.startswith("hand averaging"):
+      row["paired_ratio_to_local_sgd_q25_q50_q75"] = paired(name, "local_sgd (no comm)")
+      row["median_ratio_to_local_sgd_90ci"] = median_interval(name, "local_sgd (no comm)")
+      row["target_ratio_to_local_sgd"] = 1 + 1 / int(name.rsplit("=", 1)[1])
     if name == "wagrad sync_sgd":
       row["ratio_to_hand"] = med[name] / med["hand sync_sgd"]
       row["paired_ratio_to_hand_q25_q50_q75"] = paired(name, "hand sync_sgd")
+      row["median_ratio_to_hand_90ci"] = median_interval(name, "hand sync_sgd")
     f = variants[name][0]
     if hasattr(f, "num_traces"):
       row["num_traces"] = f.num_traces()

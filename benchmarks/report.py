@@ -44,6 +44,32 @@ def overhead_tables(data):
   return "\n".join(out)
 
 
+def targets_table(data):
+  """#8's targets with 90% bootstrap intervals of the median paired ratio."""
+  def ci(r, key):
+    if key not in r:
+      return ""
+    q = {"median_ratio_to_hand_90ci": "paired_ratio_to_hand_q25_q50_q75",
+         "median_ratio_to_hand_as_updates_90ci": "paired_ratio_to_hand_as_updates_q25_q50_q75",
+         "median_ratio_to_local_sgd_90ci": "paired_ratio_to_local_sgd_q25_q50_q75"}[key]
+    lo, hi = r[key]
+    return f"{r[q][1]:.3f} [{lo:.3f}, {hi:.3f}]"
+  out = ["| model | variant | x hand-written | x hand-written as updates | x local SGD | target x local |",
+         "| --- | --- | ---: | ---: | ---: | ---: |"]
+  for name, m in data["models"].items():
+    for r in m["rows"]:
+      if not any(k.endswith("_90ci") for k in r):
+        continue
+      tgt = r.get("target_ratio_to_local_sgd")
+      out.append(f"| {name} | {r['variant']} | {ci(r, 'median_ratio_to_hand_90ci')} | "
+                 f"{ci(r, 'median_ratio_to_hand_as_updates_90ci')} | "
+                 f"{ci(r, 'median_ratio_to_local_sgd_90ci')} | "
+                 f"{'' if tgt is None else f'{tgt:.4f}'} |")
+  reps = {m["reps"] for m in data["models"].values()}
+  return (f"Paired medians over {'/'.join(map(str, sorted(reps)))} interleaved repetitions, "
+          f"[90% bootstrap interval]:\n\n" + "\n".join(out))
+
+
 def ablation_table(rows):
   out = ["| program (tiny model, no exchange taken) | ms/step (median) | x hand (paired median) |",
          "| --- | ---: | ---: |"]
@@ -78,6 +104,9 @@ def scaling_text(data):
 
 
 def main():
+  if os.path.exists(os.path.join(RES, "overhead_targets.json")):
+    print(targets_table(load("overhead_targets")))
+    print()
   print(overhead_tables(load("overhead")))
   print(ablation_table(load("overhead_ablation")["rows"]))
   print()

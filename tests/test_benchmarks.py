@@ -28,6 +28,24 @@ def test_overhead_benchmark_tiny(tmp_path, monkeypatch):
 
 
 @pytest.mark.slow
+def test_overhead_targets_mode_tiny(tmp_path, monkeypatch):
+  """--targets: only the variants the targets compare, with bootstrap intervals."""
+  import common
+  monkeypatch.setattr(common, "OUT", str(tmp_path))
+  import overhead
+  data = overhead.main(["--targets", "--steps", "2", "--reps", "3", "--models", "tiny"])
+  rows = {r["variant"]: r for r in data["models"]["tiny"]["rows"]}
+  assert (tmp_path / "overhead_targets.json").exists()
+  assert not any("easgd" in v or "lsgd" in v for v in rows)
+  r = rows["wagrad model_averaging exact=False tau=4"]
+  for key in ("median_ratio_to_hand_90ci", "median_ratio_to_hand_as_updates_90ci",
+              "median_ratio_to_local_sgd_90ci"):
+    lo, hi = r[key]
+    assert 0 < lo <= hi
+  assert rows["hand averaging tau=16"]["target_ratio_to_local_sgd"] == 1 + 1 / 16
+
+
+@pytest.mark.slow
 def test_convergence_benchmark_tiny(tmp_path, monkeypatch):
   import common
   monkeypatch.setattr(common, "OUT", str(tmp_path))
