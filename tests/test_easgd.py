@@ -614,6 +614,12 @@ def test_bad_hyperparameters():
     E.async_easgd(sgd, 0)
   with pytest.raises(ValueError, match="sync_period"):
     E.tree_easgd(sgd, group_axis="l", global_axis="g", sync_period=(2,))
+  with pytest.raises(ValueError, match=r"sync_period\[low\]"):
+    E.tree_easgd(sgd, group_axis="l", global_axis="g", sync_period=(None, 4))
+  with pytest.raises(ValueError, match=r"sync_period\[high\]"):
+    E.tree_easgd(sgd, group_axis="l", global_axis="g", sync_period=(2, lambda t: 0))
+  with pytest.raises(ValueError, match="sync_period"):
+    E.async_easgd(sgd, lambda c: -1)
   with pytest.raises(ValueError, match="alpha"):
     E.tree_easgd(sgd, group_axis="l", global_axis="g", alpha=(0.1, 1.2))
   with pytest.raises(TypeError, match="group_axis"):

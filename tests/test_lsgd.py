@@ -421,6 +421,17 @@ def test_bad_hyperparameters_multi_and_async():
     mk(group_axis=3)
   with pytest.raises(ValueError, match="sync_period"):
     L.async_lsgd(optax.sgd(LR), 0)
+  # periods may be schedules; None or a schedule returning < 1 is refused by name
+  with pytest.raises(ValueError, match="local_period"):
+    mk(local_period=None)
+  with pytest.raises(ValueError, match="global_period"):
+    mk(global_period=lambda t: 1 - t // 10, avg_size=2)
+  with pytest.raises(ValueError, match="avg_size"):
+    mk(local_period=lambda t: 2)
+  with pytest.raises(ValueError, match="sync_period"):
+    L.async_lsgd(optax.sgd(LR), None)
+  with pytest.raises(ValueError, match="sync_period"):
+    L.async_lsgd(optax.sgd(LR), lambda n: 0, avg_size=2)
   with pytest.raises(ValueError, match="pull"):
     L.async_lsgd(optax.sgd(LR), 2, pull=0.0)
   with pytest.raises(TypeError, match="inner"):

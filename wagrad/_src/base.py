@@ -61,13 +61,16 @@ def shared_state(cls=None, *, packed=False):
     if done is not None:  # a packed state is flattened several times per step
       return done
     p = d.get("_packed")
-    if p is None:  # built from fields: packing makes new arrays (tracers), never cached
+    # Cache only what was unflattened from buffers (the same buffers come back). A state
+    # built from fields makes new arrays when packed -- tracers inside a trace -- so it
+    # is never cached.
+    cache = p is not None
+    if not cache:
       p = flatten(tuple(d[n] for n in fields))
-      keys = tuple(p.buffers)
-      return [p.buffers[k] for k in keys], (keys, p.spec)
     keys = tuple(p.buffers)
     done = ([p.buffers[k] for k in keys], (keys, p.spec))
-    object.__setattr__(obj, "_children", done)  # the same buffers: nothing new is cached
+    if cache:
+      object.__setattr__(obj, "_children", done)
     return done
 
   def flatten_with_keys(obj):
