@@ -359,7 +359,7 @@ def test_async_easgd_matches_numpy(backend, K, order):
   assert int(s.shared.last_exchange) == int(np.nonzero(anyx)[0][-1]) + 1
 
 
-@pytest.mark.parametrize("backend", ["vmap", "shard_map"])
+@pytest.mark.parametrize("backend", ["vmap", "shard_map", "pmap"])
 def test_async_easgd_period_schedule_matches_numpy(backend):
   K, T, alpha = 8, 14, 0.15
   runner = wagrad.Runner(backend, K)
@@ -472,9 +472,9 @@ def test_tree_easgd_matches_numpy(backend, K, G):
   assert int(s.shared.num_exchanges) == 3 and int(s.shared.num_root_exchanges) == 2
 
 
-@pytest.mark.parametrize("backend", ["vmap", "shard_map"])
-def test_tree_easgd_period_schedules_match_numpy(backend):
-  K, G, steps = 8, 2, 12
+@pytest.mark.parametrize("backend,K,G", [("vmap", 8, 2), ("shard_map", 8, 2), ("pmap", 16, 8)])
+def test_tree_easgd_period_schedules_match_numpy(backend, K, G):
+  steps = 12
   runner = wagrad.Runner(backend, K, groups=G)
   A, b, w0, c0 = _problem(K)
   taus = (lambda t: 1 + t // 4, lambda t: 3 + t // 6)
@@ -550,12 +550,13 @@ def _due_steps(period_fn, steps):
   return out
 
 
-@pytest.mark.parametrize("name", ["eamsgd", "downpour"])
-def test_momentum_and_downpour_take_period_schedules(name):
+@pytest.mark.parametrize("name,backend", [("eamsgd", "vmap"), ("downpour", "vmap"),
+                                          ("eamsgd", "pmap"), ("downpour", "shard_map")])
+def test_momentum_and_downpour_take_period_schedules(name, backend):
   """A constant schedule is the integer period bit for bit; a growing one exchanges at
   the steps its periods give."""
   K, steps = 8, 12
-  runner = wagrad.Runner("vmap", K)
+  runner = wagrad.Runner(backend, K)
   A, b, w0, c0 = _problem(K)
   make = {"eamsgd": lambda tau: E.eamsgd(0.05, tau, momentum=0.9),
           "downpour": lambda tau: E.downpour(0.02, tau, master_momentum=0.5)}[name]

@@ -583,7 +583,7 @@ def test_async_lsgd_reconstruction_self_consistency(backend, K):
   np.testing.assert_array_equal(results[0][0], results[1][0])
 
 
-@pytest.mark.parametrize("backend", ["vmap", "shard_map"])
+@pytest.mark.parametrize("backend", ["vmap", "shard_map", "pmap"])
 def test_async_lsgd_period_schedule_matches_numpy(backend):
   K, steps = 8, 16
   r = wagrad.Runner(backend, K)
