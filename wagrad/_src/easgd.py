@@ -460,7 +460,7 @@ def async_easgd_schedule(active, sync_period):
     ``any_exchange[t]`` to ``tx.update(..., any_exchange=...)`` as a value shared by
     every worker (e.g. wrapped in ``wagrad.Shared`` in the mapped step's arguments).
   """
-  periodic.own_clock_period("sync_period", sync_period)
+  periodic.require_period("sync_period", sync_period)
   active = np.asarray(active, dtype=bool)
   if active.ndim != 2:
     raise ValueError(f"`active` must have shape [T, K], got {active.shape}.")
@@ -536,7 +536,7 @@ def async_easgd(inner: optax.GradientTransformation, sync_period=1, *,
     Zhang, Choromanska, LeCun, 2015, arXiv 1412.6651, Algorithm 1.
   """
   base.check_transform("inner", inner)
-  period_fn = periodic.own_clock_period("sync_period", sync_period)
+  period_fn = periodic.require_period("sync_period", sync_period)
   _check_alpha_beta(alpha, beta)
   if order not in ORDERS:
     raise ValueError(f"unknown `order` {order!r}; choose one of {ORDERS}.")
@@ -658,11 +658,10 @@ class TreeEASGDState(NamedTuple):
 
 
 def _pair(name, value, check):
+  """``(low, high)``, each passed through ``check(name[level], v)``."""
   if not isinstance(value, (tuple, list)) or len(value) != 2:
     raise ValueError(f"`{name}` must be a pair (low, high), got {value!r}.")
-  for v, lvl in zip(value, ("low", "high")):
-    check(f"{name}[{lvl}]", v)
-  return tuple(value)
+  return tuple(check(f"{name}[{lvl}]", v) for v, lvl in zip(value, ("low", "high")))
 
 
 def tree_easgd(inner: optax.GradientTransformation, *, group_axis, global_axis,
@@ -709,15 +708,12 @@ def tree_easgd(inner: optax.GradientTransformation, *, group_axis, global_axis,
     arXiv 1605.02216 (tree EASGD).
   """
   base.check_transform("inner", inner)
-  def check_period(name, v):
-    if v is None:
-      raise ValueError(f"`{name}` must be an integer >= 1 or a schedule, got None.")
-    base.make_period_fn(name, v)
-  low_fn, high_fn = (base.make_period_fn(f"sync_period[{lvl}]", v) for v, lvl in zip(
-      _pair("sync_period", sync_period, check_period), ("low", "high")))
+  low_fn, high_fn = _pair("sync_period", sync_period, periodic.require_period)
   if alpha is not None:
-    alpha = _pair("alpha", alpha, lambda n, v: base.check_range(
-        n, v, 0.0, 1.0, lo_open=True, hi_open=True))
+    def check_alpha(n, v):
+      base.check_range(n, v, 0.0, 1.0, lo_open=True, hi_open=True)
+      return v
+    alpha = _pair("alpha", alpha, check_alpha)
   base.check_range("beta", beta, 0.0, 1.0, lo_open=True)
   for name, ax in (("group_axis", group_axis), ("global_axis", global_axis)):
     if not isinstance(ax, (str, tuple)):
@@ -750,8 +746,7 @@ def tree_easgd(inner: optax.GradientTransformation, *, group_axis, global_axis,
     high = base.is_exchange_step(sh.count, sh.last_root_exchange, 0, high_fn)
     branch = low.astype(jnp.int32) + 2 * high.astype(jnp.int32)
     z = state.group_center
-    clock = base.make_clock(sh.count + 1, jnp.where(low, sh.count + 1, sh.last_exchange),
-                            sh.num_exchanges + low.astype(jnp.int32), False)
+    clock = periodic.next_clock(low.astype(jnp.int32), sh, False)
     n_root = sh.num_root_exchanges + high.astype(jnp.int32)
     root_clock = dict(num_root_exchanges=n_root, last_root_exchange=jnp.where(
         high, sh.count + 1, sh.last_root_exchange).astype(jnp.int32))

@@ -467,11 +467,8 @@ def multi_leader_lsgd(inner: optax.GradientTransformation, *, group_axis, global
         isinstance(ax, tuple) and not all(isinstance(a, str) for a in ax)):
       raise TypeError(f"`{name}` must be a string or a tuple of strings, got {ax!r}.")
   full_axis = _as_tuple(global_axis) + _as_tuple(group_axis)
-  for name, v in (("local_period", local_period), ("global_period", global_period)):
-    if v is None:
-      raise ValueError(f"`{name}` must be an integer >= 1 or a schedule, got None.")
-  base.make_period_fn("local_period", local_period)  # named errors for bad periods
-  global_fn = base.make_period_fn("global_period", global_period)
+  periodic.require_period("local_period", local_period)  # named errors for bad periods
+  global_fn = periodic.require_period("global_period", global_period)
   period_fn = periodic.check_common(inner, local_period, warmup_steps, opt_state_sync,
                                     full_axis)
   if not (callable(local_period) or callable(global_period)) and global_period % local_period:
@@ -686,7 +683,7 @@ def async_lsgd(inner: optax.GradientTransformation, sync_period=4, *,
     Teng et al., NeurIPS 2019, arXiv 1905.10395 (asynchronous LSGD).
   """
   base.check_transform("inner", inner)
-  period_fn = periodic.own_clock_period("sync_period", sync_period)
+  period_fn = periodic.require_period("sync_period", sync_period)
   scheduled = callable(sync_period)
   _check_pull("pull", pull)
   if avg_size is None:
@@ -736,8 +733,7 @@ def async_lsgd(inner: optax.GradientTransformation, sync_period=4, *,
       anyone = lax.pmax(reports.astype(jnp.int32), axis_name) > 0
     else:
       anyone = jnp.asarray(any_report, jnp.bool_)
-    clock = base.make_clock(sh.count + 1, jnp.where(anyone, sh.count + 1, sh.last_exchange),
-                            sh.num_exchanges + anyone.astype(jnp.int32), False)
+    clock = periodic.next_clock(anyone.astype(jnp.int32), sh, False)
 
     # Only the packed shared state goes through the branch (a quiet step passes it
     # through untouched); the reporting workers' pull is a select after it.
@@ -775,7 +771,7 @@ def async_report_steps(active, sync_period):
   count) and bool ``[T]`` (someone reports at t; pass row t as the shared
   ``any_report=``).
   """
-  periodic.own_clock_period("sync_period", sync_period)
+  periodic.require_period("sync_period", sync_period)
   a = np.asarray(active, dtype=bool)
   if a.ndim != 2:
     raise ValueError(f"`active` must be a [steps, workers] table, got shape {a.shape}.")

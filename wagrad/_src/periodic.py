@@ -92,9 +92,9 @@ def updates_to(target, params):
   return jax.tree_util.tree_map(lambda t, p: (t.astype(p.dtype) - p), target, params)
 
 
-def own_clock_period(name, period):
-  """Validate the period of an asynchronous variant, counted on each worker's own clock
-  (an int >= 1 or a schedule); return the period function."""
+def require_period(name, period):
+  """Validate a period that must be given (an int >= 1 or a schedule; ``None`` is
+  refused by name); return the period function."""
   if period is None:
     raise ValueError(f"`{name}` must be an integer >= 1 or a schedule, got None.")
   return base.make_period_fn(name, period)
@@ -137,9 +137,11 @@ def next_clock(idx, sh, assign=None):
 # XLA:CPU passes every leaf of a conditional's operands and results as its own buffer;
 # with forced CPU devices each of them costs a per-device copy and dispatch (an earlier
 # version of benchmarks/overhead_ablation.py measured it; the current one measures the
-# same per-buffer cost on the step's state). So the exchange branch's operands and results travel as one flat vector per (argument or
-# result, dtype). Each argument / result is flattened on its own, so a shared result
-# (unbatched under vmap) is never concatenated with a per-worker one.
+# same per-buffer cost on the step's state). So the exchange branch's operands and
+# results travel as one flat vector per (argument or result, dtype). Each argument /
+# result is flattened on its own, so a shared result (unbatched under vmap) is never
+# concatenated with a per-worker one. The price: a per-worker tree that a branch returns
+# unchanged (a local step's parameters) is concatenated inside that branch.
 
 
 def _pack(tree):

@@ -77,6 +77,12 @@ def _num_workers(axis_name):
   return int(lax.psum(1, axis_name))
 
 
+def _sized(sh, **vectors):
+  """The length-K vectors whose stored value is still the length-0 placeholder of
+  ``init`` (see :func:`_vector`): they take their length in this step's new state."""
+  return {k: v for k, v in vectors.items() if getattr(sh, k).shape != v.shape}
+
+
 def _vector(v, K, fill, dtype):
   """A length-K shared vector: ``v`` itself, or a constant when ``v`` is a placeholder.
 
@@ -237,10 +243,7 @@ def _weighted_transform(name, inner, period_fn, *, temperature, moving_rate, wei
     # through untouched. The workers' move to x_w is a select after it.
     sync_inner = opt_state_sync != "local"
     carried = inner_state if sync_inner else None
-    # vectors that start with length 0 (K unknown at init) take their length here
-    sized = {k: v for k, v, v0 in (("weights", weights0, sh.weights),
-                                    ("mix_weights", mix0, sh.mix_weights),
-                                    ("losses", losses0, sh.losses)) if v0.shape != v.shape}
+    sized = _sized(sh, weights=weights0, mix_weights=mix0, losses=losses0)
 
     def shared_after(assign, **changes):
       return base.replace(sh, clock=periodic.next_clock(idx, sh, assign),
@@ -649,9 +652,7 @@ def wpsgd(inner: optax.GradientTransformation, sync_period=None, *,
     # combined model with a select after it.
     sync_inner = opt_state_sync != "local"
     carried = inner_state if sync_inner else None
-    sized = {k: v for k, v, v0 in (("weights", weights0, sh.weights),
-                                    ("mix_weights", mix0, sh.mix_weights),
-                                    ("steps", steps0, sh.steps)) if v0.shape != v.shape}
+    sized = _sized(sh, weights=weights0, mix_weights=mix0, steps=steps0)
 
     def shared_after(**changes):
       return base.replace(sh, clock=periodic.next_clock(idx, sh, exchanged),
