@@ -3,14 +3,20 @@
 For each algorithm: time per training step of a Flax MLP (digits-sized input) on
 8 workers over 8 (forced CPU) devices with shard_map, against, in the same process and
 interleaved: (a) a hand-written shard_map step doing the same math with raw ``jax.lax``
-collectives (same loss, same ``optax.sgd`` step, a ``lax.pmean`` of the parameters in a
-``lax.cond`` every tau steps; also written "as updates", the way an optax transform
-must: the cond returns ``x - p`` and ``optax.apply_updates`` adds it), (b) local SGD
-with no communication at all, (c) synchronous all-reduce SGD. wagrad's model averaging
-runs with ``exact=True`` (the default: it carries x_global for exact assignment) and
-``exact=False``. Medians over interleaved repetitions, with the spread.
-Bytes moved by collectives are read from the compiled HLO (entry computation = every
-step; conditional branches = exchange steps).
+collectives, each called once on a whole tree as one writes it by hand (same loss, same
+``optax.sgd`` step; for averaging a ``lax.pmean`` of the parameters in a ``lax.cond`` every tau steps, for EASGD the elastic exchange with a
+replicated center, for LSGD the running-loss election, one-hot broadcast and pulls; each
+also written "as updates", the way an optax transform must: the new parameters become
+``x_new - p`` and ``optax.apply_updates`` adds it), (b) local SGD with no communication
+at all, (c) synchronous all-reduce SGD. wagrad's model averaging runs with
+``exact=True`` (the default: it carries x_global for exact assignment) and
+``exact=False``. WASGD and WP-SGD run without a hand-written counterpart. Medians over
+interleaved repetitions, paired ratios, the spread.
+
+Every step donates its state (parameters, optimizer / algorithm state) as a training
+loop does (``donate_argnums``); ``--no-donate`` measures without, where every buffer the
+state carries is copied on every step. Bytes moved by collectives are read from the
+compiled HLO (entry computation = every step; conditional branches = exchange steps).
 
 Two model sizes: ``tiny`` (hidden 256, batch 32 per worker: a step is almost all fixed
 per-operation cost, so it shows what wagrad adds in absolute terms) and ``small``
@@ -18,12 +24,13 @@ per-operation cost, so it shows what wagrad adds in absolute terms) and ``small`
 
     python benchmarks/overhead.py            # full size, both models
     python benchmarks/overhead.py --quick    # reduced size (part of run_all.py)
-    python benchmarks/overhead.py --targets  # only the variants #8's targets compare,
-                                             # 25 repetitions, bootstrap intervals
-                                             # (writes overhead_targets.json)
+    python benchmarks/overhead.py --targets  # only the algorithms with a hand-written
+                                             # equivalent, 25 repetitions, bootstrap
+                                             # intervals (overhead_targets.json)
 """
 
 import argparse
+import functools
 import os
 import sys
 
@@ -55,49 +62,115 @@ def setup(K, batch, hidden):
   return p0, x, y, loss_fn
 
 
-def wagrad_variant(runner, tx, p0, x, y, loss_fn):
+class Step:
+  """A training step ``state -> state`` with its batch bound (the batch is an argument,
+  not part of the state, so only the state is donated). ``lower`` and ``num_traces``
+  reach the jitted function underneath."""
+
+  def __init__(self, f, *data):
+    self.f, self.data = f, data
+
+  def __call__(self, *state):
+    return self.f(*state, *self.data)
+
+  def lower(self, *state):
+    return self.f.lower(*state, *self.data)
+
+  def num_traces(self):
+    return self.f.num_traces() if hasattr(self.f, "num_traces") else None
+
+
+def wagrad_variant(runner, tx, p0, x, y, loss_fn, donate=True):
+  """A wagrad step through ``Runner.map``: state (params, opt_state), donated unless
+  ``donate=False``."""
   def step(p, s, x, y):
     loss, g = jax.value_and_grad(loss_fn)(p, x, y)
     u, s = tx.update(g, s, p, value=loss)
-    return wagrad.apply_updates(p, u, s), s, x, y
-  f = runner.map(step)
-  state = (runner.replicate(p0), runner.init(tx, p0), runner.put(x), runner.put(y))
-  return f, state
+    return wagrad.apply_updates(p, u, s), s
+  f = runner.map(step, donate_argnums=(0, 1) if donate else ())
+  return Step(f, runner.put(x), runner.put(y)), (runner.replicate(p0), runner.init(tx, p0))
 
 
-def hand_variant(runner, p0, x, y, loss_fn, tau, as_updates=False):
-  """Raw lax: the same loss and optax.sgd step as the wagrad variants; then a pmean of
-  the params every tau steps (tau=0: never; tau=-1: gradients averaged every step, i.e.
-  synchronous SGD). ``as_updates``: the averaging written as an optax-style transform
-  would be -- the cond returns updates (``pmean(x_half) - p`` or ``x_half - p``) and
-  ``optax.apply_updates`` adds them -- instead of returning the new parameters."""
-  mesh = runner.mesh
+EASGD_BETA = 0.9                 # wagrad.easgd's defaults: alpha = beta / p
+LSGD_PULL, LSGD_PROXIMAL = 0.1, 0.1   # wagrad.lsgd's defaults (avg_size = tau)
+
+
+def hand_variant(runner, p0, x, y, loss_fn, tau, as_updates=False, kind="averaging",
+                 donate=True):
+  """Raw lax and the same loss and ``optax.sgd`` step as the wagrad variants.
+
+  ``kind``: ``"averaging"`` (a ``lax.pmean`` of the params in a ``lax.cond`` every tau
+  steps; tau=0: never, i.e. local SGD; tau=-1: gradients averaged every step, i.e.
+  synchronous SGD), ``"easgd"`` (the elastic exchange every tau steps, center
+  replicated, alpha = 0.9 / p) or ``"lsgd"`` (ring buffer of the last tau losses,
+  proximal pull every step, leader = argmin of the running mean elected with
+  ``lax.pmin`` and broadcast by a one-hot ``lax.psum`` every tau steps). No metrics, no
+  guards against non-finite workers: the math only. ``as_updates``: written the way an
+  optax transform has to be -- the new parameters become updates ``x_new - p`` that
+  ``optax.apply_updates`` adds -- instead of being returned straight out of the cond.
+  The state (params, count and the algorithm's buffers) is donated unless
+  ``donate=False``.
+  """
   sgd = optax.sgd(LR)
+  tm = jax.tree_util.tree_map
+  K = runner.num_workers
+  pmean = lambda t: lax.pmean(t, "workers")  # noqa: E731  (one all-reduce of the tree)
 
-  def body(p, count, x, y):
-    p, x, y = jax.tree_util.tree_map(lambda a: a[0], (p, x, y))
-    _, g = jax.value_and_grad(loss_fn)(p, x, y)
+  def body(p, count, extra, x, y):
+    p, x, y = tm(lambda a: a[0], (p, x, y))  # this device's worker
+    p0_ = p
+    loss, g = jax.value_and_grad(loss_fn)(p, x, y)
     if tau == -1:
-      g = jax.tree_util.tree_map(lambda a: lax.pmean(a, "workers"), g)
+      g = pmean(g)
     u, _ = sgd.update(g, sgd.init(p), p)
-    if as_updates:
-      x_half = optax.apply_updates(p, u)
-      u = lax.cond((count + 1) % tau == 0,
-                   lambda x: jax.tree_util.tree_map(lambda a: lax.pmean(a, "workers"), x),
-                   lambda x: x, x_half)
-      u = jax.tree_util.tree_map(lambda a, b: a - b, u, p)
-    p = optax.apply_updates(p, u)
-    if tau > 0 and not as_updates:
-      p = lax.cond((count + 1) % tau == 0,
-                   lambda p: jax.tree_util.tree_map(lambda a: lax.pmean(a, "workers"), p),
-                   lambda p: p, p)
-    return jax.tree_util.tree_map(lambda a: a[None], p), count + 1, x[None], y[None]
+    xh = optax.apply_updates(p, u)
+    ex = (count + 1) % max(tau, 1) == 0
+    if kind == "averaging":
+      new = xh if tau <= 0 else lax.cond(ex, pmean, lambda t: t, xh)
+    elif kind == "easgd":
+      a = EASGD_BETA / K
+      center = extra
 
-  f = jax.jit(jax.shard_map(body, mesh=mesh, in_specs=(P("workers"), P(), P("workers"), P("workers")),
-                            out_specs=(P("workers"), P(), P("workers"), P("workers")),
-                            check_vma=False))
-  state = (runner.replicate(p0), jnp.int32(0), runner.put(x), runner.put(y))
-  return f, state
+      def exchange(p, xh, c):
+        diff = tm(lambda x_, c_: x_ - c_, p, c)
+        tot = lax.psum(diff, "workers")
+        return (tm(lambda x_, d: x_ - a * d, xh, diff),
+                tm(lambda c_, t: c_ + a * t, c, tot))
+      new, extra = lax.cond(ex, exchange, lambda p, xh, c: (xh, c), p, xh, center)
+    else:  # lsgd
+      L, ring, n = extra[0], extra[1][0], extra[2][0]
+      ring = ring.at[n % tau].set(loss)
+      n = n + 1
+      m = jnp.minimum(n, tau)
+      run = jnp.sum(jnp.where(jnp.arange(tau) < m, ring, 0.0)) / m
+      coef = LSGD_PROXIMAL / tau
+      xh = tm(lambda x_, l_: x_ - coef * (x_ - l_), xh, L)
+
+      def exchange(xh, L):
+        lmin = lax.pmin(run, "workers")
+        me = lax.axis_index("workers")
+        leader = lax.pmin(jnp.where(run == lmin, me, K), "workers")
+        L = lax.psum(tm(lambda x_: jnp.where(me == leader, x_, 0.0), xh), "workers")
+        return tm(lambda x_, l_: x_ - LSGD_PULL * (x_ - l_), xh, L), L
+      new, L = lax.cond(ex, exchange, lambda xh, L: (xh, L), xh, L)
+      extra = (L, ring[None], n[None])
+    if as_updates:
+      new = optax.apply_updates(p0_, tm(lambda a, b: a - b, new, p0_))
+    return tm(lambda a: a[None], new), count + 1, extra
+
+  extra_spec = {"averaging": None, "easgd": P(), "lsgd": (P(), P("workers"), P("workers"))}[kind]
+  f = jax.jit(jax.shard_map(body, mesh=runner.mesh,
+                            in_specs=(P("workers"), P(), extra_spec, P("workers"), P("workers")),
+                            out_specs=(P("workers"), P(), extra_spec), check_vma=False),
+              donate_argnums=(0, 1, 2) if donate else ())
+  def rep(t):  # replicated, on fresh buffers: the state is donated (device_put may reuse
+    # the source's buffer for one of the shards, even with may_alias=False)
+    return jax.device_put(tm(jnp.copy, t), jax.sharding.NamedSharding(runner.mesh, P()))
+  extra = {"averaging": None, "easgd": rep(p0),
+           "lsgd": (rep(p0), runner.put(np.zeros((K, max(tau, 1)), np.float32)),
+                    runner.put(np.zeros((K,), np.int32)))}[kind]
+  state = (runner.replicate(p0), rep(jnp.int32(0)), extra)
+  return Step(f, runner.put(x), runner.put(y)), state
 
 
 MODELS = {"tiny": (32, 256), "small": (128, 1024)}  # name -> (batch per worker, hidden)
@@ -110,8 +183,13 @@ def main(argv=None):
   ap.add_argument("--reps", type=int, default=None)
   ap.add_argument("--models", default="tiny,small", help="comma-separated: tiny, small")
   ap.add_argument("--targets", action="store_true",
-                  help="only sync SGD and averaging against their hand-written steps and "
-                       "local SGD, more repetitions, 90%% bootstrap intervals")
+                  help="only the algorithms with a hand-written equivalent (sync SGD, "
+                       "averaging, EASGD, LSGD) and local SGD, more repetitions, 90%% "
+                       "bootstrap intervals")
+  ap.add_argument("--no-donate", action="store_true",
+                  help="do not donate the state to the step (every buffer the state "
+                       "carries is then copied on every step; results get a _nodonate "
+                       "suffix)")
   args = ap.parse_args(argv)
   models = [m for m in args.models.split(",") if m]
   for m in models:
@@ -124,37 +202,46 @@ def main(argv=None):
     reps = args.reps or (5 if args.quick else 25 if args.targets else 9)
     print(f"== model {m}: hidden {hidden}, batch {batch} per worker, {reps} x {steps} steps",
           flush=True)
-    data["models"][m] = run_model(batch, hidden, steps, reps, targets=args.targets)
+    data["models"][m] = run_model(batch, hidden, steps, reps, targets=args.targets,
+                                  donate=not args.no_donate)
+  suffix = "_nodonate" if args.no_donate else ""
   if args.targets:
-    common.save("overhead_targets", data)
+    common.save("overhead_targets" + suffix, data)
     return data
-  common.save("overhead", data)
+  common.save("overhead" + suffix, data)
   plot(data)
   return data
 
 
-def run_model(batch, hidden, steps, reps, K=8, targets=False):
+HAND_FAMILY = {"model_averaging": "averaging", "model_averaging exact=False": "averaging",
+               "easgd": "easgd", "lsgd": "lsgd"}
+
+
+def run_model(batch, hidden, steps, reps, K=8, targets=False, donate=True):
   runner = wagrad.Runner("shard_map", K)
   p0, x, y, loss_fn = setup(K, batch, hidden)
   n_params = sum(a.size for a in jax.tree_util.tree_leaves(p0))
   sgd = optax.sgd(LR)
+  hand = functools.partial(hand_variant, runner, p0, x, y, loss_fn, donate=donate)
+  ours = lambda tx: wagrad_variant(runner, tx, p0, x, y, loss_fn, donate=donate)  # noqa: E731
   variants = {
-      "local_sgd (no comm)": hand_variant(runner, p0, x, y, loss_fn, 0),
-      "hand sync_sgd": hand_variant(runner, p0, x, y, loss_fn, -1),
-      "wagrad sync_sgd": wagrad_variant(runner, wagrad.sync_sgd(sgd), p0, x, y, loss_fn),
+      "local_sgd (no comm)": hand(0),
+      "hand sync_sgd": hand(-1),
+      "wagrad sync_sgd": ours(wagrad.sync_sgd(sgd)),
   }
   taus = (1, 4, 16)
+  algos = {"model_averaging": lambda tau: wagrad.model_averaging(sgd, tau),
+           "model_averaging exact=False": lambda tau: wagrad.model_averaging(sgd, tau, exact=False),
+           "easgd": lambda tau: wagrad.easgd(sgd, tau),
+           "lsgd": lambda tau: wagrad.lsgd(sgd, tau)}
+  if not targets:
+    algos.update(extra_algorithms())
   for tau in taus:
-    variants[f"hand averaging tau={tau}"] = hand_variant(runner, p0, x, y, loss_fn, tau)
-    variants[f"hand averaging (as updates) tau={tau}"] = hand_variant(
-        runner, p0, x, y, loss_fn, tau, as_updates=True)
-    variants[f"wagrad model_averaging tau={tau}"] = wagrad_variant(
-        runner, wagrad.model_averaging(sgd, tau), p0, x, y, loss_fn)
-    variants[f"wagrad model_averaging exact=False tau={tau}"] = wagrad_variant(
-        runner, wagrad.model_averaging(sgd, tau, exact=False), p0, x, y, loss_fn)
-  for name, factory in ({} if targets else extra_algorithms()).items():
-    for tau in taus:
-      variants[f"wagrad {name} tau={tau}"] = wagrad_variant(runner, factory(sgd, tau), p0, x, y, loss_fn)
+    for family in ("averaging", "easgd", "lsgd"):
+      variants[f"hand {family} tau={tau}"] = hand(tau, kind=family)
+      variants[f"hand {family} (as updates) tau={tau}"] = hand(tau, kind=family, as_updates=True)
+    for name, factory in algos.items():
+      variants[f"wagrad {name} tau={tau}"] = ours(factory(tau))
 
   # compile + warm up every variant (not timed)
   states = {}
@@ -191,49 +278,44 @@ def run_model(batch, hidden, steps, reps, K=8, targets=False):
     row = {"variant": name, "median_ms": 1e3 * med[name],
            "min_ms": 1e3 * min(times[name]), "max_ms": 1e3 * max(times[name]),
            "ratio_to_local_sgd": med[name] / base}
-    if name.startswith("wagrad model_averaging"):
-      tau = int(name.rsplit("=", 1)[1])
-      hand = f"hand averaging tau={tau}"
-      row["ratio_to_hand"] = med[name] / med[hand]
-      row["paired_ratio_to_hand_q25_q50_q75"] = paired(name, hand)
-      row["paired_ratio_to_hand_as_updates_q25_q50_q75"] = paired(
-          name, f"hand averaging (as updates) tau={tau}")
-      row["median_ratio_to_hand_90ci"] = median_interval(name, hand)
-      row["median_ratio_to_hand_as_updates_90ci"] = median_interval(
-          name, f"hand averaging (as updates) tau={tau}")
-      row["median_ratio_to_local_sgd_90ci"] = median_interval(name, "local_sgd (no comm)")
-      row["paired_ratio_to_local_sgd_q25_q50_q75"] = paired(name, "local_sgd (no comm)")
-      row["target_ratio_to_local_sgd"] = 1 + 1 / tau
-    if name.startswith("hand averaging"):
+    algo, _, tau = name.partition(" tau=")
+    algo = algo.removeprefix("wagrad ")
+    if name.startswith("wagrad ") and algo in HAND_FAMILY:
+      hand_name = f"hand {HAND_FAMILY[algo]} tau={tau}"
+      upd_name = f"hand {HAND_FAMILY[algo]} (as updates) tau={tau}"
+      row["hand"] = hand_name
+      row["ratio_to_hand"] = med[name] / med[hand_name]
+      row["paired_ratio_to_hand_q25_q50_q75"] = paired(name, hand_name)
+      row["paired_ratio_to_hand_as_updates_q25_q50_q75"] = paired(name, upd_name)
+      row["median_ratio_to_hand_90ci"] = median_interval(name, hand_name)
+      row["median_ratio_to_hand_as_updates_90ci"] = median_interval(name, upd_name)
+    if tau and (name.startswith("hand") or algo in HAND_FAMILY):
       row["paired_ratio_to_local_sgd_q25_q50_q75"] = paired(name, "local_sgd (no comm)")
       row["median_ratio_to_local_sgd_90ci"] = median_interval(name, "local_sgd (no comm)")
-      row["target_ratio_to_local_sgd"] = 1 + 1 / int(name.rsplit("=", 1)[1])
+      row["target_ratio_to_local_sgd"] = 1 + 1 / int(tau)
     if name == "wagrad sync_sgd":
+      row["hand"] = "hand sync_sgd"
       row["ratio_to_hand"] = med[name] / med["hand sync_sgd"]
       row["paired_ratio_to_hand_q25_q50_q75"] = paired(name, "hand sync_sgd")
       row["median_ratio_to_hand_90ci"] = median_interval(name, "hand sync_sgd")
     f = variants[name][0]
-    if hasattr(f, "num_traces"):
+    if f.num_traces() is not None:
       row["num_traces"] = f.num_traces()
     row["collective_bytes"] = common.collective_bytes(f.lower(*states[name]).compile().as_text())
     rows.append(row)
-    print(f"{name:36s} {row['median_ms']:7.3f} ms  x{row['ratio_to_local_sgd']:.2f} local"
-          + (f"  x{row['ratio_to_hand']:.3f} hand" if "ratio_to_hand" in row else "")
+    print(f"{name:44s} {row['median_ms']:7.3f} ms  x{row['ratio_to_local_sgd']:.2f} local"
+          + (f"  x{row['paired_ratio_to_hand_q25_q50_q75'][1]:.3f} hand" if "hand" in row else "")
           + (f"  traces={row.get('num_traces')}" if "num_traces" in row else ""))
   return {"batch_per_worker": batch, "hidden": hidden, "params": int(n_params),
-          "param_bytes": int(4 * n_params), "steps_per_rep": steps, "reps": reps, "rows": rows}
+          "param_bytes": int(4 * n_params), "steps_per_rep": steps, "reps": reps,
+          "donated": donate, "rows": rows}
 
 
 def extra_algorithms():
-  """Algorithm families present in this wagrad build: name -> factory(inner, tau)."""
-  out = {}
-  if hasattr(wagrad, "easgd"):
-    out["easgd"] = lambda inner, tau: wagrad.easgd(inner, tau)
-  if hasattr(wagrad, "lsgd"):
-    out["lsgd"] = lambda inner, tau: wagrad.lsgd(inner, tau)
-  if hasattr(wagrad, "wasgd"):
-    out["wasgd"] = lambda inner, tau: wagrad.wasgd(inner, tau)
-  return out
+  """Algorithms without a hand-written equivalent here: name -> factory(tau)."""
+  sgd = optax.sgd(LR)
+  return {"wasgd": lambda tau: wagrad.wasgd(sgd, tau),
+          "wpsgd": lambda tau: wagrad.wpsgd(sgd, tau, weighting="samples")}
 
 
 def plot(data):

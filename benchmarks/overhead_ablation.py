@@ -83,10 +83,11 @@ def main(argv=None):
       "hand + flat target": hand_step(runner, p0, x, y, loss_fn, target=True),
       "hand as updates": hand_step(runner, p0, x, y, loss_fn, as_updates=True),
       "wagrad model_averaging": wagrad_variant(
-          runner, wagrad.model_averaging(optax.sgd(LR), NEVER), p0, x, y, loss_fn),
+          runner, wagrad.model_averaging(optax.sgd(LR), NEVER), p0, x, y, loss_fn,
+          donate=False),
       "wagrad model_averaging exact=False": wagrad_variant(
           runner, wagrad.model_averaging(optax.sgd(LR), NEVER, exact=False), p0, x, y,
-          loss_fn),
+          loss_fn, donate=False),
   }
   states = {}
   for k, (f, st) in variants.items():

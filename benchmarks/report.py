@@ -70,6 +70,22 @@ def targets_table(data):
           f"[90% bootstrap interval]:\n\n" + "\n".join(out))
 
 
+def packing_table(data):
+  """benchmarks/branch_packing.py: each choice as a multiple of the all-packed one."""
+  out = [f"| algorithm ({data['model']} model, tau={data['tau']}) | packed: x hand-written "
+         f"| leaves | operands packed | results packed |",
+         "| --- | ---: | ---: | ---: | ---: |"]
+  rows = [r for r in data["rows"] if r["choice"]]
+  for algo in dict.fromkeys(r["algorithm"] for r in rows):
+    by = {r["choice"]: r for r in rows if r["algorithm"] == algo}
+    cells = [f"{by['packed']['x_hand']:.3f}"]
+    for c in ("leaves", "operands packed", "results packed"):
+      lo, hi = by[c]["x_packed_90ci"]
+      cells.append(f"{by[c]['x_packed']:.3f} [{lo:.3f}, {hi:.3f}]")
+    out.append(f"| {algo} | " + " | ".join(cells) + " |")
+  return "\n".join(out)
+
+
 def ablation_table(rows):
   out = ["| program (tiny model, no exchange taken) | ms/step (median) | x hand (paired median) |",
          "| --- | ---: | ---: |"]
@@ -104,8 +120,13 @@ def scaling_text(data):
 
 
 def main():
-  if os.path.exists(os.path.join(RES, "overhead_targets.json")):
-    print(targets_table(load("overhead_targets")))
+  for name in ("overhead_targets", "overhead_targets_nodonate"):
+    if os.path.exists(os.path.join(RES, name + ".json")):
+      print(f"{name}:")
+      print(targets_table(load(name)))
+      print()
+  if os.path.exists(os.path.join(RES, "branch_packing.json")):
+    print(packing_table(load("branch_packing")))
     print()
   print(overhead_tables(load("overhead")))
   print(ablation_table(load("overhead_ablation")["rows"]))

@@ -2,7 +2,7 @@
 
     python benchmarks/run_all.py --quick
 
-Writes benchmarks/results/{overhead,overhead_ablation,scaling,convergence}.json and
+Writes benchmarks/results/{overhead,overhead_ablation,branch_packing,scaling,convergence}.json and
 .png; `python benchmarks/report.py` prints the README's tables from them.
 """
 import os
@@ -12,6 +12,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402,F401  (forced CPU devices before JAX starts)
 
+import branch_packing  # noqa: E402
 import convergence  # noqa: E402
 import overhead  # noqa: E402
 import overhead_ablation  # noqa: E402
@@ -20,7 +21,7 @@ import scaling  # noqa: E402
 
 def main(argv=None):
   argv = list(sys.argv[1:] if argv is None else argv)
-  for mod in (overhead, overhead_ablation, scaling, convergence):
+  for mod in (overhead, overhead_ablation, branch_packing, scaling, convergence):
     t0 = time.perf_counter()
     print(f"== {mod.__name__} ==", flush=True)
     mod.main(argv)

@@ -1,8 +1,10 @@
 """Packed shared state: one buffer per dtype at the jit boundary, fields read as trees."""
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import pytest
 
 import wagrad
 from wagrad._src import base
@@ -113,3 +115,22 @@ def test_local_branch_passes_the_shared_buffers_through():
     local = _cond_branches(jaxpr)[0].jaxpr
     floats = [v for v in local.outvars if jnp.issubdtype(v.aval.dtype, jnp.floating)]
     assert floats and all(v in local.invars for v in floats), (type(st).__name__, local)
+
+
+@pytest.mark.parametrize("pack_operands,pack_results", [
+    (True, True), (False, False), ((True, False), (False, True)), (False, (True, False))])
+def test_flat_switch_packing_choices_keep_the_semantics(pack_operands, pack_results):
+  """Each operand / result may travel packed or leaf by leaf: same values as lax.switch."""
+  from jax import lax
+  from wagrad._src import periodic
+  tree = {"a": jnp.arange(6.0).reshape(2, 3), "b": jnp.int32(4), "c": jnp.ones(3, jnp.bfloat16)}
+  other = (jnp.float32(2.0), jnp.arange(3))
+  branches = (lambda t, o: (t, o[1]),
+              lambda t, o: (jax.tree_util.tree_map(lambda v: v * 2, t), o[1] + 1))
+  for i in (0, 1):
+    want = lax.switch(i, branches, tree, other)
+    got = periodic.flat_switch(jnp.int32(i), branches, tree, other,
+                               pack_operands=pack_operands, pack_results=pack_results)
+    chex.assert_trees_all_equal(got, want)
+  with pytest.raises(ValueError, match="pack_results"):
+    periodic.flat_switch(jnp.int32(0), branches, tree, other, pack_results=(True,))

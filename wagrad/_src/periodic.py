@@ -154,29 +154,46 @@ def _unpack(flat, spec):
   return base.Flat(flat, spec).tree()
 
 
-def flat_switch(index, branches, *operands):
-  """``lax.switch(index, branches, *operands)`` with every operand and every element of
-  the (tuple) result moved as one flat buffer per dtype. Same semantics."""
-  packed = [_pack(op) for op in operands]
+def _per_item(name, choice, n):
+  """``choice`` (a bool, or a tuple of n bools) -> a tuple of n bools."""
+  if isinstance(choice, (bool, np.bool_)):
+    return (bool(choice),) * n
+  choice = tuple(bool(c) for c in choice)
+  if len(choice) != n:
+    raise ValueError(f"`{name}` has {len(choice)} entries for {n} items.")
+  return choice
+
+
+def flat_switch(index, branches, *operands, pack_operands=True, pack_results=True):
+  """``lax.switch(index, branches, *operands)`` with operands and elements of the
+  (tuple) result moved as one flat buffer per dtype. Same semantics.
+
+  ``pack_operands`` / ``pack_results``: a bool for all, or one per operand / result
+  element. An unpacked one travels leaf by leaf, as in ``lax.switch``.
+  """
+  pack_in = _per_item("pack_operands", pack_operands, len(operands))
+  packed = [_pack(op) if p else (op, None) for op, p in zip(operands, pack_in)]
   flat_ops = [p[0] for p in packed]
   specs = [p[1] for p in packed]
   out_struct = jax.eval_shape(branches[0], *operands)
   single = type(out_struct) is not tuple  # a NamedTuple result is one result
   outs = (out_struct,) if single else out_struct
-  out_specs = [base.flat_spec(o) for o in outs]
+  pack_out = _per_item("pack_results", pack_results, len(outs))
+  out_specs = [base.flat_spec(o) if p else None for o, p in zip(outs, pack_out)]
 
   def wrap(branch):
     def run(*flat):
-      res = branch(*[_unpack(f, s) for f, s in zip(flat, specs)])
+      res = branch(*[f if s is None else _unpack(f, s) for f, s in zip(flat, specs)])
       res = (res,) if single else res
-      return tuple(_pack(r)[0] for r in res)
+      return tuple(_pack(r)[0] if p else r for r, p in zip(res, pack_out))
     return run
 
   flat_out = lax.switch(index, [wrap(b) for b in branches], *flat_ops)
-  res = tuple(_unpack(f, s) for f, s in zip(flat_out, out_specs))
+  res = tuple(f if s is None else _unpack(f, s) for f, s in zip(flat_out, out_specs))
   return res[0] if single else res
 
 
-def flat_cond(pred, true_fn, false_fn, *operands):
+def flat_cond(pred, true_fn, false_fn, *operands, **packing):
   """``lax.cond`` with flat operands and results (see :func:`flat_switch`)."""
-  return flat_switch(jnp.asarray(pred).astype(jnp.int32), (false_fn, true_fn), *operands)
+  return flat_switch(jnp.asarray(pred).astype(jnp.int32), (false_fn, true_fn), *operands,
+                     **packing)
