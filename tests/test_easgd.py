@@ -151,7 +151,8 @@ def test_easgd_warmup_and_outer_sgd1_is_plain():
   np.testing.assert_allclose(outs[0][0]["w"], outs[1][0]["w"], rtol=1e-6, atol=1e-7)
 
 
-def test_easgd_nonfinite_worker_excluded_and_reset():
+@pytest.mark.parametrize("poison_value", [np.nan, np.inf, -np.inf])
+def test_easgd_nonfinite_worker_excluded_and_reset(poison_value):
   K, bad = 8, 3
   runner = wagrad.Runner("vmap", K)
   A, b, w0, c0 = _problem(K)
@@ -162,7 +163,7 @@ def test_easgd_nonfinite_worker_excluded_and_reset():
 
   def step(p, s, A, b, poison):
     g = jax.grad(ls_loss)(p, A, b)
-    g = jax.tree_util.tree_map(lambda x: jnp.where(poison, jnp.nan, x), g)
+    g = jax.tree_util.tree_map(lambda x: jnp.where(poison, poison_value, x), g)
     u, s = tx.update(g, s, p)
     return wagrad.apply_updates(p, u, s), s, _shared_equal(s, "workers")
 

@@ -55,8 +55,8 @@ DOWNPOUR's exchanges (they assign) and at the end of EASGD's warm-up; elastic
 exchanges leave it local (the elastic rule has no meaning for running statistics):
 re-estimate the center's statistics on training data before evaluating it.
 
-Non-finite workers: a worker whose parameters or local step are non-finite is left
-out of the center's update (its contribution is zero) and is reset to the new center
+Non-finite workers: a worker whose parameters or local step are non-finite (or whose
+squared distance to the center overflows float32) is left out of the center's update (its contribution is zero) and is reset to the new center
 at the exchange (through an additive update; a worker whose *parameters* are already
 non-finite cannot be repaired by an additive update and stays non-finite).
 
@@ -133,13 +133,21 @@ def _elastic_exchange(params, u, center, a, axis_name, dist_axis=None):
   ``a sum_finite (x_i - c)`` (shared) and the mean squared distance of the finite
   workers to ``c`` (shared; over ``dist_axis`` when given).
   """
-  finite = C.tree_is_finite(params) & C.tree_is_finite(u)
   diff = _tmap(lambda x, c: _f32(x) - _f32(c), params, center)
+  # One reduction per leaf gives both the squared distance and the finiteness test:
+  # sum(d^2 + 0 u) is non-finite iff an element of x or u is non-finite (0 * inf is
+  # NaN) or the squared distance overflows float32; such a worker is left out. (Three
+  # separate reductions -- all(isfinite) of x and of u, then ||d||^2 -- cost a
+  # parameter-sized pass each.)
+  sq = sum(jnp.sum(jnp.square(d) + 0.0 * _f32(uu)) for d, uu in
+           zip(jax.tree_util.tree_leaves(diff), jax.tree_util.tree_leaves(u)))
+  sq = jnp.asarray(sq, jnp.float32)
+  finite = jnp.isfinite(sq)
   tot = C.fused(_tmap(lambda d: jnp.where(finite, d, jnp.zeros_like(d)), diff),
                 lambda v: lax.psum(v, axis_name))
   dax = axis_name if dist_axis is None else dist_axis
   n_fin = lax.psum(finite.astype(jnp.float32), dax)
-  dist = lax.psum(jnp.where(finite, _sqnorm(diff), 0.0), dax) / jnp.maximum(n_fin, 1.0)
+  dist = lax.psum(jnp.where(finite, sq, 0.0), dax) / jnp.maximum(n_fin, 1.0)
   step = _tmap(lambda t: a * t, tot)
   upd = _tmap(lambda uu, d, x: (_f32(uu) - a * d).astype(x.dtype), u, diff, params)
   return upd, finite, step, dist
