@@ -44,7 +44,7 @@ def overhead_tables(data):
   return "\n".join(out)
 
 
-def targets_table(data):
+def targets_table(data, wagrad_only=False):
   """#8's targets with 90% bootstrap intervals of the median paired ratio."""
   def ci(r, key):
     if key not in r:
@@ -60,6 +60,8 @@ def targets_table(data):
     for r in m["rows"]:
       if not any(k.endswith("_90ci") for k in r):
         continue
+      if wagrad_only and not r["variant"].startswith("wagrad"):
+        continue
       tgt = r.get("target_ratio_to_local_sgd")
       out.append(f"| {name} | {r['variant']} | {ci(r, 'median_ratio_to_hand_90ci')} | "
                  f"{ci(r, 'median_ratio_to_hand_as_updates_90ci')} | "
@@ -72,7 +74,7 @@ def targets_table(data):
 
 def packing_table(data):
   """benchmarks/branch_packing.py: each choice as a multiple of the all-packed one."""
-  out = [f"| algorithm ({data['model']} model, tau={data['tau']}) | packed: x hand-written "
+  out = [f"| algorithm ({data['model']} model, tau={data['tau']}) | packed: x hand averaging "
          f"| leaves | operands packed | results packed |",
          "| --- | ---: | ---: | ---: | ---: |"]
   rows = [r for r in data["rows"] if r["choice"]]
@@ -123,7 +125,7 @@ def main():
   for name in ("overhead_targets", "overhead_targets_nodonate"):
     if os.path.exists(os.path.join(RES, name + ".json")):
       print(f"{name}:")
-      print(targets_table(load(name)))
+      print(targets_table(load(name), wagrad_only=name.endswith("nodonate")))
       print()
   if os.path.exists(os.path.join(RES, "branch_packing.json")):
     print(packing_table(load("branch_packing")))
