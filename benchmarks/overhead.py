@@ -328,13 +328,16 @@ def plot(data):
                            squeeze=False)
   for ax, (name, m) in zip(axes[0], models.items()):
     rows = m["rows"]
-    ax.barh([r["variant"] for r in rows], [r["median_ms"] for r in rows],
+    colors = ["tab:blue" if r["variant"].startswith("wagrad") else
+              "tab:gray" if r["variant"].startswith("hand") else "tab:green" for r in rows]
+    ax.barh([r["variant"] for r in rows], [r["median_ms"] for r in rows], color=colors,
             xerr=[[r["median_ms"] - r["min_ms"] for r in rows],
                   [r["max_ms"] - r["median_ms"] for r in rows]])
     ax.invert_yaxis()
     ax.set_xlabel("ms per step (median, min-max)")
     ax.set_title(f"{name}: {m['params']} params, batch {m['batch_per_worker']}/worker")
-  fig.suptitle(f"8 workers, {data['device']['platform']} x{data['device']['device_count']}")
+  fig.suptitle(f"8 workers, {data['device']['platform']} x{data['device']['device_count']}"
+               " (blue: wagrad, gray: hand-written raw lax, green: no communication)")
   fig.tight_layout()
   path = os.path.join(common.OUT, "overhead.png")
   fig.savefig(path, dpi=110)
