@@ -10,7 +10,8 @@ also written "as updates", the way an optax transform must: the new parameters b
 ``x_new - p`` and ``optax.apply_updates`` adds it), (b) local SGD with no communication
 at all, (c) synchronous all-reduce SGD. wagrad's model averaging runs with
 ``exact=True`` (the default: it carries x_global for exact assignment) and
-``exact=False``. WASGD and WP-SGD run without a hand-written counterpart. Medians over
+``exact=False``. WASGD, WP-SGD, EAMSGD, DOWNPOUR and DiLoCo run without a hand-written
+counterpart (see :func:`extra_algorithms` for what is not timed here). Medians over
 interleaved repetitions, paired ratios, the spread.
 
 Every step donates its state (parameters, optimizer / algorithm state) as a training
@@ -31,8 +32,11 @@ per-operation cost, so it shows what wagrad adds in absolute terms) and ``small`
 
 import argparse
 import functools
+import json
 import os
+import subprocess
 import sys
+import tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402  (sets XLA_FLAGS first)
@@ -80,11 +84,13 @@ class Step:
     return self.f.num_traces() if hasattr(self.f, "num_traces") else None
 
 
-def wagrad_variant(runner, tx, p0, x, y, loss_fn, donate=True):
+def wagrad_variant(runner, tx, p0, x, y, loss_fn, donate=True, grad_point=None):
   """A wagrad step through ``Runner.map``: state (params, opt_state), donated unless
-  ``donate=False``."""
+  ``donate=False``; ``grad_point(params, state)``: where the gradient is taken (EAMSGD's
+  look-ahead point)."""
   def step(p, s, x, y):
-    loss, g = jax.value_and_grad(loss_fn)(p, x, y)
+    at = p if grad_point is None else grad_point(p, s)
+    loss, g = jax.value_and_grad(loss_fn)(at, x, y)
     u, s = tx.update(g, s, p, value=loss)
     return wagrad.apply_updates(p, u, s), s
   f = runner.map(step, donate_argnums=(0, 1) if donate else ())
@@ -190,11 +196,25 @@ def main(argv=None):
                   help="do not donate the state to the step (every buffer the state "
                        "carries is then copied on every step; results get a _nodonate "
                        "suffix)")
+  ap.add_argument("--family", default=",".join(FAMILIES),
+                  help="comma-separated subset of: " + ", ".join(FAMILIES))
+  ap.add_argument("--processes", type=int, default=0,
+                  help="with --targets: measure each family in this many fresh processes "
+                       "(one family per process) and report the median over processes")
+  ap.add_argument("--times-out", default=None, help=argparse.SUPPRESS)
   args = ap.parse_args(argv)
   models = [m for m in args.models.split(",") if m]
   for m in models:
     if m not in MODELS:
       raise SystemExit(f"unknown model {m!r}; choose from {sorted(MODELS)}")
+  families = tuple(f for f in args.family.split(",") if f)
+  for f in families:
+    if f not in FAMILIES:
+      raise SystemExit(f"unknown family {f!r}; choose from {FAMILIES}")
+  if args.processes:
+    if not args.targets:
+      raise SystemExit("--processes goes with --targets")
+    return run_processes(args, models, families)
   data = {"device": common.device_info(), "workers": 8, "models": {}}
   for m in models:
     batch, hidden = MODELS[m]
@@ -203,7 +223,10 @@ def main(argv=None):
     print(f"== model {m}: hidden {hidden}, batch {batch} per worker, {reps} x {steps} steps",
           flush=True)
     data["models"][m] = run_model(batch, hidden, steps, reps, targets=args.targets,
-                                  donate=not args.no_donate)
+                                  donate=not args.no_donate, families=families,
+                                  times_out=args.times_out)
+  if args.times_out:  # a child of run_processes: the raw times are its result
+    return data
   suffix = "_nodonate" if args.no_donate else ""
   if args.targets:
     common.save("overhead_targets" + suffix, data)
@@ -217,31 +240,40 @@ HAND_FAMILY = {"model_averaging": "averaging", "model_averaging exact=False": "a
                "easgd": "easgd", "lsgd": "lsgd"}
 
 
-def run_model(batch, hidden, steps, reps, K=8, targets=False, donate=True):
+FAMILIES = ("averaging", "easgd", "lsgd")
+
+
+def run_model(batch, hidden, steps, reps, K=8, targets=False, donate=True, families=FAMILIES,
+              times_out=None):
+  """Time the variants of ``families`` (with local SGD; sync SGD with averaging) on one
+  model; ``times_out``: also write the raw seconds per step of every repetition there."""
   runner = wagrad.Runner("shard_map", K)
   p0, x, y, loss_fn = setup(K, batch, hidden)
   n_params = sum(a.size for a in jax.tree_util.tree_leaves(p0))
   sgd = optax.sgd(LR)
   hand = functools.partial(hand_variant, runner, p0, x, y, loss_fn, donate=donate)
-  ours = lambda tx: wagrad_variant(runner, tx, p0, x, y, loss_fn, donate=donate)  # noqa: E731
-  variants = {
-      "local_sgd (no comm)": hand(0),
-      "hand sync_sgd": hand(-1),
-      "wagrad sync_sgd": ours(wagrad.sync_sgd(sgd)),
-  }
+  variants = {"local_sgd (no comm)": hand(0)}
+  if "averaging" in families:
+    variants["hand sync_sgd"] = hand(-1)
+    variants["wagrad sync_sgd"] = wagrad_variant(runner, wagrad.sync_sgd(sgd), p0, x, y,
+                                                 loss_fn, donate=donate)
   taus = (1, 4, 16)
   algos = {"model_averaging": lambda tau: wagrad.model_averaging(sgd, tau),
            "model_averaging exact=False": lambda tau: wagrad.model_averaging(sgd, tau, exact=False),
            "easgd": lambda tau: wagrad.easgd(sgd, tau),
            "lsgd": lambda tau: wagrad.lsgd(sgd, tau)}
-  if not targets:
+  algos = {k: v for k, v in algos.items() if HAND_FAMILY[k] in families}
+  if not targets and set(families) == set(FAMILIES):
     algos.update(extra_algorithms())
   for tau in taus:
-    for family in ("averaging", "easgd", "lsgd"):
+    for family in families:
       variants[f"hand {family} tau={tau}"] = hand(tau, kind=family)
       variants[f"hand {family} (as updates) tau={tau}"] = hand(tau, kind=family, as_updates=True)
     for name, factory in algos.items():
-      variants[f"wagrad {name} tau={tau}"] = ours(factory(tau))
+      made = factory(tau)
+      tx, point = (made, None) if hasattr(made, "init") else made
+      variants[f"wagrad {name} tau={tau}"] = wagrad_variant(
+          runner, tx, p0, x, y, loss_fn, donate=donate, grad_point=point)
 
   # compile + warm up every variant (not timed)
   states = {}
@@ -255,6 +287,9 @@ def run_model(batch, hidden, steps, reps, K=8, targets=False, donate=True):
       dt, states[name] = common.time_steps(f, states[name], steps)
       times[name].append(dt)
     print(f"rep {r + 1}/{reps} done", flush=True)
+  if times_out:
+    with open(times_out, "w") as f:
+      json.dump({"params": int(n_params), "times": times}, f)
 
   med = {n: float(np.median(v)) for n, v in times.items()}
   base = med["local_sgd (no comm)"]
@@ -311,11 +346,85 @@ def run_model(batch, hidden, steps, reps, K=8, targets=False, donate=True):
           "donated": donate, "rows": rows}
 
 
+def run_processes(args, models, families):
+  """--targets --processes N: every (model, family) is timed in N fresh processes, one
+  after the other. A process's heap layout and what else it has compiled move the same
+  program's time by 10-40% on forced CPU devices; fresh processes give each program
+  several draws of that, and each family's programs share a process only with their
+  own references. Per process: the median paired ratio over its repetitions; reported:
+  the median over processes and the range."""
+  suffix = "_nodonate" if args.no_donate else ""
+  data = {"device": common.device_info(), "workers": 8, "processes": args.processes,
+          "models": {}}
+  for m in models:
+    batch, hidden = MODELS[m]
+    steps = args.steps or {"tiny": 160, "small": 48}[m]
+    reps = args.reps or 15
+    per_proc = []  # [process][variant] -> list of seconds per step
+    for i in range(args.processes):
+      times = {}
+      for fam in families:
+        with tempfile.TemporaryDirectory() as tmp:
+          out = os.path.join(tmp, "times.json")
+          cmd = [sys.executable, os.path.abspath(__file__), "--targets", "--models", m,
+                 "--family", fam, "--steps", str(steps), "--reps", str(reps),
+                 "--times-out", out] + (["--no-donate"] if args.no_donate else [])
+          env = dict(os.environ, WAGRAD_BENCH_OUT=tmp)
+          subprocess.run(cmd, check=True, env=env, stdout=subprocess.DEVNULL)
+          with open(out) as f:
+            res = json.load(f)
+        params = res["params"]
+        for k, v in res["times"].items():  # local SGD: one per family process
+          times[k if k != "local_sgd (no comm)" else f"local_sgd (no comm) [{fam}]"] = v
+      per_proc.append(times)
+      print(f"== {m}: process round {i + 1}/{args.processes} done", flush=True)
+    data["models"][m] = {"batch_per_worker": batch, "hidden": hidden, "params": params,
+                         "steps_per_rep": steps, "reps": reps, "donated": not args.no_donate,
+                         "rows": process_rows(per_proc)}
+  common.save("overhead_targets" + suffix, data)
+  return data
+
+
+def process_rows(per_proc):
+  """Rows of run_processes: for each variant and reference, every process's median
+  paired ratio, their median and range."""
+  def ratio(a, b):
+    rs = [float(np.median(np.asarray(p[a]) / np.asarray(p[b]))) for p in per_proc]
+    return {"median": float(np.median(rs)), "min": min(rs), "max": max(rs), "per_process": rs}
+  rows = []
+  for name in per_proc[0]:
+    if name.startswith("local_sgd"):
+      continue
+    algo, _, tau = name.partition(" tau=")
+    algo = algo.removeprefix("wagrad ")
+    fam = HAND_FAMILY.get(algo) or ("averaging" if "sync_sgd" in name else
+                                    algo.removeprefix("hand ").removesuffix(" (as updates)"))
+    row = {"variant": name,
+           "median_ms": 1e3 * float(np.median([np.median(p[name]) for p in per_proc]))}
+    if tau:
+      row["x_local_sgd"] = ratio(name, f"local_sgd (no comm) [{fam}]")
+      row["target_ratio_to_local_sgd"] = 1 + 1 / int(tau)
+    if name.startswith("wagrad ") and algo in HAND_FAMILY:
+      row["x_hand"] = ratio(name, f"hand {fam} tau={tau}")
+      row["x_hand_as_updates"] = ratio(name, f"hand {fam} (as updates) tau={tau}")
+    if name == "wagrad sync_sgd":
+      row["x_hand"] = ratio(name, "hand sync_sgd")
+    rows.append(row)
+  return rows
+
+
 def extra_algorithms():
-  """Algorithms without a hand-written equivalent here: name -> factory(tau)."""
+  """Algorithms without a hand-written equivalent here: name -> factory(tau) returning a
+  transform or (transform, grad_point). Not timed here: the variants that need per-step
+  inputs (async EASGD / LSGD and WP-SGD with activity tables, staleness-aware SGD with
+  its push schedule, WASGD+ with a shared evaluation batch) or a two-level mesh (tree
+  EASGD, multi-leader LSGD); the CPU example and the tests run them."""
   sgd = optax.sgd(LR)
   return {"wasgd": lambda tau: wagrad.wasgd(sgd, tau),
-          "wpsgd": lambda tau: wagrad.wpsgd(sgd, tau, weighting="samples")}
+          "wpsgd": lambda tau: wagrad.wpsgd(sgd, tau, weighting="samples"),
+          "eamsgd": lambda tau: (wagrad.eamsgd(LR, tau, momentum=0.9), wagrad.eamsgd_lookahead),
+          "downpour": lambda tau: wagrad.downpour(LR / 8, tau),
+          "diloco": lambda tau: wagrad.diloco(inner=sgd, sync_period=tau)}
 
 
 def plot(data):

@@ -44,8 +44,36 @@ def overhead_tables(data):
   return "\n".join(out)
 
 
+def processes_table(data, wagrad_only=False):
+  """--targets --processes N: median over processes of each process's median paired
+  ratio, [range over processes]."""
+  def cell(r, key):
+    if key not in r:
+      return ""
+    v = r[key]
+    return f"{v['median']:.3f} [{v['min']:.3f}, {v['max']:.3f}]"
+  out = ["| model | variant | x hand-written | x hand-written as updates | x local SGD | target x local |",
+         "| --- | --- | ---: | ---: | ---: | ---: |"]
+  for name, m in data["models"].items():
+    for r in m["rows"]:
+      if wagrad_only and not r["variant"].startswith("wagrad"):
+        continue
+      if not any(k in r for k in ("x_hand", "x_local_sgd")):
+        continue
+      tgt = r.get("target_ratio_to_local_sgd")
+      out.append(f"| {name} | {r['variant']} | {cell(r, 'x_hand')} | "
+                 f"{cell(r, 'x_hand_as_updates')} | {cell(r, 'x_local_sgd')} | "
+                 f"{'' if tgt is None else f'{tgt:.4f}'} |")
+  reps = {m["reps"] for m in data["models"].values()}
+  return (f"Medians over {data['processes']} fresh processes per algorithm family of each "
+          f"process's median paired ratio ({'/'.join(map(str, sorted(reps)))} interleaved "
+          f"repetitions), [lowest, highest process]:\n\n" + "\n".join(out))
+
+
 def targets_table(data, wagrad_only=False):
   """#8's targets with 90% bootstrap intervals of the median paired ratio."""
+  if "processes" in data:
+    return processes_table(data, wagrad_only)
   def ci(r, key):
     if key not in r:
       return ""
@@ -122,10 +150,11 @@ def scaling_text(data):
 
 
 def main():
-  for name in ("overhead_targets", "overhead_targets_nodonate"):
+  for name in ("overhead_targets", "overhead_targets_nodonate", "overhead_targets_1proc",
+               "overhead_targets_nodonate_1proc"):
     if os.path.exists(os.path.join(RES, name + ".json")):
       print(f"{name}:")
-      print(targets_table(load(name), wagrad_only=name.endswith("nodonate")))
+      print(targets_table(load(name), wagrad_only=name != "overhead_targets"))
       print()
   if os.path.exists(os.path.join(RES, "branch_packing.json")):
     print(packing_table(load("branch_packing")))

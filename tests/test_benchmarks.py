@@ -100,3 +100,22 @@ def test_report_renders_committed_results(capsys):
   out = capsys.readouterr().out
   assert "wagrad model_averaging tau=4" in out and "x hand-written" in out
   assert "hand + flat target" in out and "shard_map with 8 workers" in out
+
+
+@pytest.mark.slow
+def test_overhead_targets_in_fresh_processes_tiny(tmp_path, monkeypatch):
+  """--targets --processes: each family timed in fresh processes, median and range."""
+  import common
+  monkeypatch.setattr(common, "OUT", str(tmp_path))
+  import overhead
+  data = overhead.main(["--targets", "--processes", "2", "--family", "lsgd", "--steps", "2",
+                        "--reps", "2", "--models", "tiny"])
+  rows = {r["variant"]: r for r in data["models"]["tiny"]["rows"]}
+  assert (tmp_path / "overhead_targets.json").exists() and data["processes"] == 2
+  assert not any("averaging" in v or "easgd" in v for v in rows)
+  r = rows["wagrad lsgd tau=4"]
+  for key in ("x_hand", "x_hand_as_updates", "x_local_sgd"):
+    v = r[key]
+    assert len(v["per_process"]) == 2 and v["min"] <= v["median"] <= v["max"]
+  with pytest.raises(SystemExit):
+    overhead.main(["--processes", "2"])  # only with --targets
