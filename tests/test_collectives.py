@@ -125,3 +125,18 @@ def test_fused_psum_buckets_by_size():
     np.testing.assert_allclose(out[k], np.broadcast_to(v.sum(0), v.shape), rtol=1e-5, atol=1e-5)
   # before XLA's own passes (which may combine or split all-reduces per backend)
   assert f.lower(tree).as_text().count("stablehlo.all_reduce") == 2
+
+
+@pytest.mark.parametrize("bad", [None, np.nan, np.inf, -np.inf])
+def test_tree_is_finite_matches_numpy(bad):
+  """Exact: huge finite values (whose plain sum overflows) are finite; one inf or NaN in
+  any float leaf is not; integer and bool leaves are always finite."""
+  from wagrad._src import collectives as C
+  big = np.full((4, 5), 3e38, np.float32)           # sum overflows float32, still finite
+  tree = {"big": big, "h": np.ones(7, jnp.bfloat16), "i": np.arange(3), "b": np.array([True])}
+  if bad is not None:
+    tree["h"] = tree["h"].copy()
+    tree["h"][3] = bad
+  want = all(np.isfinite(np.asarray(v, np.float32)).all() for v in tree.values())
+  assert bool(jax.jit(C.tree_is_finite)(tree)) == want == (bad is None)
+  assert bool(C.tree_is_finite({"i": np.arange(3)}))
