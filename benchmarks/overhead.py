@@ -4,9 +4,10 @@ For each algorithm: time per training step of a Flax MLP (digits-sized input) on
 8 workers over 8 (forced CPU) devices with shard_map, against, in the same process and
 interleaved: (a) a hand-written shard_map step doing the same math with raw ``jax.lax``
 collectives, each called once on a whole tree as one writes it by hand (same loss, same
-``optax.sgd`` step; for averaging a ``lax.pmean`` of the parameters in a ``lax.cond`` every tau steps, for EASGD the elastic exchange with a
-replicated center, for LSGD the running-loss election, one-hot broadcast and pulls; each
-also written "as updates", the way an optax transform must: the new parameters become
+``optax.sgd`` step; for averaging a ``lax.pmean`` of the parameters in a ``lax.cond``
+every tau steps, for EASGD the elastic exchange with a replicated center, for LSGD the
+running-loss election, one-hot broadcast and pulls; each also written "as updates",
+the way an optax transform must: the new parameters become
 ``x_new - p`` and ``optax.apply_updates`` adds it), (b) local SGD with no communication
 at all, (c) synchronous all-reduce SGD. wagrad's model averaging runs with
 ``exact=True`` (the default: it carries x_global for exact assignment) and
@@ -28,6 +29,9 @@ per-operation cost, so it shows what wagrad adds in absolute terms) and ``small`
     python benchmarks/overhead.py --targets  # only the algorithms with a hand-written
                                              # equivalent, 25 repetitions, bootstrap
                                              # intervals (overhead_targets.json)
+    python benchmarks/overhead.py --targets --processes 3
+                                             # the same, each family in 3 fresh
+                                             # processes (what README quotes)
 """
 
 import argparse

@@ -3,7 +3,9 @@
     python benchmarks/run_all.py --quick
 
 Writes benchmarks/results/{overhead,overhead_ablation,branch_packing,scaling,convergence}.json and
-.png; `python benchmarks/report.py` prints the README's tables from them.
+.png; `python benchmarks/report.py` prints the README's tables from them. The targets
+README quotes come from `python benchmarks/overhead.py --targets --processes 3` (with and
+without `--no-donate`), run separately (about 10 minutes each).
 """
 import os
 import sys

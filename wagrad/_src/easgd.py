@@ -56,9 +56,10 @@ exchanges leave it local (the elastic rule has no meaning for running statistics
 re-estimate the center's statistics on training data before evaluating it.
 
 Non-finite workers: a worker whose parameters or local step are non-finite (or whose
-squared distance to the center overflows float32) is left out of the center's update (its contribution is zero) and is reset to the new center
-at the exchange (through an additive update; a worker whose *parameters* are already
-non-finite cannot be repaired by an additive update and stays non-finite).
+squared distance to the center overflows float32) is left out of the center's update
+(its contribution is zero) and is reset to the new center at the exchange (through an
+additive update; a worker whose *parameters* are already non-finite cannot be repaired
+by an additive update and stays non-finite).
 
 References:
   Zhang, Choromanska, LeCun, "Deep learning with Elastic Averaging SGD", NeurIPS 2015,

@@ -142,6 +142,10 @@ def next_clock(idx, sh, assign=None):
 # result is flattened on its own, so a shared result (unbatched under vmap) is never
 # concatenated with a per-worker one. The price: a per-worker tree that a branch returns
 # unchanged (a local step's parameters) is concatenated inside that branch.
+# flat_switch can leave any operand or result leaf by leaf instead;
+# benchmarks/branch_packing.py times the choices (none beat all-packed by more than the
+# run-to-run spread on the tiny model; for model_averaging(exact=False) packed is 8%
+# faster).
 
 
 def _pack(tree):
