@@ -352,10 +352,10 @@ def run_model(batch, hidden, steps, reps, K=8, targets=False, donate=True, famil
 
 def run_processes(args, models, families):
   """--targets --processes N: every (model, family) is timed in N fresh processes, one
-  after the other. A process's heap layout and what else it has compiled move the same
-  program's time by 10-40% on forced CPU devices; fresh processes give each program
-  several draws of that, and each family's programs share a process only with their
-  own references. Per process: the median paired ratio over its repetitions; reported:
+  after the other. On forced CPU devices the same program's time can move by up to 70%
+  with the process it runs in (EASGD, small model, tau = 1); fresh processes give each
+  program several draws of that, and each family's programs share a process only with
+  their own references. Per process: the median paired ratio over its repetitions; reported:
   the median over processes and the range."""
   suffix = "_nodonate" if args.no_donate else ""
   data = {"device": common.device_info(), "workers": 8, "processes": args.processes,
