@@ -26,13 +26,12 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402  (sets XLA_FLAGS first)
 
-import jax  # noqa: E402
 import numpy as np  # noqa: E402
-import optax  # noqa: E402
 
 import wagrad  # noqa: E402
 from wagrad._src import periodic  # noqa: E402
-from overhead import LR, MODELS, hand_variant, setup, wagrad_variant  # noqa: E402
+from overhead import (MODELS, compared_algorithms, extra_algorithms, hand_variant,  # noqa: E402
+                      setup, wagrad_variant)
 
 CHOICES = {  # name -> (pack_operands, pack_results)
     "packed": (True, True),
@@ -42,17 +41,6 @@ CHOICES = {  # name -> (pack_operands, pack_results)
 }
 
 
-def algorithms(tau):
-  sgd = optax.sgd(LR)
-  return {
-      "model_averaging": lambda: wagrad.model_averaging(sgd, tau),
-      "model_averaging exact=False": lambda: wagrad.model_averaging(sgd, tau, exact=False),
-      "easgd": lambda: wagrad.easgd(sgd, tau),
-      "lsgd": lambda: wagrad.lsgd(sgd, tau),
-      "wasgd": lambda: wagrad.wasgd(sgd, tau),
-  }
-
-
 def compiled_with(choice, make_variant):
   """Build and warm up a variant while periodic.flat_switch packs as ``choice`` says."""
   orig = periodic.flat_switch
@@ -60,8 +48,7 @@ def compiled_with(choice, make_variant):
   periodic.flat_switch = functools.partial(orig, pack_operands=pack_in, pack_results=pack_out)
   try:
     f, st = make_variant()
-    for _ in range(3):
-      st = jax.block_until_ready(f(*st))
+    st = common.warm_up(f, st)
   finally:
     periodic.flat_switch = orig
   return f, st
@@ -82,20 +69,18 @@ def main(argv=None):
   steps = args.steps or {"tiny": 160, "small": 48}[args.model]
   runner = wagrad.Runner("shard_map", 8)
   p0, x, y, loss_fn = setup(8, batch, hidden)
-  algos = algorithms(args.tau)
+  algos = {**compared_algorithms(), "wasgd": extra_algorithms()["wasgd"]}
   if args.algorithms:
     algos = {k: algos[k] for k in args.algorithms.split(",")}
 
   variants = {}
   for ref, kw in (("hand", {}), ("hand as updates", {"as_updates": True})):
     f, st = hand_variant(runner, p0, x, y, loss_fn, args.tau, **kw)
-    for _ in range(3):
-      st = jax.block_until_ready(f(*st))
-    variants[ref] = (f, st)
+    variants[ref] = (f, common.warm_up(f, st))
   for algo, make in algos.items():
     for choice in CHOICES:
       variants[f"{algo} | {choice}"] = compiled_with(
-          choice, lambda make=make: wagrad_variant(runner, make(), p0, x, y, loss_fn))
+          choice, lambda make=make: wagrad_variant(runner, make(args.tau), p0, x, y, loss_fn))
   print(f"{len(variants)} programs compiled; {args.reps} x {steps} steps each", flush=True)
 
   states = {k: st for k, (_, st) in variants.items()}

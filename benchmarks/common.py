@@ -34,6 +34,13 @@ def save(name, data):
   return path
 
 
+def warm_up(f, state, n=3):
+  """Compile ``f`` and run it ``n`` times (not timed); returns the state after."""
+  for _ in range(n):
+    state = jax.block_until_ready(f(*state))
+  return state
+
+
 def time_steps(f, state, n):
   """Seconds per step of ``state = f(*state)`` over n steps, waiting for each step."""
   t0 = time.perf_counter()

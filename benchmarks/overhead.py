@@ -128,7 +128,6 @@ def hand_variant(runner, p0, x, y, loss_fn, tau, as_updates=False, kind="averagi
 
   def body(p, count, extra, x, y):
     p, x, y = tm(lambda a: a[0], (p, x, y))  # this device's worker
-    p0_ = p
     loss, g = jax.value_and_grad(loss_fn)(p, x, y)
     if tau == -1:
       g = pmean(g)
@@ -165,7 +164,7 @@ def hand_variant(runner, p0, x, y, loss_fn, tau, as_updates=False, kind="averagi
       new, L = lax.cond(ex, exchange, lambda xh, L: (xh, L), xh, L)
       extra = (L, ring[None], n[None])
     if as_updates:
-      new = optax.apply_updates(p0_, tm(lambda a, b: a - b, new, p0_))
+      new = optax.apply_updates(p, tm(lambda a, b: a - b, new, p))
     return tm(lambda a: a[None], new), count + 1, extra
 
   extra_spec = {"averaging": None, "easgd": P(), "lsgd": (P(), P("workers"), P("workers"))}[kind]
@@ -240,11 +239,20 @@ def main(argv=None):
   return data
 
 
+FAMILIES = ("averaging", "easgd", "lsgd")  # the hand-written steps' kinds
 HAND_FAMILY = {"model_averaging": "averaging", "model_averaging exact=False": "averaging",
                "easgd": "easgd", "lsgd": "lsgd"}
 
 
-FAMILIES = ("averaging", "easgd", "lsgd")
+def compared_algorithms():
+  """The transforms with a hand-written equivalent (their family: HAND_FAMILY):
+  name -> factory(tau)."""
+  sgd = optax.sgd(LR)
+  return {"model_averaging": lambda tau: wagrad.model_averaging(sgd, tau),
+          "model_averaging exact=False": lambda tau: wagrad.model_averaging(sgd, tau,
+                                                                            exact=False),
+          "easgd": lambda tau: wagrad.easgd(sgd, tau),
+          "lsgd": lambda tau: wagrad.lsgd(sgd, tau)}
 
 
 def run_model(batch, hidden, steps, reps, K=8, targets=False, donate=True, families=FAMILIES,
@@ -262,11 +270,7 @@ def run_model(batch, hidden, steps, reps, K=8, targets=False, donate=True, famil
     variants["wagrad sync_sgd"] = wagrad_variant(runner, wagrad.sync_sgd(sgd), p0, x, y,
                                                  loss_fn, donate=donate)
   taus = (1, 4, 16)
-  algos = {"model_averaging": lambda tau: wagrad.model_averaging(sgd, tau),
-           "model_averaging exact=False": lambda tau: wagrad.model_averaging(sgd, tau, exact=False),
-           "easgd": lambda tau: wagrad.easgd(sgd, tau),
-           "lsgd": lambda tau: wagrad.lsgd(sgd, tau)}
-  algos = {k: v for k, v in algos.items() if HAND_FAMILY[k] in families}
+  algos = {k: v for k, v in compared_algorithms().items() if HAND_FAMILY[k] in families}
   if not targets and set(families) == set(FAMILIES):
     algos.update(extra_algorithms())
   for tau in taus:
@@ -280,11 +284,7 @@ def run_model(batch, hidden, steps, reps, K=8, targets=False, donate=True, famil
           runner, tx, p0, x, y, loss_fn, donate=donate, grad_point=point)
 
   # compile + warm up every variant (not timed)
-  states = {}
-  for name, (f, st) in variants.items():
-    for _ in range(3):
-      st = jax.block_until_ready(f(*st))
-    states[name] = st
+  states = {name: common.warm_up(f, st) for name, (f, st) in variants.items()}
   times = {n: [] for n in variants}
   for r in range(reps):  # interleaved repetitions
     for name, (f, _) in variants.items():

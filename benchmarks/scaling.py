@@ -11,7 +11,6 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402
 
-import jax  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
@@ -23,8 +22,7 @@ def measure(runner, tau, steps, reps, batch, hidden):
   p0, x, y, loss_fn = setup(runner.num_workers, batch, hidden)
   tx = wagrad.model_averaging(optax.sgd(0.05), tau, axis_name=runner.axis_name)
   f, st = wagrad_variant(runner, tx, p0, x, y, loss_fn)
-  for _ in range(3):
-    st = jax.block_until_ready(f(*st))
+  st = common.warm_up(f, st)
   ts = []
   for _ in range(reps):
     dt, st = common.time_steps(f, st, steps)
