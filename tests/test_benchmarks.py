@@ -119,3 +119,11 @@ def test_overhead_targets_in_fresh_processes_tiny(tmp_path, monkeypatch):
     assert len(v["per_process"]) == 2 and v["min"] <= v["median"] <= v["max"]
   with pytest.raises(SystemExit):
     overhead.main(["--processes", "2"])  # only with --targets
+
+
+def test_overhead_rejects_unknown_family_and_model():
+  import overhead
+  with pytest.raises(SystemExit, match="unknown family 'sgd'"):
+    overhead.main(["--targets", "--family", "sgd"])
+  with pytest.raises(SystemExit, match="unknown model 'huge'"):
+    overhead.main(["--models", "huge"])
