@@ -5,6 +5,7 @@ import jax
 import jax.numpy as jnp
 
 import wagrad
+from wagrad._src import collectives as C
 from _util import BACKENDS, BACKEND_IDS
 
 
@@ -21,6 +22,7 @@ def test_collectives_match_numpy(backend, K):
   loss[3] = np.nan  # non-finite worker
   loss[5] = loss[1]  # a tie
   T = 0.7
+  best = int(np.nanargmin(loss))
 
   def fn(ax, x, loss):
     w_soft, ok = wagrad.softmax_weights(loss, ax, temperature=T)
@@ -31,9 +33,13 @@ def test_collectives_match_numpy(backend, K):
     g = wagrad.all_gather(loss, ax)
     idx = wagrad.worker_index(ax)
     n = wagrad.axis_size(ax)
-    return w_soft, ok, wm.value["x"], lead.index, b, cd, g, idx, n * jnp.ones(())
+    # a value NaN on worker 2; the worker with the smallest loss not eligible
+    lead2, vmean = C.elect_leader_and_mean(loss, jnp.where(idx == 2, jnp.nan, loss * 2), ax,
+                                           eligible=idx != best)
+    return (w_soft, ok, wm.value["x"], lead.index, b, cd, g, idx, n * jnp.ones(()),
+            lead2.index, lead2.loss, vmean)
 
-  (w, ok, wm, lead, b, cd, g, idx, n), _ = _run(backend, K, fn, x, loss)
+  (w, ok, wm, lead, b, cd, g, idx, n, lead2, lmin2, vmean), _ = _run(backend, K, fn, x, loss)
   fin = np.isfinite(loss)
   e = np.where(fin, np.exp(-(np.where(fin, loss, 0) - np.nanmin(loss)) / T), 0.0)
   w_np = e / e.sum()
@@ -44,6 +50,11 @@ def test_collectives_match_numpy(backend, K):
   assert (wm == wm[0]).all()  # shared
   lead_np = int(np.nanargmin(loss))
   assert (lead == lead_np).all()
+  lead2_np = int(np.nanargmin(np.where(np.arange(K) != lead_np, loss, np.nan)))
+  assert lead2_np != lead_np and (lead2 == lead2_np).all()
+  assert (lmin2 == loss[lead2_np]).all()
+  v = np.where(np.arange(K) == 2, np.nan, loss.astype(np.float64) * 2)
+  np.testing.assert_allclose(vmean, np.full(K, np.nanmean(v)), rtol=1e-6)
   np.testing.assert_array_equal(b, np.broadcast_to(x[lead_np], x.shape))  # exact
   mean = x.astype(np.float64).mean(0)
   np.testing.assert_allclose(cd[0], ((x - mean) ** 2).sum(axis=(1, 2)).mean(), rtol=1e-5)
@@ -61,10 +72,12 @@ def test_all_nonfinite_says_so():
     w, ok = wagrad.softmax_weights(loss, ax)
     wm = wagrad.weighted_mean(x, w, ax)
     lead = wagrad.elect_leader(loss, ax)
-    return w, ok, wm.value, wm.ok, lead.index, lead.ok
+    _, vmean = C.elect_leader_and_mean(loss, loss, ax)
+    return w, ok, wm.value, wm.ok, lead.index, lead.ok, vmean
 
-  (w, ok, v, vok, li, lok), _ = _run("vmap", K, fn, x, loss)
+  (w, ok, v, vok, li, lok, vmean), _ = _run("vmap", K, fn, x, loss)
   assert not ok.any() and not vok.any() and not lok.any()
+  assert np.isnan(vmean).all()
   assert (w == 0).all() and (li == -1).all()
   assert np.isfinite(v).all()  # falls back to the worker's own value, not NaN
 

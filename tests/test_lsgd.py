@@ -37,9 +37,17 @@ def _argmin(r, eligible=None):
   return int(np.argmin(np.where(ok, r, np.inf)))
 
 
+def _drift(x, L, rows=None):
+  """Mean over the given rows (default all) with finite values of ||x_i - L||^2."""
+  d = ((x - L) ** 2).sum(1)
+  d = d[rows] if rows is not None else d
+  return float(d[np.isfinite(d)].mean()) if np.isfinite(d).any() else np.nan
+
+
 def np_lsgd(A, b, w0, steps, *, tau, pull, prox, avg, warmup=0, active=None, exchange=None,
-            x0=None):
-  """LSGD (sync) in float64: local SGD step, proximal pull, leader pull every tau steps."""
+            x0=None, drifts=None):
+  """LSGD (sync) in float64: local SGD step, proximal pull, leader pull every tau steps.
+  ``drifts``: a list that gets the drift metric of every exchange (after the warm-up)."""
   K = A.shape[0]
   x = np.tile(np.asarray(w0, np.float64), (K, 1)) if x0 is None else np.array(x0, np.float64)
   Lc = np.asarray(w0, np.float64).copy()
@@ -69,6 +77,8 @@ def np_lsgd(A, b, w0, steps, *, tau, pull, prox, avg, warmup=0, active=None, exc
     ex = (t + 1 - last >= tau) if exchange is None else exchange[t]
     if t >= warmup and ex:
       l = _argmin(r, np.isfinite(x).all(1))
+      if drifts is not None:
+        drifts.append(_drift(x, Lc))
       Lc = x[l].copy()
       x = x - pull * (x - Lc)
       last = t + 1
@@ -77,7 +87,7 @@ def np_lsgd(A, b, w0, steps, *, tau, pull, prox, avg, warmup=0, active=None, exc
   return x, Lc, leaders, exch_steps
 
 
-def np_multi(A, b, w0, steps, *, G, lp, gp, c1, c2, p1, p2, avg):
+def np_multi(A, b, w0, steps, *, G, lp, gp, c1, c2, p1, p2, avg, drifts=None):
   """Multi-leader LSGD in float64 (groups of consecutive workers). ``lp`` / ``gp``: an
   integer or a schedule t -> period; a level's round is due once that many steps have
   passed since its own last round (a global round only at a local one)."""
@@ -115,16 +125,18 @@ def np_multi(A, b, w0, steps, *, G, lp, gp, c1, c2, p1, p2, avg):
       if t + 1 - last_global >= gp_fn(t):
         last_global = t + 1
         l = _argmin(r)
+        if drifts is not None:
+          drifts.append(_drift(x, Lg))
         Lg = x[l].copy()
         x = x - c2 * (x - Lg)
         gleaders.append(l)
   return x, Lg, gleaders
 
 
-def np_async(A, b, w0, active, *, tau, pull, avg):
+def np_async(A, b, w0, active, *, tau, pull, avg, drifts=None):
   """Asynchronous LSGD as reconstructed (master keeps the best reported leader).
   ``tau``: an int, or a schedule (first report after tau(0) own steps, then tau(n)
-  own steps after each)."""
+  own steps after each). ``drifts``: gets the drift metric of every report step."""
   T, K = active.shape
   due = np.full(K, max(1, int(tau(0))) if callable(tau) else 0)
   x = np.tile(np.asarray(w0, np.float64), (K, 1))
@@ -149,6 +161,8 @@ def np_async(A, b, w0, active, *, tau, pull, avg):
     if R.any():
       r = np.array([_running(bf, avg) for bf in bufs])
       l = _argmin(r, R)
+      if drifts is not None:
+        drifts.append(_drift(x, Lm, R))
       if l is not None and r[l] < rm:
         Lm, rm, origin = x[l].copy(), r[l], l
         replacements += 1
@@ -214,7 +228,7 @@ def test_lsgd_matches_numpy(backend, K):
   f = mapped(r, ls_step(tx, r.axis_name, gather_shared=True))
   p, s = r.replicate(P0), r.init(tx, P0)
   steps = 11
-  leaders, ex_steps = [], []
+  leaders, ex_steps, drifts = [], [], []
   for t in range(steps):
     p, s, gathered = f(p, s, A, b)
     assert_rows_equal(gathered)      # shared leaves identical on every worker
@@ -222,10 +236,14 @@ def test_lsgd_matches_numpy(backend, K):
       ex_steps.append(t)
       if t >= cfg["warmup"]:
         leaders.append(int(s.shared.leader))
+        drifts.append(float(s.shared.pull_distance))
         np.testing.assert_array_equal(np.asarray(s.shared.mix_weights),
                                       np.eye(K)[int(s.shared.leader)])
-  x_ref, L_ref, lead_ref, ex_ref = np_lsgd(A, b, np.zeros(3), steps, **cfg)
+  drift_ref = []
+  x_ref, L_ref, lead_ref, ex_ref = np_lsgd(A, b, np.zeros(3), steps, drifts=drift_ref, **cfg)
   assert ex_steps == ex_ref == [1, 4, 7, 10]
+  np.testing.assert_allclose(drifts, drift_ref, rtol=1e-4)
+  assert min(drift_ref) > 0
   assert int(s.shared.num_exchanges) == 4 and int(s.shared.count) == steps
   assert leaders == lead_ref
   np.testing.assert_allclose(np.asarray(p["w"]), x_ref, rtol=1e-5, atol=1e-6)
@@ -467,21 +485,24 @@ def test_multi_leader_matches_numpy(backend, K):
 
   f = r.map(step)
   p, s = r.replicate(P0), r.init(tx, P0)
-  steps, gleaders = 9, []
+  steps, gleaders, drifts = 9, [], []
   for t in range(steps):
     p, s, gathered = f(p, s, A, b)
     assert_rows_equal(gathered)
     if bool(s.shared.exchanged):
       gleaders.append(int(s.shared.leader))
+      drifts.append(float(s.shared.pull_distance))
     gl = np.asarray(s.group_leader)
     if t >= 1:   # every worker of a group holds the same group leader, from its group
       W = K // G
       for gr in range(G):
         assert (gl[gr * W:(gr + 1) * W] == gl[gr * W]).all()
         assert gr * W <= gl[gr * W] < (gr + 1) * W
-  x_ref, Lg_ref, gl_ref = np_multi(A, b, np.zeros(3), steps, G=G, **cfg)
+  drift_ref = []
+  x_ref, Lg_ref, gl_ref = np_multi(A, b, np.zeros(3), steps, G=G, drifts=drift_ref, **cfg)
   assert int(s.shared.num_exchanges) == 4 and int(s.shared.num_global_exchanges) == 2
   assert gleaders == gl_ref
+  np.testing.assert_allclose(drifts, drift_ref, rtol=1e-4)
   np.testing.assert_allclose(np.asarray(p["w"]), x_ref, rtol=1e-5, atol=1e-6)
   np.testing.assert_allclose(np.asarray(s.shared.global_leader_params["w"]), Lg_ref,
                              rtol=1e-5, atol=1e-6)
@@ -603,10 +624,15 @@ def test_async_lsgd_period_schedule_matches_numpy(backend):
 
   f = r.map(step)
   p, s = r.replicate(P0), r.init(tx, P0)
+  drifts = []
   for t in range(steps):
     p, s = f(p, s, A, b, jnp.asarray(active[t]), wagrad.Shared(jnp.asarray(anyone[t])))
+    if anyone[t]:
+      drifts.append(float(s.shared.pull_distance))
+  drift_ref = []
   x_ref, L_ref, origin, repl = np_async(A, b, np.zeros(3), active, tau=grow, pull=0.4,
-                                        avg=2)
+                                        avg=2, drifts=drift_ref)
+  np.testing.assert_allclose(drifts, drift_ref, rtol=1e-4)
   assert int(s.shared.num_exchanges) == anyone.sum() > 0
   assert int(s.shared.leader) == origin and int(s.shared.num_replacements) == repl
   np.testing.assert_allclose(np.asarray(p["w"]), x_ref, rtol=1e-5, atol=1e-6)
@@ -638,7 +664,9 @@ def test_exchange_is_one_param_sized_all_reduce_not_all_gather():
   assert len(big) == 1, big
   assert "cond/branch_1_fun" in big[0]          # inside the exchange branch only
   assert not [ln for ln in gathers if str(d) in ln]
-  # the other all-reduces are scalars (election pmin's, pull-distance sums)
+  # the election (with the drift metric) is one all-gather of K rows of 3 floats
+  assert len(gathers) == 1 and "f32[8,3]" in gathers[0], gathers
+  # any other all-reduce is a scalar
   for ln in lines:
     if ln not in big:
       shapes = re.findall(r"[fsu]\d+\[([\d,]*)\]", ln.split("all-reduce")[0])

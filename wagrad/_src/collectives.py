@@ -210,18 +210,36 @@ class Leader(NamedTuple):
 def elect_leader(loss, axis_name: AxisName, eligible=True) -> Leader:
   """Arg-min of the workers' losses; ties go to the lowest index.
 
-  Workers with a non-finite loss (or ``eligible=False``) are never elected.
+  Workers with a non-finite loss (or ``eligible=False``) are never elected. One
+  all-gather of the K losses (a ``pmin`` of the loss then one of the index would be
+  two collectives, one after the other).
+  """
+  return elect_leader_and_mean(loss, None, axis_name, eligible)[0]
+
+
+def elect_leader_and_mean(loss, value, axis_name: AxisName, eligible=True):
+  """:func:`elect_leader`, and the mean over workers of a scalar ``value`` where it is
+  finite (NaN if it is nowhere; ``value=None``: no mean), from the same all-gather.
+
+  Returns ``(Leader, mean)``; both are the same on every worker.
   """
   base.check_axis_name(axis_name)
   loss = jnp.asarray(loss, jnp.float32)
   cand = jnp.isfinite(loss) & jnp.asarray(eligible)
-  lmin = lax.pmin(jnp.where(cand, loss, jnp.inf), axis_name)
-  idx = lax.axis_index(axis_name)
-  big = jnp.iinfo(jnp.int32).max
-  is_min = cand & (loss == lmin)
-  leader = lax.pmin(jnp.where(is_min, idx, big), axis_name)
-  ok = leader < big
-  return Leader(jnp.where(ok, leader, -1).astype(jnp.int32), lmin, ok)
+  row = [jnp.where(cand, loss, jnp.inf)]
+  if value is not None:
+    value = jnp.asarray(value, jnp.float32)
+    ok = jnp.isfinite(value)
+    row += [jnp.where(ok, value, 0.0), ok.astype(jnp.float32)]
+  table = all_gather(jnp.stack(row), axis_name)  # (K, 1 or 3)
+  leader = jnp.argmin(table[:, 0]).astype(jnp.int32)  # the first of equal minima
+  lmin = table[leader, 0]
+  ok = jnp.isfinite(lmin)
+  mean = None
+  if value is not None:
+    n = jnp.sum(table[:, 2])
+    mean = jnp.where(n > 0, jnp.sum(table[:, 1]) / jnp.maximum(n, 1.0), jnp.nan)
+  return Leader(jnp.where(ok, leader, -1).astype(jnp.int32), lmin, ok), mean
 
 
 def broadcast_from(tree, index, axis_name: AxisName):

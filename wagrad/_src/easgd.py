@@ -144,11 +144,17 @@ def _elastic_exchange(params, u, center, a, axis_name, dist_axis=None):
            zip(jax.tree_util.tree_leaves(diff), jax.tree_util.tree_leaves(u)))
   sq = jnp.asarray(sq, jnp.float32)
   finite = jnp.isfinite(sq)
-  tot = C.fused(_tmap(lambda d: jnp.where(finite, d, jnp.zeros_like(d)), diff),
-                lambda v: lax.psum(v, axis_name))
-  dax = axis_name if dist_axis is None else dist_axis
-  n_fin = lax.psum(finite.astype(jnp.float32), dax)
-  dist = lax.psum(jnp.where(finite, sq, 0.0), dax) / jnp.maximum(n_fin, 1.0)
+  masked = _tmap(lambda d: jnp.where(finite, d, jnp.zeros_like(d)), diff)
+  counts = jnp.stack([finite.astype(jnp.float32), jnp.where(finite, sq, 0.0)])
+  psum = lambda v: lax.psum(v, axis_name)  # noqa: E731
+  if dist_axis is None:
+    # The two scalars ride in the small leaves' buffer of the same all-reduce: XLA:CPU
+    # runs each buffer of an all-reduce as its own rendezvous of the devices.
+    tot, (n_fin, sq_sum) = C.fused((masked, counts), psum)
+  else:
+    tot = C.fused(masked, psum)
+    n_fin, sq_sum = lax.psum(counts, dist_axis)
+  dist = sq_sum / jnp.maximum(n_fin, 1.0)
   step = _tmap(lambda t: a * t, tot)
   upd = _tmap(lambda uu, d, x: (_f32(uu) - a * d).astype(x.dtype), u, diff, params)
   return upd, finite, step, dist

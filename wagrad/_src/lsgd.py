@@ -92,13 +92,18 @@ def _sq_dist(x, y):
              for a, b in zip(jax.tree_util.tree_leaves(x), jax.tree_util.tree_leaves(y)))
 
 
-def _finite_mean(v, axis_name):
-  """Mean over the workers whose scalar ``v`` is finite (shared); NaN if none is."""
-  v = jnp.asarray(v, jnp.float32)
-  ok = jnp.isfinite(v)
-  s = lax.psum(jnp.where(ok, v, 0.0), axis_name)
-  n = lax.psum(ok.astype(jnp.float32), axis_name)
-  return jnp.where(n > 0, s / jnp.maximum(n, 1.0), jnp.nan)
+def _elect_with_drift(run_loss, x, leader_copy, axis_name, taking_part=True):
+  """Election at an exchange, and the drift metric from the same collective.
+
+  The drift ``||x_i - L||^2`` to the leader copy ``L`` the workers were pulled toward
+  until now is computed before the exchange, so it travels in the election's
+  all-gather instead of a collective of its own after the new leader's broadcast. It
+  is non-finite iff ``x_i`` is (``L``, an earlier leader, is finite) or it overflows:
+  such a worker is neither elected nor counted. ``taking_part``: workers that stand
+  and count (the others give NaN). Returns ``(Leader, mean drift)``.
+  """
+  d = jnp.where(taking_part, _sq_dist(x, leader_copy), jnp.nan)
+  return C.elect_leader_and_mean(run_loss, d, axis_name, eligible=jnp.isfinite(d))
 
 
 def _push_loss(buf, n, loss, active):
@@ -164,7 +169,7 @@ class LSGDShared(base.Clock):
   leader_loss: jax.Array    # its running loss when elected
   mix_weights: Any          # one-hot of the leader (length K), or None if K unknown
   exchanged: jax.Array      # this step exchanged (drives wagrad.sync_model_state)
-  pull_distance: jax.Array  # mean_i ||x_i - L||^2 just before the last pull
+  pull_distance: jax.Array  # mean_i ||x_i - L_prev||^2 at the last exchange, before it
 
   @property
   def target(self):
@@ -193,8 +198,9 @@ def lsgd(inner: optax.GradientTransformation, sync_period=4, *, pull: float = 0.
       exchange:  l = argmin_j r_j,   L <- x_l,   x_i <- x_i - pull (x_i - L)
 
   ``r_j`` is worker j's mean of its last ``avg_size`` minibatch losses (passed as
-  ``value=``). A worker whose running loss or parameters are non-finite is never
-  elected; it is still pulled (toward a finite leader). With ``pull=1`` the exchange
+  ``value=``). A worker whose running loss or parameters are non-finite (or whose
+  squared distance to ``L`` overflows float32) is never elected; it is still pulled
+  (toward a finite leader). With ``pull=1`` the exchange
   assigns ``L`` exactly through :func:`wagrad.apply_updates`. During the warm-up
   (synchronous SGD) there is no proximal pull; at its end every worker takes worker
   0's parameters and ``L`` is set to them.
@@ -226,7 +232,11 @@ def lsgd(inner: optax.GradientTransformation, sync_period=4, *, pull: float = 0.
   Returns:
     A ``GradientTransformationExtraArgs`` whose state is ``LSGDState``; the shared
     part holds ``leader``, ``leader_loss``, ``leader_params``, ``mix_weights``
-    (one-hot of the leader), ``exchanged``, ``pull_distance``, ``num_exchanges``.
+    (one-hot of the leader), ``exchanged``, ``num_exchanges`` and
+    ``pull_distance``: at the last exchange, before it, the mean over workers of
+    ``||x_i - L||^2`` with ``L`` the previous leader copy (how far the workers
+    drifted from the leader they were pulled toward; it rides in the election's
+    collective).
 
   Example:
     >>> import optax, wagrad
@@ -317,9 +327,8 @@ def lsgd(inner: optax.GradientTransformation, sync_period=4, *, pull: float = 0.
                            exchanged=jnp.bool_(False)), carried)
 
     def do_exchange(x, carried):
-      ld = C.elect_leader(run_loss, axis_name, eligible=C.tree_is_finite(x))
+      ld, dist = _elect_with_drift(run_loss, x, L_old, axis_name)
       L = C.broadcast_from(x, ld.index, axis_name)
-      dist = _finite_mean(_sq_dist(x, L), axis_name)
       if sync_inner:
         x_new = base.tree_where(ld.ok, L if pull == 1.0 else _pull(x, L, pull), x)
         carried = periodic.sync_opt_state(opt_state_sync, inner, carried, x_new, axis_name)
@@ -388,7 +397,8 @@ class MultiLeaderShared(base.Clock):
   leader_loss: jax.Array
   mix_weights: Any                  # one-hot of the global leader (length K) or None
   exchanged: jax.Array              # a global round (or warm-up end) ran this step
-  pull_distance: jax.Array          # mean_i ||x_i - global leader||^2 before its pull
+  pull_distance: jax.Array          # mean_i ||x_i - previous global leader||^2 before
+                                    # the last global round
 
   @property
   def target(self):
@@ -579,9 +589,8 @@ def multi_leader_lsgd(inner: optax.GradientTransformation, *, group_axis, global
 
     def global_round(x, inner_state):
       x, Ll, gi, gl = group_round(x)
-      ld = C.elect_leader(run_loss, full_axis, eligible=C.tree_is_finite(x))
+      ld, dist = _elect_with_drift(run_loss, x, Lg_old, full_axis)
       Lg = C.broadcast_from(x, ld.index, full_axis)
-      dist = _finite_mean(_sq_dist(x, Lg), full_axis)
       if c2 > 0:
         x = base.tree_where(ld.ok, Lg if c2 == 1.0 else _pull(x, Lg, c2), x)
       inner_state = periodic.sync_opt_state(opt_state_sync, inner, inner_state, x, full_axis)
@@ -624,7 +633,8 @@ class AsyncLSGDShared(base.Clock):
   leader_params: Any          # the master's leader
   leader: jax.Array           # worker that sent it (-1: the initial parameters)
   leader_loss: jax.Array      # its running loss when it was sent (+inf initially)
-  pull_distance: jax.Array    # mean over reporting workers of ||x_i - leader||^2
+  pull_distance: jax.Array    # mean over reporting workers of ||x_i - leader||^2,
+                              # the master's leader before their report
 
 
 class AsyncLSGDState(NamedTuple):
@@ -741,17 +751,16 @@ def async_lsgd(inner: optax.GradientTransformation, sync_period=4, *,
       return base.replace(sh, clock=clock)
 
     def report(x):
-      ld = C.elect_leader(run_loss, axis_name, eligible=reports & C.tree_is_finite(x))
+      L_old = base.tree_cast_like(sh.leader_params, params)
+      ld, dist = _elect_with_drift(run_loss, x, L_old, axis_name, reports)
       better = ld.ok & (ld.loss < sh.leader_loss)
-      L = base.tree_where(better, C.broadcast_from(x, ld.index, axis_name),
-                          base.tree_cast_like(sh.leader_params, params))
-      d = jnp.where(reports, _sq_dist(x, L), jnp.nan)
+      L = base.tree_where(better, C.broadcast_from(x, ld.index, axis_name), L_old)
       return base.replace(
           sh, clock=clock, num_replacements=sh.num_replacements + better.astype(jnp.int32),
           leader_params=base.tree_cast_like(L, sh.leader_params),
           leader=jnp.where(better, ld.index, sh.leader).astype(jnp.int32),
           leader_loss=jnp.where(better, ld.loss, sh.leader_loss).astype(jnp.float32),
-          pull_distance=jnp.asarray(_finite_mean(d, axis_name), jnp.float32))
+          pull_distance=jnp.asarray(dist, jnp.float32))
 
     new_shared = periodic.flat_cond(anyone, report, quiet, x)
     L = base.tree_cast_like(new_shared.leader_params, params)
