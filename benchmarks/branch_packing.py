@@ -16,10 +16,16 @@ trees: parameters, updates, inner optimizer states.
 
     python benchmarks/branch_packing.py                 # tiny model, tau 16
     python benchmarks/branch_packing.py --model small --reps 15
+
+With ``--join`` it compares instead how the packed operands and results are joined
+(everything packed): ``jnp.concatenate`` against ``dynamic_update_slice`` into a fresh
+buffer (``base.concat_by_updates``; see ``concat.py``), forced on every transform
+whatever it chooses itself (``branch_packing_join.json``):
+
+    python benchmarks/branch_packing.py --join --model small --tau 1
 """
 
 import argparse
-import functools
 import os
 import sys
 
@@ -33,19 +39,30 @@ from wagrad._src import periodic  # noqa: E402
 from overhead import (MODELS, compared_algorithms, extra_algorithms, hand_variant,  # noqa: E402
                       setup, wagrad_variant)
 
-CHOICES = {  # name -> (pack_operands, pack_results)
-    "packed": (True, True),
-    "leaves": (False, False),
-    "operands packed": (True, False),
-    "results packed": (False, True),
+CHOICES = {  # name -> (pack_operands, pack_results, join); None: the transform's own
+    "packed": (True, True, None),
+    "leaves": (False, False, None),
+    "operands packed": (True, False, None),
+    "results packed": (False, True, None),
+}
+JOIN_CHOICES = {
+    "packed": (True, True, "concatenate"),
+    "packed by updates": (True, True, "updates"),
 }
 
 
-def compiled_with(choice, make_variant):
-  """Build and warm up a variant while periodic.flat_switch packs as ``choice`` says."""
+def compiled_with(choice, make_variant, choices=CHOICES):
+  """Build and warm up a variant while periodic.flat_switch packs as ``choice`` says
+  (overriding what the transform passes)."""
   orig = periodic.flat_switch
-  pack_in, pack_out = CHOICES[choice]
-  periodic.flat_switch = functools.partial(orig, pack_operands=pack_in, pack_results=pack_out)
+  pack_in, pack_out, join = choices[choice]
+
+  def forced(*args, **kw):
+    kw.update(pack_operands=pack_in, pack_results=pack_out)
+    if join is not None:
+      kw["join"] = join
+    return orig(*args, **kw)
+  periodic.flat_switch = forced
   try:
     f, st = make_variant()
     st = common.warm_up(f, st)
@@ -62,9 +79,13 @@ def main(argv=None):
   ap.add_argument("--reps", type=int, default=None)
   ap.add_argument("--quick", action="store_true", help="5 repetitions (run_all.py --quick)")
   ap.add_argument("--algorithms", default=None, help="comma-separated subset")
-  ap.add_argument("--out", default="branch_packing")
+  ap.add_argument("--join", action="store_true",
+                  help="compare jnp.concatenate with dynamic_update_slice packing")
+  ap.add_argument("--out", default=None)
   args = ap.parse_args(argv)
   args.reps = args.reps or (5 if args.quick else 15)
+  choices = JOIN_CHOICES if args.join else CHOICES
+  args.out = args.out or ("branch_packing_join" if args.join else "branch_packing")
   batch, hidden = MODELS[args.model]
   steps = args.steps or {"tiny": 160, "small": 48}[args.model]
   runner = wagrad.Runner("shard_map", 8)
@@ -78,9 +99,10 @@ def main(argv=None):
     f, st = hand_variant(runner, p0, x, y, loss_fn, args.tau, **kw)
     variants[ref] = (f, common.warm_up(f, st))
   for algo, make in algos.items():
-    for choice in CHOICES:
+    for choice in choices:
       variants[f"{algo} | {choice}"] = compiled_with(
-          choice, lambda make=make: wagrad_variant(runner, make(args.tau), p0, x, y, loss_fn))
+          choice, lambda make=make: wagrad_variant(runner, make(args.tau), p0, x, y, loss_fn),
+          choices)
   print(f"{len(variants)} programs compiled; {args.reps} x {steps} steps each", flush=True)
 
   states = {k: st for k, (_, st) in variants.items()}
@@ -111,7 +133,8 @@ def main(argv=None):
     print(f"{k:44s} {row['median_ms']:7.3f} ms  x{row['x_hand']:.3f} hand"
           + (f"  x{row['x_packed']:.3f} packed" if "x_packed" in row else ""))
   common.save(args.out, {"device": common.device_info(), "model": args.model,
-                         "tau": args.tau, "steps": steps, "reps": args.reps, "rows": rows})
+                         "tau": args.tau, "steps": steps, "reps": args.reps,
+                         "choices": {k: list(v) for k, v in choices.items()}, "rows": rows})
   return rows
 
 

@@ -116,6 +116,33 @@ def packing_table(data):
   return "\n".join(out)
 
 
+def join_table(data):
+  """benchmarks/branch_packing.py --join: packing by updates against by concatenate."""
+  out = [f"| algorithm ({data['model']} model, tau={data['tau']}) | by concatenate: x hand "
+         f"averaging | by updates: x by concatenate [90%] |", "| --- | ---: | ---: |"]
+  rows = [r for r in data["rows"] if r["choice"]]
+  for algo in dict.fromkeys(r["algorithm"] for r in rows):
+    by = {r["choice"]: r for r in rows if r["algorithm"] == algo}
+    u = by["packed by updates"]
+    lo, hi = u["x_packed_90ci"]
+    out.append(f"| {algo} | {by['packed']['x_hand']:.3f} | {u['x_packed']:.3f} "
+               f"[{lo:.3f}, {hi:.3f}] |")
+  return "\n".join(out)
+
+
+def concat_table(data):
+  """benchmarks/concat.py: joining the parameters, microseconds per call."""
+  out = ["| model (elements) | leaves | jnp.concatenate | dynamic_update_slice |",
+         "| --- | --- | ---: | ---: |"]
+  rows = data["rows"]
+  for model in dict.fromkeys(r["model"] for r in rows):
+    for case in dict.fromkeys(r["leaves"] for r in rows):
+      by = {r["join"]: r for r in rows if r["model"] == model and r["leaves"] == case}
+      out.append(f"| {model} ({by['concatenate']['elements']}) | {case} | "
+                 f"{by['concatenate']['median_us']:.1f} us | {by['updates']['median_us']:.1f} us |")
+  return "\n".join(out)
+
+
 def ablation_table(rows):
   out = ["| program (tiny model, no exchange taken) | ms/step (median) | x hand (paired median) |",
          "| --- | ---: | ---: |"]
@@ -158,6 +185,12 @@ def main():
       print()
   if os.path.exists(os.path.join(RES, "branch_packing.json")):
     print(packing_table(load("branch_packing")))
+    print()
+  if os.path.exists(os.path.join(RES, "branch_packing_join.json")):
+    print(join_table(load("branch_packing_join")))
+    print()
+  if os.path.exists(os.path.join(RES, "concat.json")):
+    print(concat_table(load("concat")))
     print()
   print(overhead_tables(load("overhead")))
   print(ablation_table(load("overhead_ablation")["rows"]))

@@ -117,10 +117,12 @@ def test_local_branch_passes_the_shared_buffers_through():
     assert floats and all(v in local.invars for v in floats), (type(st).__name__, local)
 
 
+@pytest.mark.parametrize("join", ["concatenate", "updates"])
 @pytest.mark.parametrize("pack_operands,pack_results", [
     (True, True), (False, False), ((True, False), (False, True)), (False, (True, False))])
-def test_flat_switch_packing_choices_keep_the_semantics(pack_operands, pack_results):
-  """Each operand / result may travel packed or leaf by leaf: same values as lax.switch."""
+def test_flat_switch_packing_choices_keep_the_semantics(pack_operands, pack_results, join):
+  """Each operand / result may travel packed or leaf by leaf, joined by concatenate or
+  by updates into a buffer: same values as lax.switch."""
   from jax import lax
   from wagrad._src import periodic
   tree = {"a": jnp.arange(6.0).reshape(2, 3), "b": jnp.int32(4), "c": jnp.ones(3, jnp.bfloat16)}
@@ -130,7 +132,26 @@ def test_flat_switch_packing_choices_keep_the_semantics(pack_operands, pack_resu
   for i in (0, 1):
     want = lax.switch(i, branches, tree, other)
     got = periodic.flat_switch(jnp.int32(i), branches, tree, other,
-                               pack_operands=pack_operands, pack_results=pack_results)
+                               pack_operands=pack_operands, pack_results=pack_results,
+                               join=join)
     chex.assert_trees_all_equal(got, want)
   with pytest.raises(ValueError, match="pack_results"):
     periodic.flat_switch(jnp.int32(0), branches, tree, other, pack_results=(True,))
+  with pytest.raises(ValueError, match="join"):
+    periodic.flat_switch(jnp.int32(0), branches, tree, other, join="stack")
+
+
+def test_joins_agree_and_batch():
+  """concat_by_updates is jnp.concatenate, also under vmap with some pieces batched and
+  some not, and for a flatten / unflatten round trip."""
+  pieces = [jnp.arange(3.0), jnp.arange(64.0) * 2, jnp.zeros(0), jnp.ones(10)]
+  chex.assert_trees_all_equal(base.concat_by_updates(pieces), jnp.concatenate(pieces))
+  batched = jnp.arange(8.0).reshape(2, 4)
+  got = jax.vmap(lambda b: base.concat_by_updates([pieces[0], b, pieces[3]]))(batched)
+  want = jnp.stack([jnp.concatenate([pieces[0], b, pieces[3]]) for b in batched])
+  chex.assert_trees_all_equal(got, want)
+  tree = {"k": jnp.arange(6.0).reshape(2, 3), "b": jnp.ones(10), "n": jnp.int32(3)}
+  for join in base.JOINS:
+    f = base.flatten(tree, join)
+    chex.assert_trees_all_equal(base.unflatten(f), tree)
+    chex.assert_trees_all_equal(f.buffers, base.flatten(tree, "concatenate").buffers)

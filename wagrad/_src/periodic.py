@@ -148,9 +148,9 @@ def next_clock(idx, sh, assign=None):
 # faster).
 
 
-def _pack(tree):
+def _pack(tree, join):
   """tree -> (dict dtype -> flat vector, the spec to unpack it)."""
-  f = base.flatten(tree)
+  f = base.flatten(tree, join)
   return f.buffers, f.spec
 
 
@@ -168,15 +168,21 @@ def _per_item(name, choice, n):
   return choice
 
 
-def flat_switch(index, branches, *operands, pack_operands=True, pack_results=True):
+def flat_switch(index, branches, *operands, pack_operands=True, pack_results=True,
+                join="concatenate"):
   """``lax.switch(index, branches, *operands)`` with operands and elements of the
   (tuple) result moved as one flat buffer per dtype. Same semantics.
 
   ``pack_operands`` / ``pack_results``: a bool for all, or one per operand / result
-  element. An unpacked one travels leaf by leaf, as in ``lax.switch``.
+  element. An unpacked one travels leaf by leaf, as in ``lax.switch``. ``join``: how
+  the leaves are packed (``base.flatten``); ``"concatenate"`` by default, ``"updates"``
+  where XLA:CPU's fused concatenate is the slow one (EASGD's operand, measured in
+  ``benchmarks/branch_packing.py``). A shared state packs itself either way.
   """
+  if join not in base.JOINS:
+    raise ValueError(f"unknown `join` {join!r}; choose one of {sorted(base.JOINS)}.")
   pack_in = _per_item("pack_operands", pack_operands, len(operands))
-  packed = [_pack(op) if p else (op, None) for op, p in zip(operands, pack_in)]
+  packed = [_pack(op, join) if p else (op, None) for op, p in zip(operands, pack_in)]
   flat_ops = [p[0] for p in packed]
   specs = [p[1] for p in packed]
   out_struct = jax.eval_shape(branches[0], *operands)
@@ -189,7 +195,7 @@ def flat_switch(index, branches, *operands, pack_operands=True, pack_results=Tru
     def run(*flat):
       res = branch(*[f if s is None else _unpack(f, s) for f, s in zip(flat, specs)])
       res = (res,) if single else res
-      return tuple(_pack(r)[0] if p else r for r, p in zip(res, pack_out))
+      return tuple(_pack(r, join)[0] if p else r for r, p in zip(res, pack_out))
     return run
 
   flat_out = lax.switch(index, [wrap(b) for b in branches], *flat_ops)
