@@ -400,8 +400,8 @@ def concat_by_updates(vectors):
   operand sizes (a 10-element bias beside a 64x1024 kernel), emits the fused loop one
   element at a time: on this project's CPU benchmarks, joining the 76,810 parameters of
   the "small" model that way took about 1 ms, the updates about 30 us
-  (``benchmarks/concat.py``). Elsewhere a concatenate can be the faster of the two, so
-  :func:`flatten` takes the join to use.
+  (``benchmarks/concat.py``). For smaller vectors the concatenate is the faster one (each
+  update is an op of its own), hence :func:`concat_auto`.
   """
   vectors = list(vectors)
   if len(vectors) == 1:
@@ -419,15 +419,29 @@ def concat_by_concatenate(vectors):
   return vectors[0] if len(vectors) == 1 else jnp.concatenate(vectors)
 
 
-JOINS = {"updates": concat_by_updates, "concatenate": concat_by_concatenate}
+# From this many elements on, concat_auto joins by updates (the "tiny" model's 19,210
+# parameters join faster by concatenate, the "small" model's 76,810 by updates).
+JOIN_BY_UPDATES_FROM = 1 << 15
 
 
-def flatten(tree: PyTree, join: str = "updates") -> Flat:
+def concat_auto(vectors):
+  """:func:`concat_by_updates` for a vector of at least ``JOIN_BY_UPDATES_FROM``
+  elements, a concatenate below."""
+  vectors = list(vectors)
+  big = sum(v.shape[0] for v in vectors) >= JOIN_BY_UPDATES_FROM
+  return (concat_by_updates if big else concat_by_concatenate)(vectors)
+
+
+JOINS = {"auto": concat_auto, "updates": concat_by_updates,
+         "concatenate": concat_by_concatenate}
+
+
+def flatten(tree: PyTree, join: str = "auto") -> Flat:
   """Pack ``tree``'s leaves into :class:`Flat` (leaf order, grouped by dtype).
 
-  ``join``: how the leaves of one dtype become one vector, ``"updates"``
-  (:func:`concat_by_updates`, the default: shared states and targets, whose
-  parameter-sized fields are computed in the same program) or ``"concatenate"``.
+  ``join``: how the leaves of one dtype become one vector: ``"auto"`` (the default,
+  :func:`concat_auto`: shared states and targets, whose parameter-sized fields are
+  computed in the same program), ``"updates"`` or ``"concatenate"``.
   """
   leaves, treedef = jax.tree_util.tree_flatten(tree)
   leaves = [jnp.asarray(x) for x in leaves]

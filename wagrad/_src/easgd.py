@@ -314,10 +314,10 @@ def easgd(inner: optax.GradientTransformation, sync_period=1, *, alpha: float | 
       return with_center(t, distance=jnp.zeros([], jnp.float32)), jnp.bool_(True), carried
 
     branches = (local, exchange) + ((warmup_end,) if warmup_steps > 0 else ())
-    # u is packed by updates: XLA:CPU's concatenate of the fresh updates (odd-sized
-    # leaves) was the slowest op of the step (benchmarks/branch_packing.py --join)
+    # u is packed by updates when large: XLA:CPU's concatenate of the fresh updates was
+    # the slowest op of the small model's step (benchmarks/branch_packing.py --join)
     new_shared, finite, carried = periodic.flat_switch(idx, branches, u, carried,
-                                                       join="updates")
+                                                       join="auto")
     if sync_inner:
       inner_state = carried
     exchanged = idx == periodic.EXCHANGE

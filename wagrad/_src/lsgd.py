@@ -327,7 +327,10 @@ def lsgd(inner: optax.GradientTransformation, sync_period=4, *, pull: float = 0.
                            exchanged=jnp.bool_(False)), carried)
 
     def do_exchange(x, carried):
-      ld, dist = _elect_with_drift(run_loss, x, L_old, axis_name)
+      # the leader copy is read from the packed state here, inside the branch: the
+      # slices taken outside (L_old) would enter the conditional leaf by leaf
+      L_prev = base.tree_cast_like(sh.leader_params, params)
+      ld, dist = _elect_with_drift(run_loss, x, L_prev, axis_name)
       L = C.broadcast_from(x, ld.index, axis_name)
       if sync_inner:
         x_new = base.tree_where(ld.ok, L if pull == 1.0 else _pull(x, L, pull), x)
@@ -589,7 +592,8 @@ def multi_leader_lsgd(inner: optax.GradientTransformation, *, group_axis, global
 
     def global_round(x, inner_state):
       x, Ll, gi, gl = group_round(x)
-      ld, dist = _elect_with_drift(run_loss, x, Lg_old, full_axis)
+      Lg_prev = base.tree_cast_like(sh.global_leader_params, params)  # read here: see lsgd
+      ld, dist = _elect_with_drift(run_loss, x, Lg_prev, full_axis)
       Lg = C.broadcast_from(x, ld.index, full_axis)
       if c2 > 0:
         x = base.tree_where(ld.ok, Lg if c2 == 1.0 else _pull(x, Lg, c2), x)
