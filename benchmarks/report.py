@@ -143,6 +143,17 @@ def concat_table(data):
   return "\n".join(out)
 
 
+def allreduce_table(data):
+  """benchmarks/allreduce_buffers.py: microseconds per all-reduce."""
+  out = ["| float32 values | as one buffer | as that many one-value buffers |",
+         "| ---: | ---: | ---: |"]
+  rows = data["rows"]
+  for n in dict.fromkeys(r["values"] for r in rows):
+    by = {r["buffers"]: r["us_per_all_reduce"] for r in rows if r["values"] == n}
+    out.append(f"| {n} | {by[1]:.0f} us | " + (f"{by[n]:.0f} us |" if n > 1 else "|"))
+  return "\n".join(out)
+
+
 def ablation_table(rows):
   out = ["| program (tiny model, no exchange taken) | ms/step (median) | x hand (paired median) |",
          "| --- | ---: | ---: |"]
@@ -188,6 +199,9 @@ def main():
     print()
   if os.path.exists(os.path.join(RES, "branch_packing_join.json")):
     print(join_table(load("branch_packing_join")))
+    print()
+  if os.path.exists(os.path.join(RES, "allreduce_buffers.json")):
+    print(allreduce_table(load("allreduce_buffers")))
     print()
   if os.path.exists(os.path.join(RES, "concat.json")):
     print(concat_table(load("concat")))

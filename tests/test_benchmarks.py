@@ -152,3 +152,14 @@ def test_branch_packing_join_mode_tiny(tmp_path, monkeypatch):
   assert rows[-1]["x_packed"] > 0
   saved = json.loads((tmp_path / "branch_packing_join.json").read_text())
   assert saved["choices"]["packed by updates"] == [True, True, "updates"]
+
+
+def test_allreduce_buffers_benchmark_quick(tmp_path, monkeypatch):
+  import common
+  monkeypatch.setattr(common, "OUT", str(tmp_path))
+  import allreduce_buffers
+  rows = allreduce_buffers.main(["--quick", "--reps", "1"])
+  assert [(r["values"], r["buffers"]) for r in rows] == [(1, 1), (2, 1), (2, 2), (4, 1), (4, 4),
+                                                          (8, 1), (8, 8)]
+  assert all(r["all_reduce_ops"] == allreduce_buffers.CHAIN for r in rows)
+  assert (tmp_path / "allreduce_buffers.json").exists()

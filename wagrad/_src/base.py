@@ -397,9 +397,9 @@ def concat_by_updates(vectors):
   of each into a fresh buffer.
 
   XLA:CPU fuses a concatenate with the ops that produce its operands and, with some
-  operand sizes (a 10-element bias beside a 64x1024 kernel), emits the fused loop one
-  element at a time: on this project's CPU benchmarks, joining the 76,810 parameters of
-  the "small" model that way took about 1 ms, the updates about 30 us
+  operand sizes (a 10-element bias beside a 64x1024 kernel), that fused loop is slow:
+  on this project's CPU benchmarks, joining the 76,810 parameters of the "small" model
+  that way took about 1 ms, the updates about 30 us
   (``benchmarks/concat.py``). For smaller vectors the concatenate is the faster one (each
   update is an op of its own), hence :func:`concat_auto`.
   """

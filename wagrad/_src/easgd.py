@@ -149,7 +149,8 @@ def _elastic_exchange(params, u, center, a, axis_name, dist_axis=None):
   psum = lambda v: lax.psum(v, axis_name)  # noqa: E731
   if dist_axis is None:
     # The two scalars ride in the small leaves' buffer of the same all-reduce: XLA:CPU
-    # runs each buffer of an all-reduce as its own rendezvous of the devices.
+    # runs each buffer of an all-reduce as its own rendezvous of the devices
+    # (benchmarks/allreduce_buffers.py).
     tot, (n_fin, sq_sum) = C.fused((masked, counts), psum)
   else:
     tot = C.fused(masked, psum)
