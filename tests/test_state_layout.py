@@ -151,6 +151,8 @@ def test_joins_agree_and_batch():
   want = jnp.stack([jnp.concatenate([pieces[0], b, pieces[3]]) for b in batched])
   chex.assert_trees_all_equal(got, want)
   tree = {"k": jnp.arange(6.0).reshape(2, 3), "b": jnp.ones(10), "n": jnp.int32(3)}
+  with pytest.raises(ValueError, match="join"):
+    base.flatten(tree, "stack")
   for join in base.JOINS:
     f = base.flatten(tree, join)
     chex.assert_trees_all_equal(base.unflatten(f), tree)

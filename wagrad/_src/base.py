@@ -436,6 +436,11 @@ JOINS = {"auto": concat_auto, "updates": concat_by_updates,
          "concatenate": concat_by_concatenate}
 
 
+def check_join(join):
+  if join not in JOINS:
+    raise ValueError(f"unknown `join` {join!r}; choose one of {sorted(JOINS)}.")
+
+
 def flatten(tree: PyTree, join: str = "auto") -> Flat:
   """Pack ``tree``'s leaves into :class:`Flat` (leaf order, grouped by dtype).
 
@@ -449,6 +454,7 @@ def flatten(tree: PyTree, join: str = "auto") -> Flat:
   def stored(i, dt):
     x = leaves[i].ravel()
     return x.astype(dt) if x.dtype != dt else x
+  check_join(join)
   cat = JOINS[join]
   return Flat({dt: cat([stored(i, dt) for i in idx])
                for dt, idx in _dtype_groups(infos).items()},

@@ -180,8 +180,7 @@ def flat_switch(index, branches, *operands, pack_operands=True, pack_results=Tru
   operand, measured in ``benchmarks/branch_packing.py --join``). A shared state packs
   itself either way.
   """
-  if join not in base.JOINS:
-    raise ValueError(f"unknown `join` {join!r}; choose one of {sorted(base.JOINS)}.")
+  base.check_join(join)
   pack_in = _per_item("pack_operands", pack_operands, len(operands))
   packed = [_pack(op, join) if p else (op, None) for op, p in zip(operands, pack_in)]
   flat_ops = [p[0] for p in packed]
