@@ -13,7 +13,6 @@ one-element buffers, and reports microseconds per all-reduce (medians over repet
 import argparse
 import os
 import sys
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402  (sets XLA_FLAGS first)
@@ -53,16 +52,10 @@ def main(argv=None):
     for as_tuple in ((False, True) if n > 1 else (False,)):
       f = program(mesh, n, as_tuple)
       x = jnp.ones(d * n, jnp.float32)
-      jax.block_until_ready(f(x))
-      ts = []
-      for _ in range(reps):
-        t0 = time.perf_counter()
-        for _ in range(calls):
-          jax.block_until_ready(f(x))
-        ts.append((time.perf_counter() - t0) / calls / CHAIN)
+      seconds = common.median_call_seconds(f, (x,), calls, reps)
       hlo = f.lower(x).compile().as_text()
       row = {"values": n, "buffers": n if as_tuple else 1,
-             "us_per_all_reduce": 1e6 * float(np.median(ts)),
+             "us_per_all_reduce": 1e6 * seconds / CHAIN,
              "all_reduce_ops": hlo.count(" all-reduce(")}
       rows.append(row)
       print(f"{n} values in {row['buffers']} buffer(s): {row['us_per_all_reduce']:.1f} us "

@@ -41,6 +41,19 @@ def warm_up(f, state, n=3):
   return state
 
 
+def median_call_seconds(f, args, calls, reps):
+  """Median over ``reps`` of the seconds per call of ``f(*args)`` over ``calls`` calls,
+  waiting for each; one untimed call first (compiles)."""
+  jax.block_until_ready(f(*args))
+  out = []
+  for _ in range(reps):
+    t0 = time.perf_counter()
+    for _ in range(calls):
+      jax.block_until_ready(f(*args))
+    out.append((time.perf_counter() - t0) / calls)
+  return float(np.median(out))
+
+
 def time_steps(f, state, n):
   """Seconds per step of ``state = f(*state)`` over n steps, waiting for each step."""
   t0 = time.perf_counter()

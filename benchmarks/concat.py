@@ -3,7 +3,7 @@
 
 wagrad packs trees into flat buffers (shared states, a conditional's operands, fused
 collectives). XLA:CPU fuses a concatenate with the ops that produce its operands, and
-with some operand sizes it emits that fused loop one element at a time. This script
+with some operand sizes that fused loop is slow. This script
 times both joins on one device for the parameter shapes of ``overhead.py``'s two models
 (the Flax MLP: bias, 64 x hidden kernel, 10-element bias, hidden x 10 kernel):
 
@@ -19,7 +19,6 @@ Medians over repetitions, microseconds per call; writes ``results/concat.json``.
 import argparse
 import os
 import sys
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402  (sets XLA_FLAGS first)
@@ -41,17 +40,6 @@ def programs(shapes, join):
   return {"as is": (as_is, leaves), "computed": (computed, leaves)}
 
 
-def time_call(f, args, calls, reps):
-  jax.block_until_ready(f(args))
-  out = []
-  for _ in range(reps):
-    t0 = time.perf_counter()
-    for _ in range(calls):
-      jax.block_until_ready(f(args))
-    out.append((time.perf_counter() - t0) / calls)
-  return float(np.median(out))
-
-
 def main(argv=None):
   ap = argparse.ArgumentParser()
   ap.add_argument("--quick", action="store_true")
@@ -64,7 +52,7 @@ def main(argv=None):
     shapes = [(hidden,), (64, hidden), (10,), (hidden, 10)]
     for name, join in JOINS.items():
       for case, (f, leaves) in programs(shapes, join).items():
-        us = 1e6 * time_call(f, leaves, calls, reps)
+        us = 1e6 * common.median_call_seconds(f, (leaves,), calls, reps)
         rows.append({"model": model, "elements": int(sum(np.prod(s) for s in shapes)),
                      "join": name, "leaves": case, "median_us": us})
         print(f"{model:6s} {case:9s} {name:12s} {us:9.1f} us", flush=True)

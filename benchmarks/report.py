@@ -100,34 +100,33 @@ def targets_table(data, wagrad_only=False):
           f"[90% bootstrap interval]:\n\n" + "\n".join(out))
 
 
-def packing_table(data):
-  """benchmarks/branch_packing.py: each choice as a multiple of the all-packed one."""
-  out = [f"| algorithm ({data['model']} model, tau={data['tau']}) | packed: x hand averaging "
-         f"| leaves | operands packed | results packed |",
-         "| --- | ---: | ---: | ---: | ---: |"]
+def _choices_table(data, head, others):
+  """benchmarks/branch_packing.py: per algorithm, the all-packed step against the
+  hand-written averaging one, then each of ``others`` as a multiple of all-packed."""
+  out = [f"| algorithm ({data['model']} model, tau={data['tau']}) | {head}",
+         "| --- | ---: |" + " ---: |" * len(others)]
   rows = [r for r in data["rows"] if r["choice"]]
   for algo in dict.fromkeys(r["algorithm"] for r in rows):
     by = {r["choice"]: r for r in rows if r["algorithm"] == algo}
     cells = [f"{by['packed']['x_hand']:.3f}"]
-    for c in ("leaves", "operands packed", "results packed"):
+    for c in others:
       lo, hi = by[c]["x_packed_90ci"]
       cells.append(f"{by[c]['x_packed']:.3f} [{lo:.3f}, {hi:.3f}]")
     out.append(f"| {algo} | " + " | ".join(cells) + " |")
   return "\n".join(out)
 
 
+def packing_table(data):
+  """benchmarks/branch_packing.py: each choice as a multiple of the all-packed one."""
+  return _choices_table(data, "packed: x hand averaging | leaves | operands packed | "
+                              "results packed |",
+                        ("leaves", "operands packed", "results packed"))
+
+
 def join_table(data):
   """benchmarks/branch_packing.py --join: packing by updates against by concatenate."""
-  out = [f"| algorithm ({data['model']} model, tau={data['tau']}) | by concatenate: x hand "
-         f"averaging | by updates: x by concatenate [90%] |", "| --- | ---: | ---: |"]
-  rows = [r for r in data["rows"] if r["choice"]]
-  for algo in dict.fromkeys(r["algorithm"] for r in rows):
-    by = {r["choice"]: r for r in rows if r["algorithm"] == algo}
-    u = by["packed by updates"]
-    lo, hi = u["x_packed_90ci"]
-    out.append(f"| {algo} | {by['packed']['x_hand']:.3f} | {u['x_packed']:.3f} "
-               f"[{lo:.3f}, {hi:.3f}] |")
-  return "\n".join(out)
+  return _choices_table(data, "by concatenate: x hand averaging | by updates: x by "
+                              "concatenate [90%] |", ("packed by updates",))
 
 
 def concat_table(data):

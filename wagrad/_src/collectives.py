@@ -229,8 +229,8 @@ def elect_leader_and_mean(loss, value, axis_name: AxisName, eligible=True):
   row = [jnp.where(cand, loss, jnp.inf)]
   if value is not None:
     value = jnp.asarray(value, jnp.float32)
-    ok = jnp.isfinite(value)
-    row += [jnp.where(ok, value, 0.0), ok.astype(jnp.float32)]
+    counted = jnp.isfinite(value)
+    row += [jnp.where(counted, value, 0.0), counted.astype(jnp.float32)]
   table = all_gather(jnp.stack(row), axis_name)  # (K, 1 or 3)
   leader = jnp.argmin(table[:, 0]).astype(jnp.int32)  # the first of equal minima
   lmin = table[leader, 0]

@@ -144,7 +144,7 @@ def next_clock(idx, sh, assign=None):
 # unchanged (a local step's parameters) is concatenated inside that branch.
 # flat_switch can leave any operand or result leaf by leaf instead;
 # benchmarks/branch_packing.py times the choices (none beat all-packed by more than the
-# run-to-run spread on the tiny model; for model_averaging(exact=False) packed is 8%
+# run-to-run spread on the tiny model; for model_averaging(exact=False) packed is 7.5%
 # faster).
 
 
