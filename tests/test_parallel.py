@@ -50,3 +50,22 @@ def test_shard_and_keys():
   keys = r.worker_keys(jax.random.key(0))
   assert keys.shape == (4,)
   assert len({str(jax.random.key_data(k)) for k in keys}) == 4
+
+
+@pytest.mark.parametrize("backend", ["vmap", "shard_map", "pmap"])
+def test_donation_and_lower_show_the_program_that_runs(backend):
+  """``map(..., donate_argnums=)`` donates (the input is consumed, the result is the
+  same), and ``lower`` lowers that very program: its module aliases the donated input
+  to an output, the undonated one's does not."""
+  r = wagrad.Runner(backend, 8)
+  fn = lambda x, y: (x * 2.0 + y, y)  # noqa: E731
+  x = np.arange(8 * 3, dtype=np.float32).reshape(8, 3)
+  y = np.ones((8, 3), np.float32)
+  plain, donating = r.map(fn), r.map(fn, donate_argnums=(0,))
+  want = jax.device_get(plain(r.put(x), r.put(y)))
+  xd = r.put(jax.numpy.asarray(x))
+  got = jax.device_get(donating(xd, r.put(y)))
+  np.testing.assert_array_equal(got[0], want[0])
+  assert xd.is_deleted()
+  alias = lambda f: "input_output_alias" in f.lower(r.put(x), r.put(y)).compile().as_text()  # noqa: E731
+  assert alias(donating) and not alias(plain)

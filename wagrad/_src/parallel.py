@@ -363,7 +363,14 @@ class Runner:
         out = jax.block_until_ready(out)
       return out
 
-    call.lower = lambda *args: jax.jit(mapped).lower(*self.put(args))
+    def lower(*args):
+      """Lower the program ``call`` runs (its donation and input placement included)."""
+      args = self.put(args)
+      if self.backend == "shard_map" and jit:
+        return placed_jit(args).lower(*args)
+      return (plain if jit else jax.jit(mapped)).lower(*args)
+
+    call.lower = lower
     call.num_traces = lambda: traces[0]
     return call
 
