@@ -125,24 +125,39 @@ def _axes_tuple(axis):
   return axis if isinstance(axis, tuple) else (axis,)
 
 
-def _elastic_exchange(params, u, center, a, axis_name, dist_axis=None):
-  """Simultaneous elastic exchange of EASGD (eq. 5-6) from the pre-step values.
+def _elastic_diff(params, u, center):
+  """``x - c`` per leaf in float32, plus ``0 u``: the same values where ``u`` is finite,
+  non-finite where it is not, so the exchange's one finiteness test covers the local
+  step too (:func:`_center_exchange`)."""
+  return _tmap(lambda x, c, uu: _f32(x) - _f32(c) + 0.0 * _f32(uu), params, center, u)
 
-  Returns ``(updates, finite, center_step, distance)``: the worker's update
-  ``u - a (x - c)`` (a non-finite worker is reset by :func:`_reset_nonfinite` once
-  the new center is known), whether this worker is finite, the center's increment
-  ``a sum_finite (x_i - c)`` (shared) and the mean squared distance of the finite
-  workers to ``c`` (shared; over ``dist_axis`` when given).
+
+def _diff_before_branch(params, u, center):
+  """:func:`_elastic_diff`, computed before the exchange's branch and kept as it is.
+
+  The workers' elastic move after the branch reads this difference, not the old center:
+  with a donated state the branch writes the new center over the old one's buffer, so a
+  read of the old center after it made XLA copy the center twice on every step
+  (benchmarks/overhead.py, EASGD on the small model). The barrier keeps XLA from
+  fusing the difference into the move after the branch, which would read the old
+  center there again.
   """
-  diff = _tmap(lambda x, c: _f32(x) - _f32(c), params, center)
-  # One reduction per leaf gives both the squared distance and the finiteness test:
-  # sum(d^2 + 0 u) is non-finite iff an element of x or u is non-finite (0 * inf is
-  # NaN) or the squared distance overflows float32; such a worker is left out. (Three
-  # separate reductions -- all(isfinite) of x and of u, then ||d||^2 -- cost a
-  # parameter-sized pass each.)
-  sq = sum(jnp.sum(jnp.square(d) + 0.0 * _f32(uu)) for d, uu in
-           zip(jax.tree_util.tree_leaves(diff), jax.tree_util.tree_leaves(u)))
-  sq = jnp.asarray(sq, jnp.float32)
+  return lax.optimization_barrier(_elastic_diff(params, u, center))
+
+
+def _center_exchange(diff, a, axis_name, dist_axis=None):
+  """The center's side of EASGD's elastic exchange (eq. 5-6) from ``diff`` =
+  :func:`_elastic_diff`.
+
+  Returns ``(finite, center_step, distance)``: whether this worker is finite, the
+  center's increment ``a sum_finite (x_i - c)`` (shared) and the mean squared distance
+  of the finite workers to ``c`` (shared; over ``dist_axis`` when given).
+  """
+  # One reduction gives both the squared distance and the finiteness test: it is
+  # non-finite iff an element of x or u is (0 * inf is NaN) or the squared distance
+  # overflows float32; such a worker is left out.
+  sq = jnp.asarray(sum(jnp.sum(jnp.square(d)) for d in jax.tree_util.tree_leaves(diff)),
+                   jnp.float32)
   finite = jnp.isfinite(sq)
   masked = _tmap(lambda d: jnp.where(finite, d, jnp.zeros_like(d)), diff)
   counts = jnp.stack([finite.astype(jnp.float32), jnp.where(finite, sq, 0.0)])
@@ -156,9 +171,25 @@ def _elastic_exchange(params, u, center, a, axis_name, dist_axis=None):
     tot = C.fused(masked, psum)
     n_fin, sq_sum = lax.psum(counts, dist_axis)
   dist = sq_sum / jnp.maximum(n_fin, 1.0)
-  step = _tmap(lambda t: a * t, tot)
-  upd = _tmap(lambda uu, d, x: (_f32(uu) - a * d).astype(x.dtype), u, diff, params)
-  return upd, finite, step, dist
+  return finite, _tmap(lambda t: a * t, tot), dist
+
+
+def _elastic_update(u, diff, a, params):
+  """The worker's side of the exchange: ``u - a (x - c)`` in the params' dtypes."""
+  return _tmap(lambda uu, d, x: (_f32(uu) - a * d).astype(x.dtype), u, diff, params)
+
+
+def _elastic_exchange(params, u, center, a, axis_name, dist_axis=None):
+  """Simultaneous elastic exchange of EASGD (eq. 5-6) from the pre-step values, inside
+  a branch.
+
+  Returns ``(updates, finite, center_step, distance)``: the worker's update
+  ``u - a (x - c)`` (a non-finite worker is reset by :func:`_reset_nonfinite` once
+  the new center is known) and :func:`_center_exchange`'s three.
+  """
+  diff = _elastic_diff(params, u, center)
+  finite, step, dist = _center_exchange(diff, a, axis_name, dist_axis)
+  return _elastic_update(u, diff, a, params), finite, step, dist
 
 
 def _reset_nonfinite(upd, finite, new_center, params):
@@ -167,15 +198,16 @@ def _reset_nonfinite(upd, finite, new_center, params):
                upd, new_center, params)
 
 
-def _worker_moves(u, params, c_old, c_new, a, exchanged, to_center):
+def _worker_moves(u, params, diff, c_new, a, exchanged, to_center):
   """The workers' side of an exchange, as a select after the branch: the elastic step
-  ``u - a (x - c_old)`` on exchange steps, ``c_new - x`` where ``to_center`` (a
-  non-finite worker, the warm-up's end), ``u`` otherwise."""
-  def move(uu, x, c0, c1):
-    elastic = (_f32(uu) - a * (_f32(x) - _f32(c0))).astype(x.dtype)
+  ``u - a diff`` (``diff`` from :func:`_diff_before_branch`) on exchange steps,
+  ``c_new - x`` where ``to_center`` (a non-finite worker, the warm-up's end), ``u``
+  otherwise."""
+  def move(uu, x, d, c1):
+    elastic = (_f32(uu) - a * d).astype(x.dtype)
     return jnp.where(to_center, c1.astype(x.dtype) - x,
                      jnp.where(exchanged, elastic, uu)).astype(uu.dtype)
-  return _tmap(move, u, params, c_old, c_new)
+  return _tmap(move, u, params, diff, c_new)
 
 
 def easgd_center(opt_state):
@@ -280,7 +312,8 @@ def easgd(inner: optax.GradientTransformation, sync_period=1, *, alpha: float | 
 
     # Only the new shared state (and the inner state when it is synchronised) goes
     # through the branch, packed: a local step passes its buffers through untouched.
-    # The workers' elastic step, which needs only the old center, is a select after it.
+    # The workers' elastic step is a select after it, from the difference to the old
+    # center taken before it (_diff_before_branch).
     sync_inner = opt_state_sync != "local"
     carried = inner_state if sync_inner else None
     clock = periodic.next_clock(idx, sh)
@@ -289,12 +322,14 @@ def easgd(inner: optax.GradientTransformation, sync_period=1, *, alpha: float | 
       return base.replace(sh, clock=clock, center=center,
                           target=center if warmup_steps > 0 else None, **changes)
 
-    def local(u, carried):
+    diff = _diff_before_branch(params, u, sh.center)
+
+    def local(diff, carried):
       return base.replace(sh, clock=clock), jnp.bool_(True), carried
 
-    def exchange(u, carried):
+    def exchange(diff, carried):
       c_old = sh.center
-      upd, finite, step, dist = _elastic_exchange(params, u, c_old, a, axis_name)
+      finite, step, dist = _center_exchange(diff, a, axis_name)
       if outer_optimizer is None:
         center = _tmap(lambda c, s: (_f32(c) + s).astype(c.dtype), c_old, step)
         outer_state = sh.outer
@@ -303,28 +338,28 @@ def easgd(inner: optax.GradientTransformation, sync_period=1, *, alpha: float | 
         ou, outer_state = outer_optimizer.update(pseudo, sh.outer, c_old)
         center = optax.apply_updates(c_old, ou)
       if sync_inner:
-        upd = _reset_nonfinite(upd, finite, center, params)
+        upd = _reset_nonfinite(_elastic_update(u, diff, a, params), finite, center, params)
         carried = periodic.sync_opt_state(opt_state_sync, inner, carried,
                                           base.tree_add(params, upd), axis_name)
       return (with_center(center, distance=jnp.asarray(dist, jnp.float32), outer=outer_state),
               finite, carried)
 
-    def warmup_end(u, carried):
+    def warmup_end(diff, carried):
       t = base.tree_cast_like(periodic.warmup_target(base.tree_add(params, u), axis_name),
                               sh.center)
       return with_center(t, distance=jnp.zeros([], jnp.float32)), jnp.bool_(True), carried
 
     branches = (local, exchange) + ((warmup_end,) if warmup_steps > 0 else ())
-    # u is packed by updates when large: XLA:CPU's concatenate of the fresh updates was
-    # the slowest op of the small model's step (benchmarks/branch_packing.py --join)
-    new_shared, finite, carried = periodic.flat_switch(idx, branches, u, carried,
-                                                       join="auto")
+    # The difference goes in leaf by leaf: packed, XLA fused its computation into the
+    # moves after the branch, which then read the old center there.
+    new_shared, finite, carried = periodic.flat_switch(idx, branches, diff, carried,
+                                                       pack_operands=(False, True))
     if sync_inner:
       inner_state = carried
     exchanged = idx == periodic.EXCHANGE
     to_center = (idx == periodic.WARMUP_END) | (exchanged & ~finite)
 
-    upd = _worker_moves(u, params, sh.center, new_shared.center, a, exchanged, to_center)
+    upd = _worker_moves(u, params, diff, new_shared.center, a, exchanged, to_center)
     return upd, EASGDState(inner_state, new_shared)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
@@ -418,19 +453,21 @@ def eamsgd(learning_rate, sync_period=1, *, momentum: float = 0.99,
     clock = periodic.next_clock(ex.astype(jnp.int32), sh, False)
 
     # Only the packed shared state and each worker's finiteness go through the branch;
-    # the workers' elastic step is a select after it.
-    def local(v):
+    # the workers' elastic step is a select after it (as in easgd).
+    diff = _diff_before_branch(params, v, sh.center)
+
+    def local(diff):
       return base.replace(sh, clock=clock), jnp.bool_(True)
 
-    def exchange(v):
-      _, finite, step, dist = _elastic_exchange(params, v, sh.center, a, axis_name)
+    def exchange(diff):
+      finite, step, dist = _center_exchange(diff, a, axis_name)
       center = _tmap(lambda c, s: (_f32(c) + s).astype(c.dtype), sh.center, step)
       return (base.replace(sh, clock=clock, center=center,
                            distance=jnp.asarray(dist, jnp.float32)), finite)
 
-    new_shared, finite = periodic.flat_cond(ex, exchange, local, v)
+    new_shared, finite = periodic.flat_cond(ex, exchange, local, diff, pack_operands=False)
     to_center = ex & ~finite
-    upd = _worker_moves(v, params, sh.center, new_shared.center, a, ex, to_center)
+    upd = _worker_moves(v, params, diff, new_shared.center, a, ex, to_center)
     v = _tmap(lambda vv: jnp.where(to_center, jnp.zeros_like(vv), vv), v)
     return upd, EAMSGDState(v, new_shared)
 
