@@ -584,41 +584,6 @@ def test_momentum_and_downpour_take_period_schedules(name, backend):
 # ----------------------------------------------------------------------------- errors
 
 
-@pytest.mark.parametrize("name", ["easgd", "eamsgd"])
-def test_donated_local_step_copies_no_center(name):
-  """With the state donated, the branch writes the new center over the old one's
-  buffer. The workers' move after it reads the difference taken before it, not the old
-  center, so the compiled step copies no center-sized buffer out of its inputs (reading
-  the old center there made XLA copy it twice per step)."""
-  import re
-  r = wagrad.Runner("shard_map", 8)
-  p0 = {"w": jnp.zeros((64, 32)), "b": jnp.zeros((32,))}
-  n = 64 * 32 + 32
-  tx = wagrad.easgd(optax.sgd(ETA), 4) if name == "easgd" else wagrad.eamsgd(ETA, 4)
-
-  def step(p, s, t):  # per-worker targets t: the workers drift apart
-    g = jax.tree_util.tree_map(lambda x, y: x - y, p, t)
-    u, s = tx.update(g, s, p)
-    return wagrad.apply_updates(p, u, s), s
-
-  f = r.map(step, donate_argnums=(0, 1))
-  rng = np.random.default_rng(0)
-  t = r.put({k: rng.normal(size=(8,) + v.shape).astype(np.float32) for k, v in p0.items()})
-  hlo = f.lower(r.replicate(p0), r.init(tx, p0), t).compile().as_text()
-  assert "input_output_alias" in hlo
-  copies = re.findall(r"f32\[(\d+)\]\{0\} copy\(%(?:param|get-tuple-element)", hlo)
-  assert not [c for c in copies if int(c) >= n], copies
-  # and the donated step computes what the undonated one does (two exchanges)
-  plain = r.map(step)
-  a, b = (r.replicate(p0), r.init(tx, p0)), (r.replicate(p0), r.init(tx, p0))
-  for _ in range(9):
-    a, b = f(*a, t), plain(*b, t)
-  for x, y in zip(jax.tree_util.tree_leaves(jax.device_get(a)),
-                  jax.tree_util.tree_leaves(jax.device_get(b))):
-    np.testing.assert_array_equal(x, y)
-  assert float(jnp.abs(E.easgd_center(a[1])["w"]).sum()) > 0  # the center moved
-
-
 def test_bad_hyperparameters():
   sgd = optax.sgd(0.1)
   with pytest.raises(ValueError, match="alpha"):

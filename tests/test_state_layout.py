@@ -157,3 +157,55 @@ def test_joins_agree_and_batch():
     f = base.flatten(tree, join)
     chex.assert_trees_all_equal(base.unflatten(f), tree)
     chex.assert_trees_all_equal(f.buffers, base.flatten(tree, "concatenate").buffers)
+
+
+_SGD = optax.sgd(0.1)
+DONATED = {
+    "model_averaging": lambda: wagrad.model_averaging(_SGD, 4),
+    "model_averaging exact=False": lambda: wagrad.model_averaging(_SGD, 4, exact=False),
+    "easgd": lambda: wagrad.easgd(_SGD, 4),
+    "eamsgd": lambda: wagrad.eamsgd(0.1, 4),
+    "lsgd": lambda: wagrad.lsgd(_SGD, 4),
+    "wasgd": lambda: wagrad.wasgd(_SGD, 4),
+    "wpsgd": lambda: wagrad.wpsgd(_SGD, 4, weighting="samples"),
+    "downpour": lambda: wagrad.downpour(0.1, 4),
+    "diloco": lambda: wagrad.diloco(inner=_SGD, sync_period=4),
+}
+
+
+@pytest.mark.parametrize("name", list(DONATED))
+def test_donated_step_copies_no_shared_buffer(name):
+  """With the state donated, an exchange branch writes the new shared state (center,
+  target, leader copy) over the old one's buffer. A read of the old one after the
+  branch makes XLA keep it alive with parameter-sized copies on every step (EASGD's
+  elastic move did: two copies a step), so no transform may read it there: the
+  compiled, donated step copies no parameter-sized buffer out of its inputs. And the
+  donated step computes what the undonated one does, over two exchanges."""
+  import re
+  r = wagrad.Runner("shard_map", 8)
+  p0 = {"w": jnp.zeros((64, 32)), "b": jnp.zeros((32,))}
+  n = 64 * 32 + 32
+  tx = DONATED[name]()
+
+  def step(p, s, t):  # per-worker targets t: the workers drift apart
+    loss, g = jax.value_and_grad(lambda p: sum(
+        jnp.sum((a - b) ** 2) for a, b in zip(jax.tree_util.tree_leaves(p),
+                                              jax.tree_util.tree_leaves(t))))(p)
+    u, s = tx.update(g, s, p, value=loss)
+    return wagrad.apply_updates(p, u, s), s
+
+  f = r.map(step, donate_argnums=(0, 1))
+  rng = np.random.default_rng(0)
+  t = r.put({k: rng.normal(size=(8,) + v.shape).astype(np.float32) for k, v in p0.items()})
+  hlo = f.lower(r.replicate(p0), r.init(tx, p0), t).compile().as_text()
+  assert "input_output_alias" in hlo
+  copies = re.findall(r"f32\[(\d+)\]\{0\} copy\(%(?:param|get-tuple-element)", hlo)
+  assert not [c for c in copies if int(c) >= n], copies
+  plain = r.map(step)
+  a, b = (r.replicate(p0), r.init(tx, p0)), (r.replicate(p0), r.init(tx, p0))
+  for _ in range(9):
+    a, b = f(*a, t), plain(*b, t)
+  for x, y in zip(jax.tree_util.tree_leaves(jax.device_get(a)),
+                  jax.tree_util.tree_leaves(jax.device_get(b))):
+    np.testing.assert_array_equal(x, y)
+  assert float(np.abs(jax.device_get(a[0]["w"])).sum()) > 0  # it trained
