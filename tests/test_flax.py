@@ -81,6 +81,36 @@ def test_sync_model_state_is_mean(exact):
   np.testing.assert_allclose(out, np.broadcast_to(stats.mean(0), out.shape), rtol=1e-6)
 
 
+@pytest.mark.parametrize("name", ["async_lsgd", "async_easgd"])
+def test_sync_model_state_leaves_async_transforms_local(name):
+  """Per-worker (asynchronous) exchanges have no shared exchange step for the model
+  state to follow: sync_model_state returns it unchanged, also on steps where workers
+  exchanged (as documented)."""
+  K = 8
+  r = wagrad.Runner("vmap", K)
+  make = wagrad.async_lsgd if name == "async_lsgd" else wagrad.async_easgd
+  tx = make(optax.sgd(0.1), 2, axis_name=r.axis_name)
+  stats = np.arange(K * 3, dtype=np.float32).reshape(K, 3)
+
+  def fn(p, s, stats):
+    u, s = tx.update(p, s, p, value=jnp.sum(p ** 2), active=True)
+    return optax.apply_updates(p, u), s, wagrad.sync_model_state(stats, s, r.axis_name)
+  f = r.map(fn)
+  p = np.arange(K * 2, dtype=np.float32).reshape(K, 2)
+  s = r.init(tx, jnp.zeros(2))
+  for _ in range(4):
+    p, s, out = f(p, s, stats)
+    np.testing.assert_array_equal(jax.device_get(out), stats)
+  p = jax.device_get(p)
+  assert not np.allclose(p, p[:1])  # the workers stayed apart ...
+  assert int(wagrad_shared(s).num_exchanges) > 0  # ... though they exchanged
+
+
+def wagrad_shared(state):
+  from wagrad._src import base
+  return base.find_shared(jax.device_get(state), "count")
+
+
 def test_nnx_optimizer_with_value():
   """nnx.Optimizer forwards value=; nnx_update takes the average exactly."""
   K, tau = 8, 2

@@ -30,6 +30,14 @@ def sync_model_state(model_state, opt_state, axis_name="workers", rate=1.0):
   one-hot of the leader) or WASGD's ``moving_rate`` to pull the statistics as the
   parameters are pulled. The collective runs only on exchange steps (``lax.cond`` on a
   shared predicate).
+
+  Which steps it follows: model averaging, DiLoCo, LSGD, WASGD, WASGD+ and WP-SGD
+  exchanges, multi-leader LSGD's global rounds, DOWNPOUR's exchanges, and the end of a
+  warm-up. It leaves the model state local (returns it unchanged) on EASGD's and
+  EAMSGD's elastic exchanges, on tree EASGD, and on every transform whose exchanges are
+  per worker (``async_easgd``, ``async_lsgd``, ``staleness_aware_sgd``): there is no
+  shared exchange step to follow. For those, re-estimate the evaluated model's
+  statistics on training batches (:func:`reestimate_batch_stats`).
   """
   base.check_range("rate", rate, 0.0, 1.0, lo_open=True)
   base.check_axis_name(axis_name)
