@@ -294,8 +294,9 @@ class Runner:
   def map(self, fn: Callable, *, jit: bool = True, donate_argnums=()) -> Callable:
     """Return ``g(*args)`` running ``fn`` on every worker (args stacked, see module doc).
 
-    ``g.lower(*args)`` lowers the program (for HLO inspection) and ``g.num_traces()``
-    says how many times it was traced (1 for a run that compiled once).
+    ``g.lower(*args)`` lowers the program ``g`` runs, donation and input placement
+    included (for HLO inspection), and ``g.num_traces()`` says how many times it was
+    traced (1 for a run that compiled once).
     ``donate_argnums`` donates those arguments' buffers to the step (as ``jax.jit``):
     saves a copy of the state per step; the donated inputs must not be used again.
     """
