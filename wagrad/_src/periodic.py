@@ -175,10 +175,9 @@ def flat_switch(index, branches, *operands, pack_operands=True, pack_results=Tru
 
   ``pack_operands`` / ``pack_results``: a bool for all, or one per operand / result
   element. An unpacked one travels leaf by leaf, as in ``lax.switch``. ``join``: how
-  the leaves are packed (``base.flatten``); ``"concatenate"`` by default, ``"auto"``
-  (by updates when large) where XLA:CPU's fused concatenate is the slow one (EASGD's
-  operand, measured in ``benchmarks/branch_packing.py --join``). A shared state packs
-  itself either way.
+  the leaves are packed (``base.flatten``); ``"concatenate"`` by default (what every
+  transform uses; ``benchmarks/branch_packing.py --join`` compares ``"updates"``), or
+  ``"auto"``. A shared state packs itself either way.
   """
   base.check_join(join)
   pack_in = _per_item("pack_operands", pack_operands, len(operands))
