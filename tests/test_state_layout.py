@@ -160,48 +160,76 @@ def test_joins_agree_and_batch():
 
 
 _SGD = optax.sgd(0.1)
+# name -> (transform from the runner, Runner keywords, update keywords)
 DONATED = {
-    "model_averaging": lambda: wagrad.model_averaging(_SGD, 4),
-    "model_averaging exact=False": lambda: wagrad.model_averaging(_SGD, 4, exact=False),
-    "easgd": lambda: wagrad.easgd(_SGD, 4),
-    "eamsgd": lambda: wagrad.eamsgd(0.1, 4),
-    "lsgd": lambda: wagrad.lsgd(_SGD, 4),
-    "wasgd": lambda: wagrad.wasgd(_SGD, 4),
-    "wpsgd": lambda: wagrad.wpsgd(_SGD, 4, weighting="samples"),
-    "downpour": lambda: wagrad.downpour(0.1, 4),
-    "diloco": lambda: wagrad.diloco(inner=_SGD, sync_period=4),
+    "model_averaging": (lambda r: wagrad.model_averaging(_SGD, 4), {}, {}),
+    "model_averaging exact=False": (
+        lambda r: wagrad.model_averaging(_SGD, 4, exact=False), {}, {}),
+    "easgd": (lambda r: wagrad.easgd(_SGD, 4), {}, {}),
+    "eamsgd": (lambda r: wagrad.eamsgd(0.1, 4), {}, {}),
+    "lsgd": (lambda r: wagrad.lsgd(_SGD, 4), {}, {}),
+    "wasgd": (lambda r: wagrad.wasgd(_SGD, 4), {}, {}),
+    "wpsgd": (lambda r: wagrad.wpsgd(_SGD, 4, weighting="samples"), {}, {}),
+    "downpour": (lambda r: wagrad.downpour(0.1, 4), {}, {}),
+    "diloco": (lambda r: wagrad.diloco(inner=_SGD, sync_period=4), {}, {}),
 }
+# Known to copy their shared buffer (twice a step); the cause was not found. strict: a
+# fix makes these fail until they move up.
+STILL_COPIES = {
+    "async_easgd": (lambda r: wagrad.async_easgd(_SGD, 4, axis_name=r.axis_name), {},
+                    {"active": True}),
+    "async_lsgd": (lambda r: wagrad.async_lsgd(_SGD, 4, axis_name=r.axis_name), {},
+                   {"active": True}),
+    "tree_easgd": (lambda r: wagrad.tree_easgd(
+        _SGD, group_axis=r.group_axis, global_axis=r.global_axis, sync_period=(2, 4)),
+        {"groups": 2}, {}),
+    "multi_leader_lsgd": (lambda r: wagrad.multi_leader_lsgd(
+        _SGD, group_axis=r.group_axis, global_axis=r.global_axis, local_period=2,
+        global_period=4, num_workers=8), {"groups": 2}, {}),
+}
+_XFAIL = pytest.mark.xfail(strict=True, raises=AssertionError,
+                           reason="still copies its shared buffer when donated")
 
 
-@pytest.mark.parametrize("name", list(DONATED))
-def test_donated_step_copies_no_shared_buffer(name):
-  """With the state donated, an exchange branch writes the new shared state (center,
-  target, leader copy) over the old one's buffer. A read of the old one after the
-  branch makes XLA keep it alive with parameter-sized copies on every step (EASGD's
-  elastic move did: two copies a step), so no transform may read it there: the
-  compiled, donated step copies no parameter-sized buffer out of its inputs. And the
-  donated step computes what the undonated one does, over two exchanges."""
-  import re
-  r = wagrad.Runner("shard_map", 8)
+def _donated_case(name):
+  """(donated step, undonated step, runner, initial params, targets) for ``name``."""
+  make, runner_kw, update_kw = {**DONATED, **STILL_COPIES}[name]
+  r = wagrad.Runner("shard_map", 8, **runner_kw)
   p0 = {"w": jnp.zeros((64, 32)), "b": jnp.zeros((32,))}
-  n = 64 * 32 + 32
-  tx = DONATED[name]()
+  tx = make(r)
 
   def step(p, s, t):  # per-worker targets t: the workers drift apart
     loss, g = jax.value_and_grad(lambda p: sum(
         jnp.sum((a - b) ** 2) for a, b in zip(jax.tree_util.tree_leaves(p),
                                               jax.tree_util.tree_leaves(t))))(p)
-    u, s = tx.update(g, s, p, value=loss)
+    u, s = tx.update(g, s, p, value=loss, **update_kw)
     return wagrad.apply_updates(p, u, s), s
 
-  f = r.map(step, donate_argnums=(0, 1))
   rng = np.random.default_rng(0)
   t = r.put({k: rng.normal(size=(8,) + v.shape).astype(np.float32) for k, v in p0.items()})
+  return r.map(step, donate_argnums=(0, 1)), r.map(step), r, tx, p0, t
+
+
+@pytest.mark.parametrize("name", list(DONATED) + [
+    pytest.param(n, marks=_XFAIL) for n in STILL_COPIES])
+def test_donated_step_copies_no_shared_buffer(name):
+  """With the state donated, an exchange branch writes the new shared state (center,
+  target, leader copy) over the old one's buffer. A read of the old one after the
+  branch makes XLA keep it alive with parameter-sized copies on every step (EASGD's
+  elastic move did: two copies a step), so the compiled, donated step must copy no
+  parameter-sized buffer out of its inputs."""
+  import re
+  f, _, r, tx, p0, t = _donated_case(name)
   hlo = f.lower(r.replicate(p0), r.init(tx, p0), t).compile().as_text()
   assert "input_output_alias" in hlo
   copies = re.findall(r"f32\[(\d+)\]\{0\} copy\(%(?:param|get-tuple-element)", hlo)
-  assert not [c for c in copies if int(c) >= n], copies
-  plain = r.map(step)
+  assert not [c for c in copies if int(c) >= 64 * 32 + 32], copies
+
+
+@pytest.mark.parametrize("name", list(DONATED) + list(STILL_COPIES))
+def test_donated_step_matches_undonated(name):
+  """The donated step computes what the undonated one does, over two exchanges."""
+  f, plain, r, tx, p0, t = _donated_case(name)
   a, b = (r.replicate(p0), r.init(tx, p0)), (r.replicate(p0), r.init(tx, p0))
   for _ in range(9):
     a, b = f(*a, t), plain(*b, t)
