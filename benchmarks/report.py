@@ -187,24 +187,16 @@ def scaling_text(data):
 
 
 def main():
-  for name in ("overhead_targets", "overhead_targets_nodonate", "overhead_targets_1proc",
-               "overhead_targets_nodonate_1proc"):
+  for name in ("overhead_targets", "overhead_targets_nodonate"):
     if os.path.exists(os.path.join(RES, name + ".json")):
       print(f"{name}:")
       print(targets_table(load(name), wagrad_only=name != "overhead_targets"))
       print()
-  if os.path.exists(os.path.join(RES, "branch_packing.json")):
-    print(packing_table(load("branch_packing")))
-    print()
-  if os.path.exists(os.path.join(RES, "branch_packing_join.json")):
-    print(join_table(load("branch_packing_join")))
-    print()
-  if os.path.exists(os.path.join(RES, "allreduce_buffers.json")):
-    print(allreduce_table(load("allreduce_buffers")))
-    print()
-  if os.path.exists(os.path.join(RES, "concat.json")):
-    print(concat_table(load("concat")))
-    print()
+  for name, table in (("branch_packing", packing_table), ("branch_packing_join", join_table),
+                      ("allreduce_buffers", allreduce_table), ("concat", concat_table)):
+    if os.path.exists(os.path.join(RES, name + ".json")):
+      print(table(load(name)))
+      print()
   print(overhead_tables(load("overhead")))
   print(ablation_table(load("overhead_ablation")["rows"]))
   print()
