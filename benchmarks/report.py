@@ -100,68 +100,6 @@ def targets_table(data, wagrad_only=False):
           f"[90% bootstrap interval]:\n\n" + "\n".join(out))
 
 
-def _choices_table(data, head, others):
-  """benchmarks/branch_packing.py: per algorithm, the all-packed step against the
-  hand-written averaging one, then each of ``others`` as a multiple of all-packed."""
-  out = [f"| algorithm ({data['model']} model, tau={data['tau']}) | {head}",
-         "| --- | ---: |" + " ---: |" * len(others)]
-  rows = [r for r in data["rows"] if r["choice"]]
-  for algo in dict.fromkeys(r["algorithm"] for r in rows):
-    by = {r["choice"]: r for r in rows if r["algorithm"] == algo}
-    cells = [f"{by['packed']['x_hand']:.3f}"]
-    for c in others:
-      lo, hi = by[c]["x_packed_90ci"]
-      cells.append(f"{by[c]['x_packed']:.3f} [{lo:.3f}, {hi:.3f}]")
-    out.append(f"| {algo} | " + " | ".join(cells) + " |")
-  return "\n".join(out)
-
-
-def packing_table(data):
-  """benchmarks/branch_packing.py: each choice as a multiple of the all-packed one."""
-  return _choices_table(data, "packed: x hand averaging | leaves | operands packed | "
-                              "results packed |",
-                        ("leaves", "operands packed", "results packed"))
-
-
-def join_table(data):
-  """benchmarks/branch_packing.py --join: packing by updates against by concatenate."""
-  return _choices_table(data, "by concatenate: x hand averaging | by updates: x by "
-                              "concatenate [90%] |", ("packed by updates",))
-
-
-def concat_table(data):
-  """benchmarks/concat.py: joining the parameters, microseconds per call."""
-  out = ["| model (elements) | leaves | jnp.concatenate | dynamic_update_slice |",
-         "| --- | --- | ---: | ---: |"]
-  rows = data["rows"]
-  for model in dict.fromkeys(r["model"] for r in rows):
-    for case in dict.fromkeys(r["leaves"] for r in rows):
-      by = {r["join"]: r for r in rows if r["model"] == model and r["leaves"] == case}
-      out.append(f"| {model} ({by['concatenate']['elements']}) | {case} | "
-                 f"{by['concatenate']['median_us']:.1f} us | {by['updates']['median_us']:.1f} us |")
-  return "\n".join(out)
-
-
-def allreduce_table(data):
-  """benchmarks/allreduce_buffers.py: microseconds per all-reduce."""
-  out = ["| float32 values | as one buffer | as that many one-value buffers |",
-         "| ---: | ---: | ---: |"]
-  rows = data["rows"]
-  for n in dict.fromkeys(r["values"] for r in rows):
-    by = {r["buffers"]: r["us_per_all_reduce"] for r in rows if r["values"] == n}
-    out.append(f"| {n} | {by[1]:.0f} us | " + (f"{by[n]:.0f} us |" if n > 1 else "|"))
-  return "\n".join(out)
-
-
-def ablation_table(rows):
-  out = ["| program (tiny model, no exchange taken) | ms/step (median) | x hand (paired median) |",
-         "| --- | ---: | ---: |"]
-  out += [f"| {r['variant']} | {r['median_ms']:.3f} | "
-          f"{r['paired_ratio_to_hand']:.3f} |" if "paired_ratio_to_hand" in r else
-          f"| {r['variant']} | {r['median_ms']:.3f} | |" for r in rows]
-  return "\n".join(out)
-
-
 def comm_table(data):
   m = data["models"]["tiny"]
   out = ["| algorithm | all-reduce bytes every step | collective bytes in the exchange branch(es) |",
@@ -192,14 +130,7 @@ def main():
       print(f"{name}:")
       print(targets_table(load(name), wagrad_only=name != "overhead_targets"))
       print()
-  for name, table in (("branch_packing", packing_table), ("branch_packing_join", join_table),
-                      ("allreduce_buffers", allreduce_table), ("concat", concat_table)):
-    if os.path.exists(os.path.join(RES, name + ".json")):
-      print(table(load(name)))
-      print()
   print(overhead_tables(load("overhead")))
-  print(ablation_table(load("overhead_ablation")["rows"]))
-  print()
   print(comm_table(load("overhead")))
   print()
   print(scaling_text(load("scaling")))

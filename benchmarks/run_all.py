@@ -2,8 +2,7 @@
 
     python benchmarks/run_all.py --quick
 
-Writes benchmarks/results/{overhead,overhead_ablation,branch_packing,concat,
-allreduce_buffers,scaling,convergence}.json and .png; `python benchmarks/report.py`
+Writes benchmarks/results/{overhead,scaling,convergence}.json and .png; `python benchmarks/report.py`
 prints the README's tables from them. The targets README quotes come from
 `python benchmarks/overhead.py --targets --processes 3` (with and without
 `--no-donate`), run separately (about 10 minutes each).
@@ -15,19 +14,14 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402,F401  (forced CPU devices before JAX starts)
 
-import allreduce_buffers  # noqa: E402
-import branch_packing  # noqa: E402
-import concat  # noqa: E402
 import convergence  # noqa: E402
 import overhead  # noqa: E402
-import overhead_ablation  # noqa: E402
 import scaling  # noqa: E402
 
 
 def main(argv=None):
   argv = list(sys.argv[1:] if argv is None else argv)
-  for mod in (overhead, overhead_ablation, branch_packing, concat, allreduce_buffers, scaling,
-              convergence):
+  for mod in (overhead, scaling, convergence):
     t0 = time.perf_counter()
     print(f"== {mod.__name__} ==", flush=True)
     mod.main(argv)

@@ -78,7 +78,7 @@ def test_model_averaging_inexact_matches_numpy(backend, K):
   np.testing.assert_allclose(w, ref, rtol=2e-5, atol=1e-6)
   assert int(s.shared.num_exchanges) == n_ex == 4 and not bool(s.shared.assign)
   assert s.shared.target is None
-  assert [x.dtype for x in jax.tree_util.tree_leaves(s.shared)] == [jnp.int32]
+  assert [x.dtype for x in jax.tree_util.tree_leaves(s.shared)] == [jnp.int32] * 3 + [jnp.bool_]
   np.testing.assert_allclose(w, np.broadcast_to(w[0], w.shape), rtol=1e-6, atol=1e-7)
   with pytest.raises(ValueError, match="exact"):
     wagrad.model_averaging(optax.sgd(0.1), 4, exact=False, outer_optimizer=optax.sgd(1.0))

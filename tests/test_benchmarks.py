@@ -127,39 +127,3 @@ def test_overhead_rejects_unknown_family_and_model():
     overhead.main(["--targets", "--family", "sgd"])
   with pytest.raises(SystemExit, match="unknown model 'huge'"):
     overhead.main(["--models", "huge"])
-
-
-def test_concat_benchmark_quick(tmp_path, monkeypatch):
-  import common
-  monkeypatch.setattr(common, "OUT", str(tmp_path))
-  import concat
-  rows = concat.main(["--quick", "--reps", "1"])
-  assert {(r["model"], r["join"], r["leaves"]) for r in rows} == {
-      (m, j, c) for m in ("tiny", "small") for j in ("concatenate", "updates")
-      for c in ("as is", "computed")}
-  assert all(r["median_us"] > 0 for r in rows)
-  assert (tmp_path / "concat.json").exists()
-
-
-def test_branch_packing_join_mode_tiny(tmp_path, monkeypatch):
-  import common
-  monkeypatch.setattr(common, "OUT", str(tmp_path))
-  import branch_packing
-  rows = branch_packing.main(["--join", "--algorithms", "easgd", "--steps", "2", "--reps", "1",
-                              "--tau", "2"])
-  assert [r["variant"] for r in rows] == ["hand", "hand as updates", "easgd | packed",
-                                          "easgd | packed by updates"]
-  assert rows[-1]["x_packed"] > 0
-  saved = json.loads((tmp_path / "branch_packing_join.json").read_text())
-  assert saved["choices"]["packed by updates"] == [True, True, "updates"]
-
-
-def test_allreduce_buffers_benchmark_quick(tmp_path, monkeypatch):
-  import common
-  monkeypatch.setattr(common, "OUT", str(tmp_path))
-  import allreduce_buffers
-  rows = allreduce_buffers.main(["--quick", "--reps", "1"])
-  assert [(r["values"], r["buffers"]) for r in rows] == [(1, 1), (2, 1), (2, 2), (4, 1), (4, 4),
-                                                          (8, 1), (8, 8)]
-  assert all(r["all_reduce_ops"] == allreduce_buffers.CHAIN for r in rows)
-  assert (tmp_path / "allreduce_buffers.json").exists()

@@ -108,8 +108,8 @@ def test_group_and_global_reductions():
   x = np.arange(K, dtype=np.float32)
   for backend in ("vmap", "shard_map"):
     r = wagrad.Runner(backend, K, groups=G)
-    gm, am = jax.device_get(r.map(lambda x: (wagrad.group_mean(x, r.group_axis),
-                                             wagrad.global_mean(x, r.axis_name)))(x))
+    gm, am = jax.device_get(r.map(lambda x: (wagrad.pmean_tree(x, r.group_axis),
+                                             wagrad.pmean_tree(x, r.axis_name)))(x))
     np.testing.assert_allclose(gm, np.repeat(x.reshape(G, -1).mean(1), K // G))
     np.testing.assert_allclose(am, np.full(K, x.mean()))
 
@@ -122,22 +122,31 @@ def test_unbound_axis_and_bad_temperature():
     r.map(lambda l: wagrad.softmax_weights(l, r.axis_name, temperature=-1.0))(np.ones(4))
 
 
-def test_fused_psum_buckets_by_size():
-  """Small leaves share one all-reduce per dtype; a leaf of FUSE_BELOW elements or more
-  gets its own. Same sums either way (checked against NumPy)."""
+def test_send_is_one_flat_buffer_per_dtype_or_buckets():
+  """An exchange's message is one all-reduce of one flat buffer per dtype (bf16 leaves
+  accumulate in float32 with the float32 ones), or buckets of about ``bucket_bytes`` split
+  at leaf boundaries. Same sums either way (checked against NumPy)."""
+  from jax import lax
   from wagrad._src import collectives as C
   K = 8
   rng = np.random.default_rng(3)
-  tree = {"big": rng.normal(size=(K, C.FUSE_BELOW)).astype(np.float32),
+  tree = {"big": rng.normal(size=(K, 5000)).astype(np.float32),
           "a": rng.normal(size=(K, 7)).astype(np.float32),
-          "b": rng.normal(size=(K, 3, 2)).astype(np.float32)}
+          "b": rng.normal(size=(K, 3, 2)).astype(np.float32),
+          "h": rng.normal(size=(K, 4)).astype(jnp.bfloat16),
+          "n": rng.integers(0, 9, size=(K, 3)).astype(np.int32)}
   r = wagrad.Runner("shard_map", K)
-  f = r.map(lambda t: wagrad.psum_tree(t, r.axis_name))
-  out = jax.device_get(f(tree))
-  for k, v in tree.items():
-    np.testing.assert_allclose(out[k], np.broadcast_to(v.sum(0), v.shape), rtol=1e-5, atol=1e-5)
-  # before XLA's own passes (which may combine or split all-reduces per backend)
-  assert f.lower(tree).as_text().count("stablehlo.all_reduce") == 2
+  for bucket_bytes, buffers in ((None, 2), (4 * 5000, 3), (16, 5)):
+    f = r.map(lambda t: C.send(t, lambda v: lax.psum(v, r.axis_name),
+                               bucket_bytes=bucket_bytes))
+    out = jax.device_get(f(tree))
+    for k, v in tree.items():
+      np.testing.assert_allclose(np.asarray(out[k], np.float32),
+                                 np.broadcast_to(v.astype(np.float32).sum(0), v.shape),
+                                 rtol=1e-2 if k == "h" else 1e-5, atol=1e-5)
+      assert out[k].dtype == v.dtype
+    # before XLA's own passes (which may combine or split all-reduces per backend)
+    assert f.lower(tree).as_text().count("stablehlo.all_reduce") == buffers, bucket_bytes
 
 
 @pytest.mark.parametrize("bad", [None, np.nan, np.inf, -np.inf])

@@ -18,8 +18,6 @@ from wagrad._src.collectives import (
     consensus_distance,
     elastic_step,
     elect_leader,
-    global_mean,
-    group_mean,
     normalize_weights,
     pmean_tree,
     psum_tree,

@@ -35,104 +35,17 @@ Period = Union[int, Callable[[Any], Any]]
 _SHARED_FLAG = "__wagrad_shared__"
 
 
-def shared_state(cls=None, *, packed=False):
+def shared_state(cls):
   """Class decorator: a frozen dataclass pytree whose leaves are shared by all workers.
 
-  With ``packed=True`` the whole node travels as :class:`Flat` -- one buffer per dtype
-  (an int32 one for counters and indices, a float32 one for a center or leader copy and
-  the float metrics, ...) -- whenever it is flattened (at a jit boundary, in a
-  checkpoint), while its fields still read as arrays and trees. On forced CPU devices
-  every leaf a step carries costs a buffer per device and call
-  (benchmarks/overhead_ablation.py), so this keeps a transform's shared state at a leaf
-  or three; inside a jitted step the packing and slicing are fused into the program.
+  The fields are plain pytrees (``state.shared.center`` is the center tree itself);
+  printing, ``tree_map`` and checkpoints show them by name. The parallel runners map
+  every leaf below such a node with ``in_axes=None`` / ``P()``.
   """
-  if cls is None:
-    return lambda c: shared_state(c, packed=packed)
   cls = dataclasses.dataclass(frozen=True)(cls)
   setattr(cls, _SHARED_FLAG, True)
-  fields = tuple(f.name for f in dataclasses.fields(cls))
-  if not packed:
-    return jax.tree_util.register_dataclass(cls, data_fields=list(fields), meta_fields=[])
-  names = frozenset(fields)
-
-  def pack(obj):
-    d = obj.__dict__
-    done = d.get("_children")
-    if done is not None:  # a packed state is flattened several times per step
-      return done
-    p = d.get("_packed")
-    # Cache only what was unflattened from buffers (the same buffers come back). A state
-    # built from fields makes new arrays when packed -- tracers inside a trace -- so it
-    # is never cached.
-    cache = p is not None
-    if not cache:
-      p = flatten(tuple(d[n] for n in fields))
-    keys = tuple(p.buffers)
-    done = ([p.buffers[k] for k in keys], (keys, p.spec))
-    if cache:
-      object.__setattr__(obj, "_children", done)
-    return done
-
-  def flatten_with_keys(obj):
-    children, aux = pack(obj)
-    return [(jax.tree_util.DictKey(k), c) for k, c in zip(aux[0], children)], aux
-
-  def unflatten_fn(aux, children):
-    obj = object.__new__(cls)
-    keys, spec = aux
-    object.__setattr__(obj, "_packed", Flat(dict(zip(keys, children)), spec))
-    return obj
-
-  jax.tree_util.register_pytree_with_keys(
-      cls, flatten_with_keys, unflatten_fn, flatten_func=pack)
-
-  index = {n: i for i, n in enumerate(fields)}
-  cls._wagrad_packed = True
-
-  def __getattribute__(self, name):
-    if name in names:
-      d = object.__getattribute__(self, "__dict__")
-      if name in d:
-        return d[name]
-      # slices of the packed buffers, taken on every read (not cached: a read inside
-      # a cond branch must not leave that branch's tracers behind)
-      p = d["_packed"]
-      treedef, infos = p.spec
-      kids = treedef.children()
-      i = index[name]
-      start = sum(k.num_leaves for k in kids[:i])
-      leaves = _unpack_leaves(p, infos, range(start, start + kids[i].num_leaves))
-      return jax.tree_util.tree_unflatten(kids[i], leaves)
-    return object.__getattribute__(self, name)
-
-  cls.__getattribute__ = __getattribute__
-  return cls
-
-
-def replace(obj, **changes):
-  """``dataclasses.replace`` for shared states. On a packed state the buffers that hold
-  none of the changed fields are carried over as they are (not rebuilt from slices of
-  themselves), so a branch that only moves the clock passes the parameter-sized float
-  buffer through untouched."""
-  new = dataclasses.replace(obj, **changes)
-  if not getattr(type(obj), "_wagrad_packed", False):
-    return new
-  old = object.__getattribute__(obj, "__dict__").get("_packed")
-  if old is None:
-    return new
-  flat = flatten(tuple(getattr(new, f.name) for f in dataclasses.fields(new)))
-  if flat.spec != old.spec:
-    return new
-  treedef, infos = old.spec
-  touched, start = set(), 0
-  for f, kid in zip(dataclasses.fields(new), treedef.children()):
-    if f.name in changes:
-      touched.update(_storage(infos[i][1]) for i in range(start, start + kid.num_leaves))
-    start += kid.num_leaves
-  buffers = {k: (v if k in touched else old.buffers[k]) for k, v in flat.buffers.items()}
-  out = object.__new__(type(obj))
-  object.__setattr__(out, "_packed", Flat(buffers, old.spec))
-  return out
+  return jax.tree_util.register_dataclass(
+      cls, data_fields=[f.name for f in dataclasses.fields(cls)], meta_fields=[])
 
 
 def is_shared(node) -> bool:
@@ -140,38 +53,15 @@ def is_shared(node) -> bool:
   return getattr(type(node), _SHARED_FLAG, False)
 
 
-class Clock:
-  """Mixin for a shared state whose step bookkeeping lives in one int32[4] field
-  ``clock`` = (count, last_exchange, num_exchanges, assign), read through properties.
-
-  Every leaf of a step's state is a buffer the runtime handles on every device at every
-  call; on forced CPU devices each replicated scalar costs about as much as a small
-  fused kernel (benchmarks/overhead_ablation.py), so the four scalars travel as one.
-  """
-
-  @property
-  def count(self):
-    return self.clock[0]
-
-  @property
-  def last_exchange(self):
-    return self.clock[1]
-
-  @property
-  def num_exchanges(self):
-    return self.clock[2]
-
-  @property
-  def assign(self):
-    return self.clock[3] != 0
-
-
-def make_clock(count, last_exchange=0, num_exchanges=0, assign=False):
-  """The ``clock`` field of a :class:`Clock` state."""
-  return jnp.stack([jnp.asarray(count).astype(jnp.int32),
-                    jnp.asarray(last_exchange).astype(jnp.int32),
-                    jnp.asarray(num_exchanges).astype(jnp.int32),
-                    jnp.asarray(assign).astype(jnp.int32)])
+def clock(count, last_exchange=0, num_exchanges=0, assign=False) -> dict:
+  """The four step-bookkeeping fields every periodic shared state has, as keyword
+  arguments: ``count`` (the global step, which alone decides exchanges),
+  ``last_exchange`` (the count right after the last exchange or the warm-up's end),
+  ``num_exchanges`` and ``assign`` (this step assigns ``target`` exactly, see
+  :func:`apply_updates`)."""
+  i32 = lambda v: jnp.asarray(v).astype(jnp.int32)  # noqa: E731
+  return dict(count=i32(count), last_exchange=i32(last_exchange),
+              num_exchanges=i32(num_exchanges), assign=jnp.asarray(assign, jnp.bool_))
 
 
 @shared_state
@@ -328,172 +218,15 @@ def tree_cast_like(tree, like):
   return jax.tree_util.tree_map(lambda x, y: jnp.asarray(x).astype(y.dtype), tree, like)
 
 
+def tree_copy(tree):
+  """A copy of every leaf: what ``init`` stores next to the parameters (a center, a
+  target, a leader copy) must not be the parameters' own buffers, or donating both
+  would hand XLA one buffer twice."""
+  return jax.tree_util.tree_map(lambda x: jnp.array(x, copy=True), tree)
+
+
 def tree_zeros_like(tree):
   return jax.tree_util.tree_map(jnp.zeros_like, tree)
-
-
-@jax.tree_util.register_pytree_node_class
-class Flat:
-  """A pytree stored as one flat vector per dtype, ``buffers = {dtype name: 1-D array}``
-  (booleans are kept as 0 / 1 in the int32 buffer), that remembers its structure
-  (static ``spec``), so :meth:`tree` rebuilds it.
-
-  Parameter-shaped shared state (an exchange target, a center) travels like this: under
-  XLA:CPU every leaf carried through a conditional or through the step's state costs a
-  buffer per device and call; one flat buffer per dtype almost nothing
-  (benchmarks/overhead_ablation.py). See ``shared_state(packed=True)``.
-  """
-  __slots__ = ("buffers", "spec")
-
-  def __init__(self, buffers, spec=None):
-    self.buffers = dict(buffers)
-    self.spec = spec  # (treedef, ((shape, dtype name), ...)) or None
-
-  def tree_flatten(self):
-    keys = tuple(self.buffers)
-    return [self.buffers[k] for k in keys], (keys, self.spec)
-
-  @classmethod
-  def tree_unflatten(cls, aux, children):
-    keys, spec = aux
-    return cls(dict(zip(keys, children)), spec)
-
-  def tree(self, like=None):
-    """The tree (shaped as ``like`` when given, else as when it was flattened)."""
-    return unflatten(self, like)
-
-  def __repr__(self):
-    return f"Flat({ {k: getattr(v, 'shape', v) for k, v in self.buffers.items()} })"
-
-
-# Booleans are stored in the int32 buffer (as 0 / 1) rather than in a buffer of their
-# own: a state's flags then cost no extra buffer next to its counters.
-_STORAGE = {"bool": "int32"}
-
-
-def _storage(dt):
-  return _STORAGE.get(dt, dt)
-
-
-def _dtype_groups(infos):
-  """storage dtype name -> indices of the leaves stored in that buffer (leaf order)."""
-  groups = {}
-  for i, (_, dt) in enumerate(infos):
-    groups.setdefault(_storage(dt), []).append(i)
-  return groups
-
-
-def flat_spec(tree: PyTree):
-  """The static structure :class:`Flat` records for ``tree`` (arrays or shape-dtype
-  structs): (treedef, ((shape, dtype name), ...))."""
-  leaves, treedef = jax.tree_util.tree_flatten(tree)
-  return treedef, tuple((tuple(np.shape(x)), jnp.dtype(getattr(x, "dtype", None) or
-                                                      jnp.asarray(x).dtype).name)
-                        for x in leaves)
-
-
-def concat_by_updates(vectors):
-  """``jnp.concatenate`` of 1-D arrays of one dtype, written as a ``dynamic_update_slice``
-  of each into a fresh buffer.
-
-  XLA:CPU fuses a concatenate with the ops that produce its operands and, with some
-  operand sizes (a 10-element bias beside a 64x1024 kernel), that fused loop is slow:
-  on this project's CPU benchmarks, joining the 76,810 parameters of the "small" model
-  that way took about 1 ms, the updates about 30 us
-  (``benchmarks/concat.py``). For smaller vectors the concatenate is the faster one (each
-  update is an op of its own), hence :func:`concat_auto`.
-  """
-  vectors = list(vectors)
-  if len(vectors) == 1:
-    return vectors[0]
-  out = jnp.zeros((sum(v.shape[0] for v in vectors),), vectors[0].dtype)
-  off = 0
-  for v in vectors:
-    out = jax.lax.dynamic_update_slice(out, v, (off,))
-    off += v.shape[0]
-  return out
-
-
-def concat_by_concatenate(vectors):
-  vectors = list(vectors)
-  return vectors[0] if len(vectors) == 1 else jnp.concatenate(vectors)
-
-
-# From this many elements on, concat_auto joins by updates (the "tiny" model's 19,210
-# parameters join faster by concatenate, the "small" model's 76,810 by updates).
-JOIN_BY_UPDATES_FROM = 1 << 15
-
-
-def concat_auto(vectors):
-  """:func:`concat_by_updates` for a vector of at least ``JOIN_BY_UPDATES_FROM``
-  elements, a concatenate below."""
-  vectors = list(vectors)
-  big = sum(v.shape[0] for v in vectors) >= JOIN_BY_UPDATES_FROM
-  return (concat_by_updates if big else concat_by_concatenate)(vectors)
-
-
-JOINS = {"auto": concat_auto, "updates": concat_by_updates,
-         "concatenate": concat_by_concatenate}
-
-
-def check_join(join):
-  if join not in JOINS:
-    raise ValueError(f"unknown `join` {join!r}; choose one of {sorted(JOINS)}.")
-
-
-def flatten(tree: PyTree, join: str = "auto") -> Flat:
-  """Pack ``tree``'s leaves into :class:`Flat` (leaf order, grouped by dtype).
-
-  ``join``: how the leaves of one dtype become one vector: ``"auto"`` (the default,
-  :func:`concat_auto`: shared states and targets, whose parameter-sized fields are
-  computed in the same program), ``"updates"`` or ``"concatenate"``.
-  """
-  leaves, treedef = jax.tree_util.tree_flatten(tree)
-  leaves = [jnp.asarray(x) for x in leaves]
-  infos = tuple((tuple(x.shape), jnp.dtype(x.dtype).name) for x in leaves)
-  def stored(i, dt):
-    x = leaves[i].ravel()
-    return x.astype(dt) if x.dtype != dt else x
-  check_join(join)
-  cat = JOINS[join]
-  return Flat({dt: cat([stored(i, dt) for i in idx])
-               for dt, idx in _dtype_groups(infos).items()},
-              (treedef, infos))
-
-
-def unflatten(flat: Flat, like: PyTree = None) -> PyTree:
-  """Inverse of :func:`flatten`. ``like`` (arrays or shape-dtype structs) gives the
-  structure; without it the structure recorded by :func:`flatten` is used."""
-  if like is None:
-    if flat.spec is None:
-      raise ValueError("this Flat has no recorded structure: pass `like`.")
-    treedef, infos = flat.spec
-  else:
-    treedef, infos = flat_spec(like)
-  return jax.tree_util.tree_unflatten(treedef, _unpack_leaves(flat, infos, range(len(infos))))
-
-
-def _unpack_leaves(flat, infos, wanted):
-  """The leaves ``wanted`` (indices into ``infos``) of a :class:`Flat`, in that order."""
-  wanted = list(wanted)
-  need = set(wanted)
-  out = {}
-  for sdt, idx in _dtype_groups(infos).items():
-    buf = flat.buffers[sdt]
-    off = 0
-    for i in idx:
-      shape, dt = infos[i]
-      n = int(np.prod(shape, dtype=np.int64))
-      if i in need:
-        if isinstance(buf, jax.ShapeDtypeStruct):  # e.g. under jax.eval_shape
-          out[i] = jax.ShapeDtypeStruct(shape, dt)
-        elif hasattr(buf, "reshape"):
-          x = buf[off:off + n].reshape(shape)
-          out[i] = x if dt == sdt else x.astype(dt)
-        else:  # a placeholder some JAX transformation put in place of the buffer
-          out[i] = buf
-      off += n
-  return [out[i] for i in wanted]
 
 
 def apply_updates(params: PyTree, updates: PyTree, opt_state: PyTree) -> PyTree:
@@ -510,8 +243,5 @@ def apply_updates(params: PyTree, updates: PyTree, opt_state: PyTree) -> PyTree:
   sh = find_shared(opt_state, "assign")
   if sh is None or getattr(sh, "target", None) is None:
     return new
-  target = sh.target
-  if isinstance(target, Flat):
-    target = unflatten(target, params)
   return jax.tree_util.tree_map(
-      lambda t, n: jnp.where(sh.assign, t.astype(n.dtype), n), target, new)
+      lambda t, n: jnp.where(sh.assign, t.astype(n.dtype), n), sh.target, new)

@@ -20,6 +20,7 @@ References:
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, NamedTuple
 
 import jax
@@ -75,15 +76,14 @@ def sync_sgd(inner: optax.GradientTransformation, *, axis_name="workers"
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
-@base.shared_state(packed=True)
-class AveragingShared(base.Clock):
-  clock: jax.Array          # (count, last_exchange, num_exchanges, assign), see base.Clock:
-                            # the global step (decides exchanges), the count right after
-                            # the last exchange, how many exchanges (and warm-up ends)
-                            # ran, and whether this step assigns `target` exactly
-                            # (see wagrad.apply_updates)
+@base.shared_state
+class AveragingShared:
+  count: jax.Array          # the global step: alone decides exchanges
+  last_exchange: jax.Array  # the count right after the last exchange (or warm-up end)
+  num_exchanges: jax.Array  # exchanges (and warm-up ends) so far
+  assign: jax.Array         # this step assigns `target` exactly (wagrad.apply_updates)
   target: Any               # global parameters after the last exchange (DiLoCo's
-                            # x_global), as base.Flat (one buffer per dtype)
+                            # x_global)
   outer: Any                # outer optimizer state (or None)
 
   @property
@@ -167,7 +167,7 @@ def model_averaging(inner: optax.GradientTransformation, sync_period=1, *,
 
   def init_fn(params):
     return ModelAveragingState(inner.init(params), AveragingShared(
-        clock=base.make_clock(0), target=base.flatten(params) if exact else None,
+        **base.clock(0), target=base.tree_copy(params) if exact else None,
         outer=None if outer_optimizer is None else outer_optimizer.init(params)))
 
   def update_fn(grads, state, params=None, *, active=None, **extra):
@@ -185,9 +185,8 @@ def model_averaging(inner: optax.GradientTransformation, sync_period=1, *,
       weight = active.astype(jnp.float32)
     x_half = base.tree_add(params, u)
     idx = periodic.branch_index(sh.count, sh.last_exchange, warmup_steps, period_fn)
-    # Only the new shared state (packed: a local step passes its buffers through
-    # untouched) and, unless kept local, the inner state go through the branch; the
-    # workers' move is a select after it.
+    # Only the new shared state and, unless kept local, the inner state go through the
+    # branch; the workers' move is a select after it.
     sync_inner = opt_state_sync != "local"
     carried = inner_state if sync_inner else None
     if not exact:
@@ -197,10 +196,10 @@ def model_averaging(inner: optax.GradientTransformation, sync_period=1, *,
     clock = periodic.next_clock(idx, sh, assign)
 
     def local(x_half, carried):
-      return base.replace(sh, clock=clock), carried
+      return dataclasses.replace(sh, **clock), carried
 
     def exchange(x_half, carried):
-      last = base.unflatten(sh.target, x_half)
+      last = sh.target
       xbar = C.weighted_mean(x_half, weight, axis_name, fallback=last).value
       if outer_optimizer is None:
         new_target, outer_state = xbar, sh.outer
@@ -209,19 +208,19 @@ def model_averaging(inner: optax.GradientTransformation, sync_period=1, *,
         new_target = optax.apply_updates(last, ou)
       if sync_inner:
         carried = periodic.sync_opt_state(opt_state_sync, inner, carried, new_target, axis_name)
-      return (base.replace(sh, clock=clock, target=base.flatten(new_target),
+      return (dataclasses.replace(sh, **clock, target=new_target,
                            outer=outer_state), carried)
 
     def warmup_end(x_half, carried):
-      return (base.replace(sh, clock=clock,
-                           target=base.flatten(periodic.warmup_target(x_half, axis_name))),
+      return (dataclasses.replace(sh, **clock,
+                           target=periodic.warmup_target(x_half, axis_name)),
               carried)
 
     branches = (local, exchange) + ((warmup_end,) if warmup_steps > 0 else ())
-    new_shared, carried = periodic.flat_switch(idx, branches, x_half, carried)
+    new_shared, carried = lax.switch(idx, branches, x_half, carried)
     if sync_inner:
       inner_state = carried
-    t = base.unflatten(new_shared.target, params)
+    t = new_shared.target
     updates = jax.tree_util.tree_map(
         lambda tt, x, p: jnp.where(assign, tt, x) - p, t, x_half, params)
     return updates, ModelAveragingState(inner_state, new_shared)
@@ -237,19 +236,19 @@ def _averaging_step_inexact(inner, opt_state_sync, axis_name, warmup_steps, sh, 
   clock = periodic.next_clock(idx, sh, False)  # nothing is assigned exactly
 
   def local(x_half, carried):
-    return base.replace(sh, clock=clock), x_half, carried
+    return dataclasses.replace(sh, **clock), x_half, carried
 
   def exchange(x_half, carried):
     xbar = C.weighted_mean(x_half, weight, axis_name, fallback=x_half).value
     if sync_inner:
       carried = periodic.sync_opt_state(opt_state_sync, inner, carried, xbar, axis_name)
-    return base.replace(sh, clock=clock), xbar, carried
+    return dataclasses.replace(sh, **clock), xbar, carried
 
   def warmup_end(x_half, carried):
-    return base.replace(sh, clock=clock), periodic.warmup_target(x_half, axis_name), carried
+    return dataclasses.replace(sh, **clock), periodic.warmup_target(x_half, axis_name), carried
 
   branches = (local, exchange) + ((warmup_end,) if warmup_steps > 0 else ())
-  new_shared, x_new, carried = periodic.flat_switch(
+  new_shared, x_new, carried = lax.switch(
       idx, branches, x_half, inner_state if sync_inner else None)
   return (periodic.updates_to(x_new, params),
           ModelAveragingState(carried if sync_inner else inner_state, new_shared))

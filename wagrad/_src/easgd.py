@@ -70,6 +70,7 @@ References:
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, NamedTuple
 
 import jax
@@ -132,19 +133,6 @@ def _elastic_diff(params, u, center):
   return _tmap(lambda x, c, uu: _f32(x) - _f32(c) + 0.0 * _f32(uu), params, center, u)
 
 
-def _diff_before_branch(params, u, center):
-  """:func:`_elastic_diff`, computed before the exchange's branch and kept as it is.
-
-  The workers' elastic move after the branch reads this difference, not the old center:
-  with a donated state the branch writes the new center over the old one's buffer, so a
-  read of the old center after it made XLA copy the center twice on every step
-  (benchmarks/overhead.py, EASGD on the small model). The barrier keeps XLA from
-  fusing the difference into the move after the branch, which would read the old
-  center there again (it did, with the difference packed into one buffer).
-  """
-  return lax.optimization_barrier(_elastic_diff(params, u, center))
-
-
 def _center_exchange(diff, a, axis_name, dist_axis=None):
   """The center's side of EASGD's elastic exchange (eq. 5-6) from ``diff`` =
   :func:`_elastic_diff`.
@@ -163,12 +151,10 @@ def _center_exchange(diff, a, axis_name, dist_axis=None):
   counts = jnp.stack([finite.astype(jnp.float32), jnp.where(finite, sq, 0.0)])
   psum = lambda v: lax.psum(v, axis_name)  # noqa: E731
   if dist_axis is None:
-    # The two scalars ride in the small leaves' buffer of the same all-reduce: XLA:CPU
-    # runs each buffer of an all-reduce as its own rendezvous of the devices
-    # (benchmarks/allreduce_buffers.py).
-    tot, (n_fin, sq_sum) = C.fused((masked, counts), psum)
+    # the two scalars ride in the same flat message as the center's step
+    tot, (n_fin, sq_sum) = C.send((masked, counts), psum)
   else:
-    tot = C.fused(masked, psum)
+    tot = C.send(masked, psum)
     n_fin, sq_sum = lax.psum(counts, dist_axis)
   dist = sq_sum / jnp.maximum(n_fin, 1.0)
   return finite, _tmap(lambda t: a * t, tot), dist
@@ -200,7 +186,7 @@ def _reset_nonfinite(upd, finite, new_center, params):
 
 def _worker_moves(u, params, diff, c_new, a, exchanged, to_center):
   """The workers' side of an exchange, as a select after the branch: the elastic step
-  ``u - a diff`` (``diff`` from :func:`_diff_before_branch`) on exchange steps,
+  ``u - a diff`` (``diff`` from :func:`_elastic_diff`) on exchange steps,
   ``c_new - x`` where ``to_center`` (a non-finite worker, the warm-up's end), ``u``
   otherwise."""
   def move(uu, x, d, c1):
@@ -227,9 +213,12 @@ def easgd_center(opt_state):
 # ----------------------------------------------------------------------------- EASGD
 
 
-@base.shared_state(packed=True)
-class EASGDShared(base.Clock):
-  clock: jax.Array          # (count, last_exchange, num_exchanges, assign): base.Clock
+@base.shared_state
+class EASGDShared:
+  count: jax.Array          # the global step: alone decides exchanges
+  last_exchange: jax.Array  # the count right after the last exchange (or warm-up end)
+  num_exchanges: jax.Array  # exchanges (and warm-up ends) so far
+  assign: jax.Array         # this step assigns `target` exactly (wagrad.apply_updates)
   target: Any               # = center with a warm-up (assigned exactly at its end), else None
   center: Any               # the center variable x~
   distance: jax.Array       # mean_i ||x_i - x~||^2 (finite workers) at the last exchange
@@ -293,9 +282,9 @@ def easgd(inner: optax.GradientTransformation, sync_period=1, *, alpha: float | 
 
   def init_fn(params):
     zero = jnp.zeros([], jnp.int32)
-    center = _tmap(jnp.asarray, params)
+    center = base.tree_copy(params)
     return EASGDState(inner.init(params), EASGDShared(
-        clock=base.make_clock(zero, zero, zero, jnp.bool_(False)),
+        **base.clock(0),
         target=center if warmup_steps > 0 else None, center=center,
         distance=jnp.zeros([], jnp.float32),
         outer=None if outer_optimizer is None else outer_optimizer.init(params)))
@@ -311,21 +300,20 @@ def easgd(inner: optax.GradientTransformation, sync_period=1, *, alpha: float | 
     idx = periodic.branch_index(sh.count, sh.last_exchange, warmup_steps, period_fn)
 
     # Only the new shared state (and the inner state when it is synchronised) goes
-    # through the branch, packed: a local step passes its buffers through untouched.
-    # The workers' elastic step is a select after it, from the difference to the old
-    # center taken before it (_diff_before_branch).
+    # through the branch. The workers' elastic step is a select after it, from the
+    # difference to the old center taken before it.
     sync_inner = opt_state_sync != "local"
     carried = inner_state if sync_inner else None
     clock = periodic.next_clock(idx, sh)
 
     def with_center(center, **changes):
-      return base.replace(sh, clock=clock, center=center,
+      return dataclasses.replace(sh, **clock, center=center,
                           target=center if warmup_steps > 0 else None, **changes)
 
-    diff = _diff_before_branch(params, u, sh.center)
+    diff = _elastic_diff(params, u, sh.center)
 
     def local(diff, carried):
-      return base.replace(sh, clock=clock), jnp.bool_(True), carried
+      return dataclasses.replace(sh, **clock), jnp.bool_(True), carried
 
     def exchange(diff, carried):
       c_old = sh.center
@@ -350,11 +338,7 @@ def easgd(inner: optax.GradientTransformation, sync_period=1, *, alpha: float | 
       return with_center(t, distance=jnp.zeros([], jnp.float32)), jnp.bool_(True), carried
 
     branches = (local, exchange) + ((warmup_end,) if warmup_steps > 0 else ())
-    # The difference goes in leaf by leaf: packed by concatenate it was no faster on
-    # the tiny model, by updates 1.39x slower on the small one
-    # (benchmarks/branch_packing.py, with and without --join).
-    new_shared, finite, carried = periodic.flat_switch(idx, branches, diff, carried,
-                                                       pack_operands=(False, True))
+    new_shared, finite, carried = lax.switch(idx, branches, diff, carried)
     if sync_inner:
       inner_state = carried
     exchanged = idx == periodic.EXCHANGE
@@ -369,9 +353,12 @@ def easgd(inner: optax.GradientTransformation, sync_period=1, *, alpha: float | 
 # ----------------------------------------------------------------------------- EAMSGD
 
 
-@base.shared_state(packed=True)
-class EAMSGDShared(base.Clock):
-  clock: jax.Array          # (count, last_exchange, num_exchanges, assign): base.Clock
+@base.shared_state
+class EAMSGDShared:
+  count: jax.Array          # the global step: alone decides exchanges
+  last_exchange: jax.Array  # the count right after the last exchange (or warm-up end)
+  num_exchanges: jax.Array  # exchanges (and warm-up ends) so far
+  assign: jax.Array         # this step assigns `target` exactly (wagrad.apply_updates)
   target: Any               # always None (EAMSGD never assigns)
   center: Any               # the center variable x~
   distance: jax.Array       # mean_i ||x_i - x~||^2 (finite workers) at the last exchange
@@ -435,8 +422,8 @@ def eamsgd(learning_rate, sync_period=1, *, momentum: float = 0.99,
   def init_fn(params):
     zero = jnp.zeros([], jnp.int32)
     return EAMSGDState(_tmap(jnp.zeros_like, params), EAMSGDShared(
-        clock=base.make_clock(zero, zero, zero, jnp.bool_(False)), target=None,
-        center=_tmap(jnp.asarray, params), distance=jnp.zeros([], jnp.float32),
+        **base.clock(0), target=None,
+        center=base.tree_copy(params), distance=jnp.zeros([], jnp.float32),
         momentum=jnp.float32(delta)))
 
   def update_fn(grads, state, params=None, **extra):
@@ -453,20 +440,20 @@ def eamsgd(learning_rate, sync_period=1, *, momentum: float = 0.99,
     ex = base.is_exchange_step(sh.count, sh.last_exchange, 0, period_fn)
     clock = periodic.next_clock(ex.astype(jnp.int32), sh, False)
 
-    # Only the packed shared state and each worker's finiteness go through the branch;
+    # Only the shared state and each worker's finiteness go through the branch;
     # the workers' elastic step is a select after it (as in easgd).
-    diff = _diff_before_branch(params, v, sh.center)
+    diff = _elastic_diff(params, v, sh.center)
 
     def local(diff):
-      return base.replace(sh, clock=clock), jnp.bool_(True)
+      return dataclasses.replace(sh, **clock), jnp.bool_(True)
 
     def exchange(diff):
       finite, step, dist = _center_exchange(diff, a, axis_name)
       center = _tmap(lambda c, s: (_f32(c) + s).astype(c.dtype), sh.center, step)
-      return (base.replace(sh, clock=clock, center=center,
+      return (dataclasses.replace(sh, **clock, center=center,
                            distance=jnp.asarray(dist, jnp.float32)), finite)
 
-    new_shared, finite = periodic.flat_cond(ex, exchange, local, diff, pack_operands=False)
+    new_shared, finite = lax.cond(ex, exchange, local, diff)
     to_center = ex & ~finite
     upd = _worker_moves(v, params, diff, new_shared.center, a, ex, to_center)
     v = _tmap(lambda vv: jnp.where(to_center, jnp.zeros_like(vv), vv), v)
@@ -529,9 +516,12 @@ def async_easgd_schedule(active, sync_period):
   return exchange, exchange.any(axis=1)
 
 
-@base.shared_state(packed=True)
-class AsyncEASGDShared(base.Clock):
-  clock: jax.Array          # (count, last_exchange, num_exchanges, assign): base.Clock
+@base.shared_state
+class AsyncEASGDShared:
+  count: jax.Array          # the global step: alone decides exchanges
+  last_exchange: jax.Array  # the count right after the last exchange (or warm-up end)
+  num_exchanges: jax.Array  # exchanges (and warm-up ends) so far
+  assign: jax.Array         # this step assigns `target` exactly (wagrad.apply_updates)
   target: Any               # always None (no exact assignment)
   center: Any               # the master's center variable x~
   distance: jax.Array       # mean ||x_i - x~_seen||^2 of the workers of the last exchange
@@ -605,8 +595,8 @@ def async_easgd(inner: optax.GradientTransformation, sync_period=1, *,
   def init_fn(params):
     zero = jnp.zeros([], jnp.int32)
     return AsyncEASGDState(inner.init(params), zero, AsyncEASGDShared(
-        clock=base.make_clock(zero, zero, zero, jnp.bool_(False)), target=None,
-        center=_tmap(jnp.asarray, params), distance=jnp.zeros([], jnp.float32),
+        **base.clock(0), target=None,
+        center=base.tree_copy(params), distance=jnp.zeros([], jnp.float32),
         num_exchanging=zero), due=zero if scheduled else None)
 
   def update_fn(grads, state, params=None, *, active=True, any_exchange=None, **extra):
@@ -631,13 +621,12 @@ def async_easgd(inner: optax.GradientTransformation, sync_period=1, *,
     else:
       pred = jnp.asarray(any_exchange, jnp.bool_)
 
-    # The packed shared state goes through the branch whole (a local step passes its
-    # buffers through untouched); so does the update, which needs the center as seen.
+    # The update goes through the branch: it needs the center as seen.
     def shared_after(n_me, **changes):
-      clock = base.make_clock(sh.count + 1,
+      clock = base.clock(sh.count + 1,
                               jnp.where(pred, sh.count + 1, sh.last_exchange),
                               sh.num_exchanges + n_me, False)
-      return base.replace(sh, clock=clock, num_exchanging=jnp.asarray(n_me, jnp.int32),
+      return dataclasses.replace(sh, **clock, num_exchanging=jnp.asarray(n_me, jnp.int32),
                           **changes)
 
     def local(u):
@@ -656,7 +645,7 @@ def async_easgd(inner: optax.GradientTransformation, sync_period=1, *,
       one_m = jnp.float32(1.0 - a)
       if order == "simultaneous":
         seen = _tmap(_f32, c)
-        step = C.fused(_tmap(lambda x, cc: jnp.where(ex, a * (_f32(x) - _f32(cc)),
+        step = C.send(_tmap(lambda x, cc: jnp.where(ex, a * (_f32(x) - _f32(cc)),
                                                      jnp.zeros_like(_f32(x))), params, c),
                        lambda v: lax.psum(v, axis_name))
         new_c = _tmap(lambda cc, s: (_f32(cc) + s).astype(cc.dtype), c, step)
@@ -687,7 +676,7 @@ def async_easgd(inner: optax.GradientTransformation, sync_period=1, *,
           m.astype(jnp.float32), 1.0)
       return upd, shared_after(n_me, center=new_c, distance=jnp.asarray(dist, jnp.float32))
 
-    upd, new_shared = periodic.flat_cond(pred, exchange, local, u)
+    upd, new_shared = lax.cond(pred, exchange, local, u)
     clock = state.clock + act.astype(jnp.int32)
     return upd, AsyncEASGDState(inner_state, clock, new_shared, due)
 
@@ -697,9 +686,12 @@ def async_easgd(inner: optax.GradientTransformation, sync_period=1, *,
 # ----------------------------------------------------------------------------- tree EASGD
 
 
-@base.shared_state(packed=True)
-class TreeEASGDShared(base.Clock):
-  clock: jax.Array          # (count, last_exchange, num_exchanges, assign): base.Clock
+@base.shared_state
+class TreeEASGDShared:
+  count: jax.Array          # the global step: alone decides exchanges
+  last_exchange: jax.Array  # the count right after the last exchange (or warm-up end)
+  num_exchanges: jax.Array  # exchanges (and warm-up ends) so far
+  assign: jax.Array         # this step assigns `target` exactly (wagrad.apply_updates)
   num_root_exchanges: jax.Array  # root-level (group center <-> root) exchanges
   last_root_exchange: jax.Array  # the count right after the last root-level exchange
   target: Any               # always None
@@ -780,9 +772,9 @@ def tree_easgd(inner: optax.GradientTransformation, *, group_axis, global_axis,
 
   def init_fn(params):
     zero = jnp.zeros([], jnp.int32)
-    p = _tmap(jnp.asarray, params)
+    p = base.tree_copy(params)
     return TreeEASGDState(inner.init(params), p, TreeEASGDShared(
-        clock=base.make_clock(zero, zero, zero, jnp.bool_(False)), num_root_exchanges=zero,
+        **base.clock(0), num_root_exchanges=zero,
         last_root_exchange=zero, target=None, center=p, distance=jnp.zeros([], jnp.float32),
         root_distance=jnp.zeros([], jnp.float32)))
 
@@ -808,12 +800,10 @@ def tree_easgd(inner: optax.GradientTransformation, *, group_axis, global_axis,
     root_clock = dict(num_root_exchanges=n_root, last_root_exchange=jnp.where(
         high, sh.count + 1, sh.last_root_exchange).astype(jnp.int32))
 
-    # The packed shared state goes through the branches whole (a step without exchange
-    # passes it through untouched).
     def make(do_low, do_high):
       def fn(u):
         if not (do_low or do_high):
-          return u, z, base.replace(sh, clock=clock, **root_clock)
+          return u, z, dataclasses.replace(sh, **clock, **root_clock)
         r = sh.center
         upd, z_new, r_new = u, _tmap(_f32, z), r
         dist, rdist = sh.distance, sh.root_distance
@@ -827,7 +817,7 @@ def tree_easgd(inner: optax.GradientTransformation, *, group_axis, global_axis,
           zfin = C.tree_is_finite(z)
           use = rep & zfin
           dz = _tmap(lambda zz, rr: _f32(zz) - _f32(rr), z, r)
-          tot = C.fused(_tmap(lambda d: jnp.where(use, d, jnp.zeros_like(d)), dz),
+          tot = C.send(_tmap(lambda d: jnp.where(use, d, jnp.zeros_like(d)), dz),
                         lambda v: lax.psum(v, all_axes))
           n_g = lax.psum(use.astype(jnp.float32), all_axes)
           rdist = lax.psum(jnp.where(use, _sqnorm(dz), 0.0), all_axes) / jnp.maximum(n_g, 1.0)
@@ -836,12 +826,12 @@ def tree_easgd(inner: optax.GradientTransformation, *, group_axis, global_axis,
         z_new = _tmap(lambda zn, zz: zn.astype(zz.dtype), z_new, z)
         if do_low:
           upd = _reset_nonfinite(upd, finite, z_new, params)
-        return upd, z_new, base.replace(
-            sh, clock=clock, **root_clock, center=r_new,
+        return upd, z_new, dataclasses.replace(
+            sh, **clock, **root_clock, center=r_new,
             distance=jnp.asarray(dist, jnp.float32), root_distance=jnp.asarray(rdist, jnp.float32))
       return fn
 
-    upd, z_new, new_shared = periodic.flat_switch(
+    upd, z_new, new_shared = lax.switch(
         branch, [make(False, False), make(True, False), make(False, True), make(True, True)], u)
     return upd, TreeEASGDState(inner_state, z_new, new_shared)
 
@@ -851,9 +841,12 @@ def tree_easgd(inner: optax.GradientTransformation, *, group_axis, global_axis,
 # ----------------------------------------------------------------------------- DOWNPOUR
 
 
-@base.shared_state(packed=True)
-class DownpourShared(base.Clock):
-  clock: jax.Array          # (count, last_exchange, num_exchanges, assign): base.Clock
+@base.shared_state
+class DownpourShared:
+  count: jax.Array          # the global step: alone decides exchanges
+  last_exchange: jax.Array  # the count right after the last exchange (or warm-up end)
+  num_exchanges: jax.Array  # exchanges (and warm-up ends) so far
+  assign: jax.Array         # this step assigns `target` exactly (wagrad.apply_updates)
   target: Any               # the master's parameters (assigned exactly on exchanges; also
                             # `center`, the model to evaluate)
   momentum: Any             # MDOWNPOUR's master momentum buffer (or None)
@@ -917,11 +910,11 @@ def downpour(learning_rate, sync_period=1, *, axis_name="workers",
 
   def init_fn(params):
     zero = jnp.zeros([], jnp.int32)
-    p = _tmap(jnp.asarray, params)
+    p = base.tree_copy(params)
     return DownpourState(
         inner.init(params), _tmap(lambda x: jnp.zeros(jnp.shape(x), _f32(x).dtype), params),
         DownpourShared(
-            clock=base.make_clock(zero, zero, zero, jnp.bool_(False)), target=p,
+            **base.clock(0), target=p,
             momentum=None if mu == 0 else _tmap(
                            lambda x: jnp.zeros(jnp.shape(x), _f32(x).dtype), params)))
 
@@ -937,14 +930,14 @@ def downpour(learning_rate, sync_period=1, *, axis_name="workers",
 
     clock = periodic.next_clock(ex.astype(jnp.int32), sh, ex)
 
-    # Only the packed shared state goes through the branch (a local step passes it
-    # through untouched); the workers' move to the master is a select after it.
+    # Only the shared state goes through the branch; the workers' move to the master is
+    # a select after it.
     def local(acc):
-      return base.replace(sh, clock=clock)
+      return dataclasses.replace(sh, **clock)
 
     def exchange(acc):
       finite = C.tree_is_finite(acc)
-      tot = C.fused(_tmap(lambda d: jnp.where(finite, d, jnp.zeros_like(d)), acc),
+      tot = C.send(_tmap(lambda d: jnp.where(finite, d, jnp.zeros_like(d)), acc),
                     lambda v: lax.psum(v, axis_name))
       if mu == 0:
         mom, step = None, tot
@@ -952,9 +945,9 @@ def downpour(learning_rate, sync_period=1, *, axis_name="workers",
         mom = _tmap(lambda m, t: mu * m + t, sh.momentum, tot)
         step = mom
       master = _tmap(lambda xm, s: (_f32(xm) + s).astype(xm.dtype), sh.target, step)
-      return base.replace(sh, clock=clock, target=master, momentum=mom)
+      return dataclasses.replace(sh, **clock, target=master, momentum=mom)
 
-    new_shared = periodic.flat_cond(ex, exchange, local, acc)
+    new_shared = lax.cond(ex, exchange, local, acc)
     upd = base.tree_where(ex, periodic.updates_to(new_shared.target, params), u)
     acc = _tmap(lambda a: jnp.where(ex, jnp.zeros_like(a), a), acc)
     return upd, DownpourState(inner_state, acc, new_shared)

@@ -80,8 +80,6 @@ def nnx_update(optimizer, model, grads, **kwargs):
     target = nnx.to_pure_dict(target)
   target = jax.tree_util.tree_map(value, target, is_leaf=lambda v: isinstance(v, nnx.Variable))
   current = nnx.to_pure_dict(params)
-  if isinstance(target, base.Flat):
-    target = base.unflatten(target, current)
   new = jax.tree_util.tree_map(
       lambda p, t: jnp.where(assign, jnp.asarray(t).astype(p.dtype), p), current, target)
   nnx.replace_by_pure_dict(params, new)

@@ -57,6 +57,7 @@ of every worker's parameters. Collectives run only in the exchange branch of a
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, NamedTuple
 
 import jax
@@ -160,9 +161,12 @@ def _check_proximal(name, value):
 # ----------------------------------------------------------------------------- LSGD
 
 
-@base.shared_state(packed=True)
-class LSGDShared(base.Clock):
-  clock: jax.Array          # (count, last_exchange, num_exchanges, assign): base.Clock
+@base.shared_state
+class LSGDShared:
+  count: jax.Array          # the global step: alone decides exchanges
+  last_exchange: jax.Array  # the count right after the last exchange (or warm-up end)
+  num_exchanges: jax.Array  # exchanges (and warm-up ends) so far
+  assign: jax.Array         # this step assigns `target` exactly (wagrad.apply_updates)
   leader_params: Any        # L: copy of the last leader's parameters (also `target`:
                             # assigned exactly when pull == 1)
   leader: jax.Array         # index of the last leader (-1 before the first exchange)
@@ -261,14 +265,14 @@ def lsgd(inner: optax.GradientTransformation, sync_period=4, *, pull: float = 0.
 
   def init_fn(params):
     zero = jnp.zeros([], jnp.int32)
-    leader_params = jax.tree_util.tree_map(jnp.asarray, params)
+    leader_params = base.tree_copy(params)
     k = base.infer_num_workers(num_workers, axis_name)
     return LSGDState(
         inner=inner.init(params),
         losses=jnp.zeros([avg_size], jnp.float32),
         num_losses=zero,
         shared=LSGDShared(
-            clock=base.make_clock(zero, zero, zero, jnp.bool_(False)),
+            **base.clock(0),
             leader_params=leader_params, leader=jnp.int32(-1),
             leader_loss=jnp.float32(jnp.inf), mix_weights=_one_hot(-1, k),
             exchanged=jnp.bool_(False), pull_distance=jnp.zeros([], jnp.float32)))
@@ -309,26 +313,23 @@ def lsgd(inner: optax.GradientTransformation, sync_period=4, *, pull: float = 0.
       idx = idx.astype(jnp.int32)
 
     # Only the new shared state (and the inner state when it is synchronised) goes
-    # through the branch, packed: a local step passes its buffers through untouched.
-    # The workers' pull towards the new leader is a select after it.
+    # through the branch; the workers' pull towards the new leader is a select after it.
     sync_inner = opt_state_sync != "local"
     carried = inner_state if sync_inner else None
     mix = sh.mix_weights
 
     def elected(L, leader, assign, **changes):
-      return base.replace(
-          sh, clock=periodic.next_clock(idx, sh, assign), exchanged=jnp.bool_(True),
+      return dataclasses.replace(
+          sh, **periodic.next_clock(idx, sh, assign), exchanged=jnp.bool_(True),
           leader_params=base.tree_cast_like(L, sh.leader_params),
           leader=jnp.asarray(leader, jnp.int32),
           mix_weights=None if mix is None else _one_hot(leader, mix.shape[0]), **changes)
 
     def local(x, carried):
-      return (base.replace(sh, clock=periodic.next_clock(idx, sh, False),
+      return (dataclasses.replace(sh, **periodic.next_clock(idx, sh, False),
                            exchanged=jnp.bool_(False)), carried)
 
     def do_exchange(x, carried):
-      # the leader copy is read from the packed state here, inside the branch: the
-      # slices taken outside (L_old) would enter the conditional leaf by leaf
       L_prev = base.tree_cast_like(sh.leader_params, params)
       ld, dist = _elect_with_drift(run_loss, x, L_prev, axis_name)
       L = C.broadcast_from(x, ld.index, axis_name)
@@ -345,7 +346,7 @@ def lsgd(inner: optax.GradientTransformation, sync_period=4, *, pull: float = 0.
                       pull_distance=jnp.zeros([], jnp.float32)), carried)
 
     branches = (local, do_exchange) + ((warmup_end,) if warmup_steps > 0 else ())
-    new_shared, carried = periodic.flat_switch(idx, branches, x, carried)
+    new_shared, carried = lax.switch(idx, branches, x, carried)
     if sync_inner:
       inner_state = carried
     exchanged = new_shared.exchanged
@@ -388,9 +389,12 @@ def uneven_round_steps(active, l_comm: int) -> np.ndarray:
 # ----------------------------------------------------------------------------- multi-leader
 
 
-@base.shared_state(packed=True)
-class MultiLeaderShared(base.Clock):
-  clock: jax.Array          # (count, last_exchange, num_exchanges, assign): base.Clock
+@base.shared_state
+class MultiLeaderShared:
+  count: jax.Array          # the global step: alone decides exchanges
+  last_exchange: jax.Array  # the count right after the last exchange (or warm-up end)
+  num_exchanges: jax.Array  # exchanges (and warm-up ends) so far
+  assign: jax.Array         # this step assigns `target` exactly (wagrad.apply_updates)
   num_global_exchanges: jax.Array   # global rounds
   last_global_exchange: jax.Array   # the count right after the last global round (or
                                     # the warm-up's end)
@@ -503,14 +507,14 @@ def multi_leader_lsgd(inner: optax.GradientTransformation, *, group_axis, global
 
   def init_fn(params):
     zero = jnp.zeros([], jnp.int32)
-    p = jax.tree_util.tree_map(jnp.asarray, params)
+    p = base.tree_copy(params)
     k = base.infer_num_workers(num_workers, full_axis)
     return MultiLeaderState(
         inner=inner.init(params), losses=jnp.zeros([avg_size], jnp.float32),
         num_losses=zero, group_leader_params=p, group_leader=jnp.int32(-1),
         group_leader_loss=jnp.float32(jnp.inf),
         shared=MultiLeaderShared(
-            clock=base.make_clock(zero, zero, zero, jnp.bool_(False)),
+            **base.clock(0),
             num_global_exchanges=zero, last_global_exchange=zero, global_leader_params=p,
             leader=jnp.int32(-1),
             leader_loss=jnp.float32(jnp.inf), mix_weights=_one_hot(-1, k),
@@ -559,13 +563,11 @@ def multi_leader_lsgd(inner: optax.GradientTransformation, *, group_axis, global
     last_global = jnp.where((idx == 2) | (idx == 3), sh.count + 1,
                             sh.last_global_exchange).astype(jnp.int32)
 
-    # The packed shared state goes through the branches whole: a step without a global
-    # round passes it through untouched (only the clock moves).
     def shared_after(assign, exchanged=False, leader=None, **changes):
       if leader is not None:
         changes.update(leader=jnp.asarray(leader, jnp.int32),
                        mix_weights=None if mix is None else _one_hot(leader, mix.shape[0]))
-      return base.replace(sh, clock=periodic.next_clock(idx, sh, assign),
+      return dataclasses.replace(sh, **periodic.next_clock(idx, sh, assign),
                           num_global_exchanges=n_global, last_global_exchange=last_global,
                           exchanged=jnp.bool_(exchanged),
                           **changes)
@@ -615,7 +617,7 @@ def multi_leader_lsgd(inner: optax.GradientTransformation, *, group_axis, global
                            pull_distance=jnp.zeros([], jnp.float32)))
 
     branches = (none, local_round, global_round) + ((warmup_end,) if warmup_steps > 0 else ())
-    x_new, inner_state, Ll, gi, gl, new_shared = periodic.flat_switch(
+    x_new, inner_state, Ll, gi, gl, new_shared = lax.switch(
         idx, branches, x, inner_state)
     updates = periodic.updates_to(x_new, params)
     return updates, MultiLeaderState(
@@ -629,9 +631,12 @@ def multi_leader_lsgd(inner: optax.GradientTransformation, *, group_axis, global
 # ----------------------------------------------------------------------------- async LSGD
 
 
-@base.shared_state(packed=True)
-class AsyncLSGDShared(base.Clock):
-  clock: jax.Array          # (count, last_exchange, num_exchanges, assign): base.Clock
+@base.shared_state
+class AsyncLSGDShared:
+  count: jax.Array          # the global step: alone decides exchanges
+  last_exchange: jax.Array  # the count right after the last exchange (or warm-up end)
+  num_exchanges: jax.Array  # exchanges (and warm-up ends) so far
+  assign: jax.Array         # this step assigns `target` exactly (wagrad.apply_updates)
   num_replacements: jax.Array # times the master's leader was replaced
   target: Any                 # None: pulls are per worker, nothing is assigned
   leader_params: Any          # the master's leader
@@ -717,8 +722,8 @@ def async_lsgd(inner: optax.GradientTransformation, sync_period=4, *,
         num_losses=zero, local_count=zero,
         due=period_fn(zero) if scheduled else None,
         shared=AsyncLSGDShared(
-            clock=base.make_clock(zero, zero, zero, jnp.bool_(False)), num_replacements=zero,
-            target=None, leader_params=jax.tree_util.tree_map(jnp.asarray, params),
+            **base.clock(0), num_replacements=zero,
+            target=None, leader_params=base.tree_copy(params),
             leader=jnp.int32(-1), leader_loss=jnp.float32(jnp.inf),
             pull_distance=jnp.zeros([], jnp.float32)))
 
@@ -749,24 +754,24 @@ def async_lsgd(inner: optax.GradientTransformation, sync_period=4, *,
       anyone = jnp.asarray(any_report, jnp.bool_)
     clock = periodic.next_clock(anyone.astype(jnp.int32), sh, False)
 
-    # Only the packed shared state goes through the branch (a quiet step passes it
-    # through untouched); the reporting workers' pull is a select after it.
+    # Only the shared state goes through the branch; the reporting workers' pull is a
+    # select after it.
     def quiet(x):
-      return base.replace(sh, clock=clock)
+      return dataclasses.replace(sh, **clock)
 
     def report(x):
       L_old = base.tree_cast_like(sh.leader_params, params)
       ld, dist = _elect_with_drift(run_loss, x, L_old, axis_name, reports)
       better = ld.ok & (ld.loss < sh.leader_loss)
       L = base.tree_where(better, C.broadcast_from(x, ld.index, axis_name), L_old)
-      return base.replace(
-          sh, clock=clock, num_replacements=sh.num_replacements + better.astype(jnp.int32),
+      return dataclasses.replace(
+          sh, **clock, num_replacements=sh.num_replacements + better.astype(jnp.int32),
           leader_params=base.tree_cast_like(L, sh.leader_params),
           leader=jnp.where(better, ld.index, sh.leader).astype(jnp.int32),
           leader_loss=jnp.where(better, ld.loss, sh.leader_loss).astype(jnp.float32),
           pull_distance=jnp.asarray(dist, jnp.float32))
 
-    new_shared = periodic.flat_cond(anyone, report, quiet, x)
+    new_shared = lax.cond(anyone, report, quiet, x)
     L = base.tree_cast_like(new_shared.leader_params, params)
     x_new = base.tree_where(anyone & reports, L if pull == 1.0 else _pull(x, L, pull), x)
     updates = periodic.updates_to(x_new, params)

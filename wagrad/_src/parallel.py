@@ -201,12 +201,14 @@ class Runner:
 
     ``tx.init`` runs with the runner's axis names bound (sizes as in the run, every
     worker given the same params), so a transform can size its per-worker vectors
-    (weights, leader one-hots) from ``wagrad.axis_size`` at init.
+    (weights, leader one-hots) from ``wagrad.axis_size`` at init. Every leaf of the
+    result is a buffer of its own (a state that stored one array in two fields could
+    not be donated).
     """
     f = tx.init
     for lvl in reversed(self.levels):
       f = jax.vmap(f, in_axes=None, out_axes=None, axis_name=lvl.name, axis_size=lvl.size)
-    return self.replicate(f(params))
+    return self.replicate(base.tree_copy(f(params)))
 
   def worker_keys(self, key):
     """One PRNG key per worker (stacked), from one key."""

@@ -122,87 +122,11 @@ def next_last_exchange(idx, count, last_exchange):
   return jnp.where(idx == NO_EXCHANGE, last_exchange, count + 1).astype(jnp.int32)
 
 
-def next_clock(idx, sh, assign=None):
-  """The clock (base.Clock) after a step that took branch ``idx``: the count moves on,
-  an exchange or the warm-up's end records itself; ``assign`` defaults to "the
-  warm-up ends here"."""
-  return base.make_clock(
+def next_clock(idx, sh, assign=None) -> dict:
+  """The clock fields (:func:`base.clock`) after a step that took branch ``idx``: the
+  count moves on, an exchange or the warm-up's end records itself; ``assign``
+  defaults to "the warm-up ends here"."""
+  return base.clock(
       sh.count + 1, next_last_exchange(idx, sh.count, sh.last_exchange),
       sh.num_exchanges + (idx != NO_EXCHANGE).astype(jnp.int32),
       idx == WARMUP_END if assign is None else assign)
-
-
-# ----------------------------------------------------------------------------- flat branches
-#
-# XLA:CPU passes every leaf of a conditional's operands and results as its own buffer;
-# with forced CPU devices each of them costs a per-device copy and dispatch (an earlier
-# version of benchmarks/overhead_ablation.py measured it; the current one measures the
-# same per-buffer cost on the step's state). So the exchange branch's operands and
-# results travel as one flat vector per (argument or result, dtype). Each argument /
-# result is flattened on its own, so a shared result (unbatched under vmap) is never
-# concatenated with a per-worker one. The price: a per-worker tree that a branch returns
-# unchanged (a local step's parameters) is concatenated inside that branch.
-# flat_switch can leave any operand or result leaf by leaf instead;
-# benchmarks/branch_packing.py times the choices (none beat all-packed by more than the
-# run-to-run spread on the tiny model; for model_averaging(exact=False) packed is 7.5%
-# faster).
-
-
-def _pack(tree, join):
-  """tree -> (dict dtype -> flat vector, the spec to unpack it)."""
-  f = base.flatten(tree, join)
-  return f.buffers, f.spec
-
-
-def _unpack(flat, spec):
-  return base.Flat(flat, spec).tree()
-
-
-def _per_item(name, choice, n):
-  """``choice`` (a bool, or a tuple of n bools) -> a tuple of n bools."""
-  if isinstance(choice, (bool, np.bool_)):
-    return (bool(choice),) * n
-  choice = tuple(bool(c) for c in choice)
-  if len(choice) != n:
-    raise ValueError(f"`{name}` has {len(choice)} entries for {n} items.")
-  return choice
-
-
-def flat_switch(index, branches, *operands, pack_operands=True, pack_results=True,
-                join="concatenate"):
-  """``lax.switch(index, branches, *operands)`` with operands and elements of the
-  (tuple) result moved as one flat buffer per dtype. Same semantics.
-
-  ``pack_operands`` / ``pack_results``: a bool for all, or one per operand / result
-  element. An unpacked one travels leaf by leaf, as in ``lax.switch``. ``join``: how
-  the leaves are packed (``base.flatten``); ``"concatenate"`` by default (what every
-  transform uses; ``benchmarks/branch_packing.py --join`` compares ``"updates"``), or
-  ``"auto"``. A shared state packs itself either way.
-  """
-  base.check_join(join)
-  pack_in = _per_item("pack_operands", pack_operands, len(operands))
-  packed = [_pack(op, join) if p else (op, None) for op, p in zip(operands, pack_in)]
-  flat_ops = [p[0] for p in packed]
-  specs = [p[1] for p in packed]
-  out_struct = jax.eval_shape(branches[0], *operands)
-  single = type(out_struct) is not tuple  # a NamedTuple result is one result
-  outs = (out_struct,) if single else out_struct
-  pack_out = _per_item("pack_results", pack_results, len(outs))
-  out_specs = [base.flat_spec(o) if p else None for o, p in zip(outs, pack_out)]
-
-  def wrap(branch):
-    def run(*flat):
-      res = branch(*[f if s is None else _unpack(f, s) for f, s in zip(flat, specs)])
-      res = (res,) if single else res
-      return tuple(_pack(r, join)[0] if p else r for r, p in zip(res, pack_out))
-    return run
-
-  flat_out = lax.switch(index, [wrap(b) for b in branches], *flat_ops)
-  res = tuple(f if s is None else _unpack(f, s) for f, s in zip(flat_out, out_specs))
-  return res[0] if single else res
-
-
-def flat_cond(pred, true_fn, false_fn, *operands, **packing):
-  """``lax.cond`` with flat operands and results (see :func:`flat_switch`)."""
-  return flat_switch(jnp.asarray(pred).astype(jnp.int32), (false_fn, true_fn), *operands,
-                     **packing)

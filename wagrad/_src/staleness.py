@@ -188,9 +188,12 @@ def softsync_schedule(num_learners: int, n: int, num_steps: int, *,
 # ----------------------------------------------------------------------------- transform
 
 
-@base.shared_state(packed=True)
-class StalenessShared(base.Clock):
-  clock: jax.Array          # (count, last_exchange, num_exchanges, assign): base.Clock
+@base.shared_state
+class StalenessShared:
+  count: jax.Array          # the global step: alone decides exchanges
+  last_exchange: jax.Array  # the count right after the last exchange (or warm-up end)
+  num_exchanges: jax.Array  # exchanges (and warm-up ends) so far
+  assign: jax.Array         # this step assigns `target` exactly (wagrad.apply_updates)
   target: Any                # None: assignment is per worker, see staleness_apply
   server: Any                # the master parameters theta
   inner: Any                 # the server optimizer's state (inner, on aggregated grads)
@@ -294,11 +297,11 @@ def staleness_aware_sgd(inner: optax.GradientTransformation, *, alpha0: float = 
 
   def init_fn(params):
     zero = jnp.zeros([], jnp.int32)
-    server = jax.tree_util.tree_map(jnp.asarray, params)
+    server = base.tree_copy(params)
     return StalenessState(
         version=zero, staleness=zero, pulled=jnp.bool_(False),
         shared=StalenessShared(
-            clock=base.make_clock(zero, zero, zero, jnp.bool_(False)), target=None,
+            **base.clock(0), target=None,
             server=server, inner=inner.init(server), num_gradients=zero,
             last_num_gradients=zero, staleness_sum=jnp.zeros([], jnp.float32),
             mean_staleness=jnp.zeros([], jnp.float32), histogram=jnp.zeros([bins], jnp.int32)))
@@ -384,7 +387,7 @@ def staleness_aware_sgd(inner: optax.GradientTransformation, *, alpha0: float = 
     num_gradients = sh.num_gradients + num
     staleness_sum = sh.staleness_sum + ssum
     new_shared = StalenessShared(
-        clock=base.make_clock(
+        **base.clock(
             sh.count + 1,
             jnp.where(updated, sh.count + 1, sh.last_exchange).astype(jnp.int32),
             new_version,

@@ -52,6 +52,7 @@ policy, non-finite handling) is the library's and shared with ``model_averaging`
 from __future__ import annotations
 
 import math
+import dataclasses
 from typing import Any, NamedTuple
 
 import jax
@@ -147,9 +148,12 @@ def loss_weights(loss, axis_name, weight_fn="boltzmann", temperature=1.0):
 # ----------------------------------------------------------------------------- WASGD
 
 
-@base.shared_state(packed=True)
-class WASGDShared(base.Clock):
-  clock: jax.Array          # (count, last_exchange, num_exchanges, assign): base.Clock
+@base.shared_state
+class WASGDShared:
+  count: jax.Array          # the global step: alone decides exchanges
+  last_exchange: jax.Array  # the count right after the last exchange (or warm-up end)
+  num_exchanges: jax.Array  # exchanges (and warm-up ends) so far
+  assign: jax.Array         # this step assigns `target` exactly (wagrad.apply_updates)
   target: Any               # x_w of the last exchange (assigned exactly when a = 1)
   exchanged: jax.Array      # this step exchanged (drives wagrad.sync_model_state)
   weights: jax.Array        # [K] normalised aggregation weights of the last exchange
@@ -195,8 +199,8 @@ def _weighted_transform(name, inner, period_fn, *, temperature, moving_rate, wei
         loss_sum=jnp.zeros([], jnp.float32),
         loss_count=jnp.zeros([], jnp.int32),
         shared=WASGDShared(
-            clock=base.make_clock(zero, zero, zero, jnp.bool_(False)),
-            target=jax.tree_util.tree_map(jnp.asarray, params), exchanged=jnp.bool_(False),
+            **base.clock(0),
+            target=base.tree_copy(params), exchanged=jnp.bool_(False),
             weights=uniform, mix_weights=uniform, losses=jnp.zeros((n,), jnp.float32),
             ok=jnp.bool_(True)))
 
@@ -239,14 +243,13 @@ def _weighted_transform(name, inner, period_fn, *, temperature, moving_rate, wei
 
     idx = periodic.branch_index(sh.count, sh.last_exchange, warmup_steps, period_fn)
     # Only the new shared state, this worker's finiteness and (when synchronised) the
-    # inner state go through the branch, packed: a local step passes the shared buffers
-    # through untouched. The workers' move to x_w is a select after it.
+    # inner state go through the branch; the workers' move to x_w is a select after it.
     sync_inner = opt_state_sync != "local"
     carried = inner_state if sync_inner else None
     sized = _sized(sh, weights=weights0, mix_weights=mix0, losses=losses0)
 
     def shared_after(assign, **changes):
-      return base.replace(sh, clock=periodic.next_clock(idx, sh, assign),
+      return dataclasses.replace(sh, **periodic.next_clock(idx, sh, assign),
                           exchanged=idx != periodic.NO_EXCHANGE, **{**sized, **changes})
 
     def mix(x, m, finite):
@@ -278,7 +281,7 @@ def _weighted_transform(name, inner, period_fn, *, temperature, moving_rate, wei
       uni = jnp.full((K,), 1.0 / K, jnp.float32)
       return shared_after(True, target=t, mix_weights=uni), jnp.bool_(True), carried
 
-    new_shared, finite, carried = periodic.flat_switch(
+    new_shared, finite, carried = lax.switch(
         idx, (local, exchange) + ((warmup_end,) if warmup_steps > 0 else ()), x_half,
         carried)
     if sync_inner:
@@ -505,9 +508,12 @@ def wasgd_plus_sample_order(num_examples: int, num_workers: int, batch_size: int
 _WEIGHTING_CODE = {w: i for i, w in enumerate(WPSGD_WEIGHTINGS)}
 
 
-@base.shared_state(packed=True)
-class WPSGDShared(base.Clock):
-  clock: jax.Array          # (count, last_exchange, num_exchanges, assign): base.Clock
+@base.shared_state
+class WPSGDShared:
+  count: jax.Array          # the global step: alone decides exchanges
+  last_exchange: jax.Array  # the count right after the last exchange (or warm-up end)
+  num_exchanges: jax.Array  # exchanges (and warm-up ends) so far
+  assign: jax.Array         # this step assigns `target` exactly (wagrad.apply_updates)
   target: Any               # the last combined model (initial params before any)
   exchanged: jax.Array      # this step combined (drives wagrad.sync_model_state)
   weights: jax.Array        # [K] normalised weights of the last combination
@@ -618,8 +624,8 @@ def wpsgd(inner: optax.GradientTransformation, sync_period=None, *,
         inner=inner.init(params),
         local_steps=jnp.zeros([], jnp.int32),
         shared=WPSGDShared(
-            clock=base.make_clock(zero, zero, zero, jnp.bool_(False)),
-            target=jax.tree_util.tree_map(jnp.asarray, params), exchanged=jnp.bool_(False),
+            **base.clock(0),
+            target=base.tree_copy(params), exchanged=jnp.bool_(False),
             weights=uniform, mix_weights=uniform, steps=jnp.zeros((n,), jnp.int32),
             weighting=jnp.int32(code), decay=jnp.float32(decay), ok=jnp.bool_(True)))
 
@@ -647,15 +653,15 @@ def wpsgd(inner: optax.GradientTransformation, sync_period=None, *,
 
     idx = periodic.branch_index(sh.count, sh.last_exchange, warmup_steps, period_fn)
     exchanged = idx != periodic.NO_EXCHANGE
-    # Only the new shared state (packed: a local step passes it through untouched) and,
-    # unless kept local, the inner state go through the branch; the workers take the
+    # Only the new shared state and, unless kept local, the inner state go through the
+    # branch; the workers take the
     # combined model with a select after it.
     sync_inner = opt_state_sync != "local"
     carried = inner_state if sync_inner else None
     sized = _sized(sh, weights=weights0, mix_weights=mix0, steps=steps0)
 
     def shared_after(**changes):
-      return base.replace(sh, clock=periodic.next_clock(idx, sh, exchanged),
+      return dataclasses.replace(sh, **periodic.next_clock(idx, sh, exchanged),
                           exchanged=exchanged, **{**sized, **changes})
 
     def local(x_half, carried):
@@ -677,7 +683,7 @@ def wpsgd(inner: optax.GradientTransformation, sync_period=None, *,
       t = base.tree_cast_like(periodic.warmup_target(x_half, axis_name), sh.target)
       return shared_after(target=t, mix_weights=jnp.full((K,), 1.0 / K, jnp.float32)), carried
 
-    new_shared, carried = periodic.flat_switch(
+    new_shared, carried = lax.switch(
         idx, (local, exchange) + ((warmup_end,) if warmup_steps > 0 else ()), x_half,
         carried)
     if sync_inner:
