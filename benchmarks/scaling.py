@@ -15,7 +15,54 @@ import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
 import wagrad  # noqa: E402
-from overhead import setup, wagrad_variant  # noqa: E402
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+from digits_lib import MLP  # noqa: E402
+
+
+LR = 0.05
+
+
+def setup(K, batch, hidden):
+  model = MLP(hidden)
+  p0 = model.init(jax.random.key(0), jnp.zeros((1, 64)))["params"]
+  rng = np.random.default_rng(0)
+  x = rng.normal(size=(K, batch, 64)).astype(np.float32)
+  y = rng.integers(0, 10, size=(K, batch)).astype(np.int32)
+
+  def loss_fn(p, x, y):
+    return optax.softmax_cross_entropy_with_integer_labels(model.apply({"params": p}, x), y).mean()
+  return p0, x, y, loss_fn
+
+
+class Step:
+  """A training step ``state -> state`` with its batch bound (the batch is an argument,
+  not part of the state, so only the state is donated). ``lower`` and ``num_traces``
+  reach the jitted function underneath."""
+
+  def __init__(self, f, *data):
+    self.f, self.data = f, data
+
+  def __call__(self, *state):
+    return self.f(*state, *self.data)
+
+  def lower(self, *state):
+    return self.f.lower(*state, *self.data)
+
+  def num_traces(self):
+    return self.f.num_traces() if hasattr(self.f, "num_traces") else None
+
+
+def wagrad_variant(runner, tx, p0, x, y, loss_fn, donate=True, grad_point=None):
+  """A wagrad step through ``Runner.map``: state (params, opt_state), donated unless
+  ``donate=False``; ``grad_point(params, state)``: where the gradient is taken (EAMSGD's
+  look-ahead point)."""
+  def step(p, s, x, y):
+    at = p if grad_point is None else grad_point(p, s)
+    loss, g = jax.value_and_grad(loss_fn)(at, x, y)
+    u, s = tx.update(g, s, p, value=loss)
+    return wagrad.apply_updates(p, u, s), s
+  f = runner.map(step, donate_argnums=(0, 1) if donate else ())
 
 
 def measure(runner, tau, steps, reps, batch, hidden):

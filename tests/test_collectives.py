@@ -123,7 +123,7 @@ def test_unbound_axis_and_bad_temperature():
 
 
 def test_send_is_one_flat_buffer_per_dtype_or_buckets():
-  """An exchange's message is one all-reduce of one flat buffer per dtype (bf16 leaves
+  """Flat, an exchange's message is one all-reduce of one flat buffer per dtype (bf16 leaves
   accumulate in float32 with the float32 ones), or buckets of about ``bucket_bytes`` split
   at leaf boundaries. Same sums either way (checked against NumPy)."""
   from jax import lax
@@ -137,7 +137,7 @@ def test_send_is_one_flat_buffer_per_dtype_or_buckets():
           "n": rng.integers(0, 9, size=(K, 3)).astype(np.int32)}
   r = wagrad.Runner("shard_map", K)
   for bucket_bytes, buffers in ((None, 2), (4 * 5000, 3), (16, 5)):
-    f = r.map(lambda t: C.send(t, lambda v: lax.psum(v, r.axis_name),
+    f = r.map(lambda t: C.send(t, lambda v: lax.psum(v, r.axis_name), flat=True,
                                bucket_bytes=bucket_bytes))
     out = jax.device_get(f(tree))
     for k, v in tree.items():
@@ -147,6 +147,12 @@ def test_send_is_one_flat_buffer_per_dtype_or_buckets():
       assert out[k].dtype == v.dtype
     # before XLA's own passes (which may combine or split all-reduces per backend)
     assert f.lower(tree).as_text().count("stablehlo.all_reduce") == buffers, bucket_bytes
+  # in one process the default sends the leaves as they are (as lax.psum of the tree:
+  # one all-reduce per leaf before XLA's passes), never joined
+  f = r.map(lambda t: C.send(t, lambda v: lax.psum(v, r.axis_name)))
+  text = f.lower(tree).as_text()
+  assert text.count("stablehlo.all_reduce") == len(tree) and "concatenate" not in text
+  np.testing.assert_allclose(jax.device_get(f(tree))["big"][0], tree["big"].sum(0), rtol=1e-5)
 
 
 @pytest.mark.parametrize("bad", [None, np.nan, np.inf, -np.inf])

@@ -59,27 +59,40 @@ def all_gather(tree, axis_name: AxisName):
   return jax.tree_util.tree_map(gather, tree)
 
 
-def send(tree, op, dtype=None, *, bucket_bytes=None):
-  """Apply a collective ``op`` (flat vector -> flat vector of the same size) to a pytree
-  as few buffers as possible: every exchange of every wagrad transform goes through here.
+def send(tree, op, dtype=None, *, flat=None, bucket_bytes=None):
+  """Apply a collective ``op`` (array or list of arrays -> the same shapes) to a pytree:
+  every exchange of every wagrad transform sends its message through here.
 
-  The leaves are raveled and joined into one flat buffer per accumulation dtype
-  (float32 for bf16 / f16 / f32 leaves; ``dtype`` forces one), as PyTorch's model
-  averager does; the results are cast back and reshaped. Only the message is flat:
-  the state stays a plain tree. A transport that runs each buffer of a multi-buffer
-  collective on its own (gloo across processes: the 1.06M-parameter MLP's 6 leaves took
-  116 ms where one flat buffer took 26 ms) gains most; XLA on GPUs and TPUs combines
-  all-reduces itself. ``bucket_bytes``: split each dtype's buffer at leaf boundaries
-  into buckets of about that many bytes (as DDP's buckets), ``None`` for one buffer.
+  Leaves are cast to their accumulation dtype (float32 for bf16 / f16 / f32 leaves;
+  ``dtype`` forces one) and cast back after. How the message travels:
+
+  * ``flat=True``: raveled and joined into one flat buffer per accumulation dtype, as
+    PyTorch's model averager does (``bucket_bytes``: split at leaf boundaries into
+    buckets of about that many bytes, as DDP's). Across processes over gloo an
+    all-reduce of the 1.06M-parameter MLP's 6 leaves took 116 ms where one flat buffer
+    took 26 ms: gloo runs each buffer of a multi-buffer all-reduce on its own.
+  * ``flat=False``: the leaves as they are, as ``lax.psum(tree)`` sends them. Within
+    one process (forced CPU devices, one host's GPUs) the join and the slices back cost
+    parameter-sized copies (1M parameters, 8 forced CPU devices: a flat ``pmean`` took
+    2.3x the per-leaf one) and XLA combines all-reduces on GPUs and TPUs itself.
+  * ``flat=None`` (default): flat exactly when the run spans processes
+    (``jax.process_count() > 1``). Only the message is flat: the state stays a tree.
   """
   leaves, treedef = jax.tree_util.tree_flatten(tree)
   if not leaves:
     return tree
+  if flat is None:
+    flat = jax.process_count() > 1
   leaves = [jnp.asarray(x) for x in leaves]
+  accs = [jnp.dtype(dtype or (_acc_dtype(x.dtype) if jnp.issubdtype(x.dtype, jnp.inexact)
+                              else x.dtype)) for x in leaves]
+  if not flat:
+    out = op([x.astype(a) for x, a in zip(leaves, accs)])
+    return jax.tree_util.tree_unflatten(
+        treedef, [o.astype(x.dtype) for o, x in zip(out, leaves)])
   groups = {}
-  for i, x in enumerate(leaves):
-    acc = dtype or (_acc_dtype(x.dtype) if jnp.issubdtype(x.dtype, jnp.inexact) else x.dtype)
-    groups.setdefault(jnp.dtype(acc), []).append(i)
+  for i, acc in enumerate(accs):
+    groups.setdefault(acc, []).append(i)
   out = [None] * len(leaves)
   for acc, idx in groups.items():
     for bucket in _buckets(idx, leaves, acc, bucket_bytes):
@@ -153,22 +166,37 @@ def weighted_mean(tree, weight, axis_name: AxisName, *, exclude_nonfinite=True,
   """
   base.check_axis_name(axis_name)
   w = jnp.asarray(weight, jnp.float32)
-  finite = tree_is_finite(tree) & jnp.isfinite(w) if exclude_nonfinite else jnp.bool_(True)
-  w = jnp.where(finite & (w > 0), w, 0.0)
+  w = jnp.where(jnp.isfinite(w) & (w > 0), w, 0.0)
   if fallback is None:
     fallback = tree
-  # One all-reduce: sum_j w_j x_j and sum_j w_j travel in the same fused buffer.
-  contrib = jax.tree_util.tree_map(
-      lambda x: w.astype(_acc_dtype(x.dtype)) * jnp.where(finite, x, jnp.zeros_like(x)).astype(
-          _acc_dtype(x.dtype)), tree)
-  summed, total = send((contrib, w), lambda v: lax.psum(v, axis_name))
-  ok = total > 0
-  safe = jnp.where(ok, total, 1.0)
-  wn = jnp.where(ok, w / safe, 0.0)
-  value = jax.tree_util.tree_map(
-      lambda m, x, fb: jnp.where(ok, m / safe.astype(m.dtype), fb.astype(m.dtype)).astype(x.dtype),
-      summed, tree, fallback)
-  return Weighted(value, wn, ok)
+  unit = isinstance(weight, (int, float)) and weight == 1  # plain mean: no products
+
+  def reduce(finite):
+    wf = jnp.where(finite, w, 0.0)
+    contrib = jax.tree_util.tree_map(
+        lambda x: jnp.where(finite, x, jnp.zeros_like(x)).astype(_acc_dtype(x.dtype)) * (
+            1 if unit else wf.astype(_acc_dtype(x.dtype))), tree)
+    summed, total = send((contrib, wf), lambda v: lax.psum(v, axis_name))
+    return summed, total, wf
+
+  def finish(summed, total, wf):
+    ok = total > 0
+    safe = jnp.where(ok, total, 1.0)
+    value = jax.tree_util.tree_map(
+        lambda m, x, fb: jnp.where(ok, m / safe.astype(m.dtype), fb.astype(m.dtype)
+                                   ).astype(x.dtype), summed, tree, fallback)
+    return Weighted(value, jnp.where(ok, wf / safe, 0.0), ok)
+
+  first = reduce(jnp.bool_(True))
+  if not exclude_nonfinite:
+    return finish(*first)
+  # Sum everyone first; only if the sum is not finite (a worker is non-finite, or the
+  # sum overflows) sum again without the non-finite workers. The predicate comes from a
+  # collective's result, the same on every worker (architecture, decision 1); the
+  # division is inside the branch so that its result is written there, not copied out.
+  clean = jnp.isfinite(first[1]) & tree_is_finite(first[0])
+  return lax.cond(clean, lambda: finish(*first),
+                  lambda: finish(*reduce(tree_is_finite(tree) & jnp.isfinite(w))))
 
 
 def normalize_weights(score, axis_name: AxisName):
