@@ -256,7 +256,7 @@ def main(argv=None):
       reps = args.reps or (5 if args.quick else 9)
       print(f"== {size} on {backend}: {reps} x {steps} steps per variant", flush=True)
       data["runs"].append(run(size, backend, taus, algos, steps, reps))
-  common.save(args.out or f"overhead_{info['platform']}", data)
+      common.save(args.out or f"overhead_{info['platform']}", data)  # after each run
   plot(data, args.out or f"overhead_{info['platform']}")
   return data
 
