@@ -74,7 +74,7 @@ def send(tree, op, dtype=None, *, flat=None, bucket_bytes=None):
   * ``flat=False``: the leaves as they are, as ``lax.psum(tree)`` sends them. Within
     one process (forced CPU devices, one host's GPUs) the join and the slices back cost
     parameter-sized copies (1M parameters, 8 forced CPU devices: a flat ``pmean`` took
-    2.3x the per-leaf one) and XLA combines all-reduces on GPUs and TPUs itself.
+    14.4 ms, the leaves 5.1 ms; ``benchmarks/message.py``) and XLA combines all-reduces on GPUs and TPUs itself.
   * ``flat=None`` (default): flat exactly when the run spans processes
     (``jax.process_count() > 1``). Only the message is flat: the state stays a tree.
   """
@@ -128,8 +128,8 @@ def tree_is_finite(tree):
 
 
 def psum_tree(tree, axis_name: AxisName):
-  """Sum of a pytree over workers, accumulated in float32 and cast back (one
-  all-reduce of one flat buffer per dtype, :func:`send`)."""
+  """Sum of a pytree over workers, accumulated in float32 and cast back (sent by
+  :func:`send`)."""
   return send(tree, lambda v: lax.psum(v, axis_name))
 
 

@@ -151,7 +151,7 @@ def _center_exchange(diff, a, axis_name, dist_axis=None):
   counts = jnp.stack([finite.astype(jnp.float32), jnp.where(finite, sq, 0.0)])
   psum = lambda v: lax.psum(v, axis_name)  # noqa: E731
   if dist_axis is None:
-    # the two scalars ride in the same flat message as the center's step
+    # the two scalars ride in the same all-reduce as the center's step
     tot, (n_fin, sq_sum) = C.send((masked, counts), psum)
   else:
     tot = C.send(masked, psum)
