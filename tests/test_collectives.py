@@ -25,14 +25,14 @@ def test_collectives_match_numpy(backend, K):
   best = int(np.nanargmin(loss))
 
   def fn(ax, x, loss):
-    w_soft, ok = wagrad.softmax_weights(loss, ax, temperature=T)
+    w_soft, ok = C.softmax_weights(loss, ax, temperature=T)
     wm = wagrad.weighted_mean({"x": x}, w_soft, ax)
     lead = wagrad.elect_leader(loss, ax)
     b = wagrad.broadcast_from(x, lead.index, ax)
     cd = wagrad.consensus_distance(x, ax)
-    g = wagrad.all_gather(loss, ax)
-    idx = wagrad.worker_index(ax)
-    n = wagrad.axis_size(ax)
+    g = C.all_gather(loss, ax)
+    idx = C.worker_index(ax)
+    n = C.axis_size(ax)
     # a value NaN on worker 2; the worker with the smallest loss not eligible
     lead2, vmean = C.elect_leader_and_mean(loss, jnp.where(idx == 2, jnp.nan, loss * 2), ax,
                                            eligible=idx != best)
@@ -69,7 +69,7 @@ def test_all_nonfinite_says_so():
   x = np.ones((K, 2), np.float32)
 
   def fn(ax, x, loss):
-    w, ok = wagrad.softmax_weights(loss, ax)
+    w, ok = C.softmax_weights(loss, ax)
     wm = wagrad.weighted_mean(x, w, ax)
     lead = wagrad.elect_leader(loss, ax)
     _, vmean = C.elect_leader_and_mean(loss, loss, ax)
@@ -108,18 +108,18 @@ def test_group_and_global_reductions():
   x = np.arange(K, dtype=np.float32)
   for backend in ("vmap", "shard_map"):
     r = wagrad.Runner(backend, K, groups=G)
-    gm, am = jax.device_get(r.map(lambda x: (wagrad.pmean_tree(x, r.group_axis),
-                                             wagrad.pmean_tree(x, r.axis_name)))(x))
+    gm, am = jax.device_get(r.map(lambda x: (C.pmean_tree(x, r.group_axis),
+                                             C.pmean_tree(x, r.axis_name)))(x))
     np.testing.assert_allclose(gm, np.repeat(x.reshape(G, -1).mean(1), K // G))
     np.testing.assert_allclose(am, np.full(K, x.mean()))
 
 
 def test_unbound_axis_and_bad_temperature():
   with pytest.raises(ValueError, match="axis_name 'nope' is not bound"):
-    jax.jit(lambda x: wagrad.pmean_tree(x, "nope"))(1.0)
+    jax.jit(lambda x: C.pmean_tree(x, "nope"))(1.0)
   r = wagrad.Runner("vmap", 4)
   with pytest.raises(ValueError, match="temperature"):
-    r.map(lambda l: wagrad.softmax_weights(l, r.axis_name, temperature=-1.0))(np.ones(4))
+    r.map(lambda l: C.softmax_weights(l, r.axis_name, temperature=-1.0))(np.ones(4))
 
 
 def test_send_is_one_flat_buffer_per_dtype_or_buckets():

@@ -339,9 +339,9 @@ def test_async_easgd_matches_numpy(backend, K, order):
   tau, T, alpha = 2, 8, 0.15
   speeds = np.linspace(1.0, 0.3, K)
   active = schedules.speed_schedule(K, T, speeds, seed=1)
-  exch, anyx = E.async_easgd_schedule(active, tau)
+  exch, anyx = wagrad.async_easgd_schedule(active, tau)
   assert exch[active.argmax(0), np.arange(K)].all()      # first active step exchanges
-  tx = E.async_easgd(optax.sgd(ETA), tau, alpha=alpha, order=order,
+  tx = wagrad.async_easgd(optax.sgd(ETA), tau, alpha=alpha, order=order,
                      axis_name=runner.axis_name)
   use_table = order == "sequential"       # the other order decides by pmax instead
 
@@ -368,10 +368,10 @@ def test_async_easgd_period_schedule_matches_numpy(backend):
   active = schedules.speed_schedule(K, T, np.linspace(1.0, 0.4, K), seed=2)
   grow = lambda c: 1 + c // 3  # noqa: E731  (own clock -> period)
   # a constant schedule gives the integer period's table
-  np.testing.assert_array_equal(E.async_easgd_schedule(active, lambda c: 3)[0],
-                                E.async_easgd_schedule(active, 3)[0])
-  exch, anyx = E.async_easgd_schedule(active, grow)
-  tx = E.async_easgd(optax.sgd(ETA), grow, alpha=alpha, axis_name=runner.axis_name)
+  np.testing.assert_array_equal(wagrad.async_easgd_schedule(active, lambda c: 3)[0],
+                                wagrad.async_easgd_schedule(active, 3)[0])
+  exch, anyx = wagrad.async_easgd_schedule(active, grow)
+  tx = wagrad.async_easgd(optax.sgd(ETA), grow, alpha=alpha, axis_name=runner.axis_name)
 
   def step(p, s, A, b, act, flag):
     g = jax.grad(ls_loss)(p, A, b)
@@ -384,7 +384,7 @@ def test_async_easgd_period_schedule_matches_numpy(backend):
   _assert_close(p["w"], x)
   _assert_close(s.shared.center["w"], c)
   assert int(s.shared.num_exchanges) == n == int(exch.sum())
-  assert n < int(E.async_easgd_schedule(active, 1)[0].sum())  # the period grew
+  assert n < int(wagrad.async_easgd_schedule(active, 1)[0].sum())  # the period grew
 
 
 def test_async_easgd_orders_differ_and_inactive_unchanged():
@@ -394,7 +394,7 @@ def test_async_easgd_orders_differ_and_inactive_unchanged():
   active = np.array([[True, True, False, True]])
   out = {}
   for order in E.ORDERS:
-    tx = E.async_easgd(optax.sgd(ETA, momentum=0.9), 1, alpha=0.3, order=order)
+    tx = wagrad.async_easgd(optax.sgd(ETA, momentum=0.9), 1, alpha=0.3, order=order)
 
     def step(p, s, A, b, act, tx=tx):
       g = jax.grad(ls_loss)(p, A, b)
@@ -454,7 +454,7 @@ def test_tree_easgd_matches_numpy(backend, K, G):
   runner = wagrad.Runner(backend, K, groups=G)
   A, b, w0, c0 = _problem(K)
   taus = (2, 3)
-  tx = E.tree_easgd(optax.sgd(ETA), group_axis=runner.group_axis,
+  tx = wagrad.tree_easgd(optax.sgd(ETA), group_axis=runner.group_axis,
                     global_axis=runner.global_axis, sync_period=taus)
 
   def step(p, s, A, b):
@@ -479,7 +479,7 @@ def test_tree_easgd_period_schedules_match_numpy(backend, K, G):
   runner = wagrad.Runner(backend, K, groups=G)
   A, b, w0, c0 = _problem(K)
   taus = (lambda t: 1 + t // 4, lambda t: 3 + t // 6)
-  tx = E.tree_easgd(optax.sgd(ETA), group_axis=runner.group_axis,
+  tx = wagrad.tree_easgd(optax.sgd(ETA), group_axis=runner.group_axis,
                     global_axis=runner.global_axis, sync_period=taus)
 
   def step(p, s, A, b):
@@ -524,7 +524,7 @@ def test_downpour_matches_numpy(backend, K, mu):
   runner = wagrad.Runner(backend, K)
   A, b, w0, c0 = _problem(K)
   tau, eta = 3, 0.02
-  tx = E.downpour(eta, tau, axis_name=runner.axis_name, master_momentum=mu)
+  tx = wagrad.downpour(eta, tau, axis_name=runner.axis_name, master_momentum=mu)
 
   def step(p, s, A, b):
     g = jax.grad(ls_loss)(p, A, b)
@@ -560,7 +560,7 @@ def test_momentum_and_downpour_take_period_schedules(name, backend):
   runner = wagrad.Runner(backend, K)
   A, b, w0, c0 = _problem(K)
   make = {"eamsgd": lambda tau: E.eamsgd(0.05, tau, momentum=0.9),
-          "downpour": lambda tau: E.downpour(0.02, tau, master_momentum=0.5)}[name]
+          "downpour": lambda tau: wagrad.downpour(0.02, tau, master_momentum=0.5)}[name]
 
   def run(tau):
     tx = make(tau)
@@ -611,27 +611,27 @@ def test_bad_hyperparameters():
   with pytest.raises(ValueError, match="learning_rate"):
     E.eamsgd(-0.1, 1)
   with pytest.raises(ValueError, match="order"):
-    E.async_easgd(sgd, 2, order="random")
+    wagrad.async_easgd(sgd, 2, order="random")
   with pytest.raises(ValueError, match="sync_period"):
-    E.async_easgd(sgd, 0)
+    wagrad.async_easgd(sgd, 0)
   with pytest.raises(ValueError, match="sync_period"):
-    E.tree_easgd(sgd, group_axis="l", global_axis="g", sync_period=(2,))
+    wagrad.tree_easgd(sgd, group_axis="l", global_axis="g", sync_period=(2,))
   with pytest.raises(ValueError, match=r"sync_period\[low\]"):
-    E.tree_easgd(sgd, group_axis="l", global_axis="g", sync_period=(None, 4))
+    wagrad.tree_easgd(sgd, group_axis="l", global_axis="g", sync_period=(None, 4))
   with pytest.raises(ValueError, match=r"sync_period\[high\]"):
-    E.tree_easgd(sgd, group_axis="l", global_axis="g", sync_period=(2, lambda t: 0))
+    wagrad.tree_easgd(sgd, group_axis="l", global_axis="g", sync_period=(2, lambda t: 0))
   with pytest.raises(ValueError, match="sync_period"):
-    E.async_easgd(sgd, lambda c: -1)
+    wagrad.async_easgd(sgd, lambda c: -1)
   with pytest.raises(ValueError, match="alpha"):
-    E.tree_easgd(sgd, group_axis="l", global_axis="g", alpha=(0.1, 1.2))
+    wagrad.tree_easgd(sgd, group_axis="l", global_axis="g", alpha=(0.1, 1.2))
   with pytest.raises(TypeError, match="group_axis"):
-    E.tree_easgd(sgd, group_axis=None, global_axis="g")
+    wagrad.tree_easgd(sgd, group_axis=None, global_axis="g")
   with pytest.raises(ValueError, match="master_momentum"):
-    E.downpour(0.1, 2, master_momentum=1.0)
+    wagrad.downpour(0.1, 2, master_momentum=1.0)
   with pytest.raises(ValueError, match="learning_rate"):
-    E.downpour(0.0, 2)
+    wagrad.downpour(0.0, 2)
   with pytest.raises(ValueError, match="sync_period"):
-    E.async_easgd_schedule(np.ones((3, 2), bool), 0)
+    wagrad.async_easgd_schedule(np.ones((3, 2), bool), 0)
   # beta / p not in (0, 1): one worker with beta = 1 -> alpha = 1
   tx = E.easgd(sgd, 1, beta=1.0)
   f = jax.vmap(lambda p, s: tx.update(p, s, p), in_axes=(0, None), axis_name="workers")

@@ -12,6 +12,7 @@ import optax
 import pytest
 
 import wagrad
+from wagrad._src import base
 from wagrad._src import collectives as C
 from wagrad._src import lsgd as L
 from wagrad._src import schedules
@@ -196,10 +197,10 @@ def mapped(r, fn):
   def call(*args):
     key = jax.tree_util.tree_structure(args)
     if key not in cache:
-      in_axes = tuple(wagrad.worker_axes(a) for a in args)
+      in_axes = tuple(base.worker_axes(a) for a in args)
       out = jax.eval_shape(jax.vmap(fn, in_axes=in_axes, axis_name=r.axis_name), *args)
       cache[key] = jax.pmap(fn, axis_name=r.axis_name, in_axes=in_axes,
-                            out_axes=wagrad.worker_axes(out), devices=r.devices)
+                            out_axes=base.worker_axes(out), devices=r.devices)
     return jax.block_until_ready(cache[key](*args))
 
   return call
@@ -305,7 +306,7 @@ def test_uneven_local_steps_schedule_matches_numpy():
   r = wagrad.Runner("vmap", K)
   A, b = _util.least_squares(K)
   active = schedules.speed_schedule(K, steps, schedules.straggler_speeds(K, 0.25, 4.0), seed=3)
-  rounds = L.uneven_round_steps(active, l_comm)
+  rounds = wagrad.uneven_round_steps(active, l_comm)
   assert rounds.sum() >= 3
   # every round follows K * l_comm local steps in total
   ends = np.flatnonzero(rounds)
@@ -425,7 +426,7 @@ def test_lsgd_bad_hyperparameters(kwargs, match):
 
 
 def test_bad_hyperparameters_multi_and_async():
-  mk = lambda **kw: L.multi_leader_lsgd(optax.sgd(LR), **{**dict(
+  mk = lambda **kw: wagrad.multi_leader_lsgd(optax.sgd(LR), **{**dict(
       group_axis="local", global_axis="groups", local_period=2, global_period=4), **kw})
   with pytest.raises(ValueError, match="global_period"):
     mk(global_period=5)
@@ -438,7 +439,7 @@ def test_bad_hyperparameters_multi_and_async():
   with pytest.raises(TypeError, match="group_axis"):
     mk(group_axis=3)
   with pytest.raises(ValueError, match="sync_period"):
-    L.async_lsgd(optax.sgd(LR), 0)
+    wagrad.async_lsgd(optax.sgd(LR), 0)
   # periods may be schedules; None or a schedule returning < 1 is refused by name
   with pytest.raises(ValueError, match="local_period"):
     mk(local_period=None)
@@ -447,11 +448,11 @@ def test_bad_hyperparameters_multi_and_async():
   with pytest.raises(ValueError, match="avg_size"):
     mk(local_period=lambda t: 2)
   with pytest.raises(ValueError, match="sync_period"):
-    L.async_lsgd(optax.sgd(LR), None)
+    wagrad.async_lsgd(optax.sgd(LR), None)
   with pytest.raises(ValueError, match="sync_period"):
-    L.async_lsgd(optax.sgd(LR), lambda n: 0, avg_size=2)
+    wagrad.async_lsgd(optax.sgd(LR), lambda n: 0, avg_size=2)
   with pytest.raises(ValueError, match="pull"):
-    L.async_lsgd(optax.sgd(LR), 2, pull=0.0)
+    wagrad.async_lsgd(optax.sgd(LR), 2, pull=0.0)
   with pytest.raises(TypeError, match="inner"):
     L.lsgd(object(), 2)
 
@@ -461,7 +462,7 @@ def test_bad_hyperparameters_multi_and_async():
 
 def _multi_tx(r, K, cfg):
   """multi_leader_lsgd with the symbols of np_multi's keyword arguments."""
-  return L.multi_leader_lsgd(
+  return wagrad.multi_leader_lsgd(
       optax.sgd(LR), group_axis=r.group_axis, global_axis=r.global_axis,
       local_period=cfg["lp"], global_period=cfg["gp"], local_pull=cfg["c1"],
       global_pull=cfg["c2"], local_proximal=cfg["p1"], global_proximal=cfg["p2"],
@@ -543,7 +544,7 @@ def test_multi_leader_with_one_group_is_lsgd():
   K, tau, steps = 8, 3, 9
   A, b = _util.least_squares(K)
   r1 = wagrad.Runner("vmap", K, groups=1)
-  tx1 = L.multi_leader_lsgd(optax.sgd(LR), group_axis=r1.group_axis,
+  tx1 = wagrad.multi_leader_lsgd(optax.sgd(LR), group_axis=r1.group_axis,
                             global_axis=r1.global_axis, local_period=tau, global_period=tau,
                             local_pull=0.0, local_proximal=0.0, global_pull=0.3,
                             global_proximal=0.2, avg_size=tau, num_workers=K)
@@ -571,8 +572,8 @@ def test_async_lsgd_reconstruction_self_consistency(backend, K):
   A, b = _util.least_squares(K)
   active = schedules.speed_schedule(K, steps, [1.0, 0.5, 1.0, 0.34, 1.0, 0.7, 0.5, 1.0],
                                     seed=1)
-  reports, anyone = L.async_report_steps(active, tau)
-  tx = L.async_lsgd(optax.sgd(LR), tau, pull=0.4, axis_name=r.axis_name)
+  reports, anyone = wagrad.async_report_steps(active, tau)
+  tx = wagrad.async_lsgd(optax.sgd(LR), tau, pull=0.4, axis_name=r.axis_name)
 
   def make(use_table):
     def step(p, s, A, b, a, any_r):
@@ -612,10 +613,10 @@ def test_async_lsgd_period_schedule_matches_numpy(backend):
   active = schedules.speed_schedule(K, steps, [1.0, 0.5, 1.0, 0.34, 1.0, 0.7, 0.5, 1.0],
                                     seed=1)
   grow = lambda n: 1 + n // 4  # noqa: E731  (own local count -> period)
-  np.testing.assert_array_equal(L.async_report_steps(active, lambda n: 2)[0],
-                                L.async_report_steps(active, 2)[0])
-  reports, anyone = L.async_report_steps(active, grow)
-  tx = L.async_lsgd(optax.sgd(LR), grow, pull=0.4, avg_size=2, axis_name=r.axis_name)
+  np.testing.assert_array_equal(wagrad.async_report_steps(active, lambda n: 2)[0],
+                                wagrad.async_report_steps(active, 2)[0])
+  reports, anyone = wagrad.async_report_steps(active, grow)
+  tx = wagrad.async_lsgd(optax.sgd(LR), grow, pull=0.4, avg_size=2, axis_name=r.axis_name)
 
   def step(p, s, A, b, a, any_r):
     loss, g = jax.value_and_grad(_util.ls_loss)(p, A, b)
@@ -639,7 +640,7 @@ def test_async_lsgd_period_schedule_matches_numpy(backend):
   np.testing.assert_allclose(np.asarray(s.shared.leader_params["w"]), L_ref, rtol=1e-5,
                              atol=1e-6)
   with pytest.raises(ValueError, match="avg_size"):
-    L.async_lsgd(optax.sgd(LR), grow)
+    wagrad.async_lsgd(optax.sgd(LR), grow)
 
 
 # ----------------------------------------------------------------------------- communication

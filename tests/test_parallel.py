@@ -4,6 +4,7 @@ import pytest
 import jax
 
 import wagrad
+from wagrad._src import collectives as C
 
 
 def test_bad_runner_arguments():
@@ -35,8 +36,8 @@ def test_unstacked_argument_is_named():
 def test_two_level_layout_indices(backend, K, G):
   r = wagrad.Runner(backend, K, groups=G)
   idx, gidx, lidx = jax.device_get(r.map(lambda x: (
-      wagrad.worker_index(r.axis_name), wagrad.worker_index(r.global_axis),
-      wagrad.worker_index(r.group_axis)))(np.zeros(K)))
+      C.worker_index(r.axis_name), C.worker_index(r.global_axis),
+      C.worker_index(r.group_axis)))(np.zeros(K)))
   np.testing.assert_array_equal(idx, np.arange(K))
   np.testing.assert_array_equal(gidx, np.arange(K) // (K // G))
   np.testing.assert_array_equal(lidx, np.arange(K) % (K // G))

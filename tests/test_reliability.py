@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 
 import wagrad
+from wagrad._src import collectives as C
 from _util import least_squares, ls_loss
 
 
@@ -128,7 +129,7 @@ def test_nan_worker_excluded_from_averaging_and_healed():
 
   def step(p, s, A, b, t):
     g = jax.grad(ls_loss)(p, A, b)
-    bad = (wagrad.worker_index(r.axis_name) == 3) & (t.value == 2)
+    bad = (C.worker_index(r.axis_name) == 3) & (t.value == 2)
     g = jax.tree_util.tree_map(lambda x: jnp.where(bad, jnp.nan, x), g)
     u, s = tx.update(g, s, p)
     return wagrad.apply_updates(p, u, s), s

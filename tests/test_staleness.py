@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 
 import wagrad
+from wagrad._src import collectives as C
 from wagrad._src import staleness as S
 from _util import BACKENDS, BACKEND_IDS, digits, least_squares, ls_grad_np, ls_loss
 
@@ -171,7 +172,7 @@ def make_step(tx, axis_name, pass_staleness, nan_flags=False):
                      apply=apply)
     p = S.staleness_apply(p, u, s)
     # every worker's view of the shared server params (to check they are identical)
-    return p, s, wagrad.all_gather(s.shared.server["w"], axis_name)
+    return p, s, C.all_gather(s.shared.server["w"], axis_name)
   return step
 
 

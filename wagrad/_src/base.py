@@ -21,7 +21,7 @@ moving to the leader with strength 1, the end of the warm-up) ``assign`` is true
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, NamedTuple, Union
+from typing import Any, Callable, Union
 
 import jax
 import jax.numpy as jnp
@@ -200,6 +200,11 @@ def is_exchange_step(count, last_exchange, warmup_steps, period_fn):
 
 
 # ----------------------------------------------------------------------------- trees
+
+
+def f32(x):
+  """``x`` as float32, or wider if it already is (accumulation dtype)."""
+  return jnp.asarray(x).astype(jnp.promote_types(jnp.asarray(x).dtype, jnp.float32))
 
 
 def tree_add(a, b):

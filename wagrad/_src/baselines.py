@@ -1,5 +1,5 @@
 """Baselines: synchronous all-reduce SGD, periodic model averaging (local SGD, with an
-optional outer optimizer = DiLoCo), one-shot averaging (SimuParallel SGD).
+optional outer optimizer = DiLoCo), one-shot averaging (SimuParallel SGD), DOWNPOUR.
 
 Equations (p workers, worker i, inner optimizer step ``u_i = inner(g_i)``):
 
@@ -11,26 +11,36 @@ Equations (p workers, worker i, inner optimizer step ``u_i = inner(g_i)``):
 * one-shot averaging:      ``sync_period=None``: no communication during training;
                            :func:`one_shot_average` returns mean_i x_i at the end.
 
+* **DOWNPOUR** [code: the EASGD authors' baseline]: the worker accumulates its updates
+  over tau local steps; the master adds every worker's accumulated update to its
+  parameters and the workers receive the master's parameters (exact assignment).
+  Simulated synchronously (all workers push in the same step). MDOWNPOUR, momentum on
+  the master's update (``master_momentum``), is a [reconstruction].
+
 References:
   Zinkevich et al., "Parallelized Stochastic Gradient Descent", NeurIPS 2010.
   Lin et al., "Don't Use Large Mini-Batches, Use Local SGD", ICLR 2020 (post-local SGD).
   Douillard et al., "DiLoCo: Distributed Low-Communication Training of Language
   Models", arXiv 2311.08455.
+  Dean et al., "Large Scale Distributed Deep Networks", NeurIPS 2012 (DOWNPOUR).
 """
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from jax import lax
 
 from wagrad._src import base
 from wagrad._src import collectives as C
 from wagrad._src import periodic
+
+_f32 = base.f32
+_tmap = jax.tree_util.tree_map
 
 
 @base.shared_state
@@ -185,73 +195,28 @@ def model_averaging(inner: optax.GradientTransformation, sync_period=1, *,
       weight = active.astype(jnp.float32)
     x_half = base.tree_add(params, u)
     idx = periodic.branch_index(sh.count, sh.last_exchange, warmup_steps, period_fn)
-    # Only the new shared state and, unless kept local, the inner state go through the
-    # branch; the workers' move is a select after it.
-    sync_inner = opt_state_sync != "local"
-    carried = inner_state if sync_inner else None
-    if not exact:
-      return _averaging_step_inexact(inner, opt_state_sync, axis_name, warmup_steps, sh,
-                                     idx, x_half, params, weight, inner_state)
-    assign = idx != periodic.NO_EXCHANGE
-    clock = periodic.next_clock(idx, sh, assign)
 
-    def local(x_half, carried):
-      return dataclasses.replace(sh, **clock), carried
-
-    def exchange(x_half, carried):
-      last = sh.target
-      xbar = C.weighted_mean(x_half, weight, axis_name, fallback=last).value
+    def exchange(x_half):
+      """xbar = mean_i x_i (finite, active workers); DiLoCo: x_global <- x_global +
+      outer(x_global - xbar). Every worker takes the result."""
+      xbar = C.weighted_mean(x_half, weight, axis_name,
+                             fallback=sh.target if exact else x_half).value
+      if not exact:
+        return xbar, {}
       if outer_optimizer is None:
-        new_target, outer_state = xbar, sh.outer
-      else:
-        ou, outer_state = outer_optimizer.update(base.tree_sub(last, xbar), sh.outer, last)
-        new_target = optax.apply_updates(last, ou)
-      if sync_inner:
-        carried = periodic.sync_opt_state(opt_state_sync, inner, carried, new_target, axis_name)
-      return (dataclasses.replace(sh, **clock, target=new_target,
-                           outer=outer_state), carried)
+        return xbar, {"target": base.tree_cast_like(xbar, sh.target)}
+      last = sh.target
+      ou, outer_state = outer_optimizer.update(base.tree_sub(last, xbar), sh.outer, last)
+      x_global = optax.apply_updates(last, ou)
+      return base.tree_cast_like(x_global, x_half), {"target": x_global, "outer": outer_state}
 
-    def warmup_end(x_half, carried):
-      return (dataclasses.replace(sh, **clock,
-                           target=periodic.warmup_target(x_half, axis_name)),
-              carried)
-
-    branches = (local, exchange) + ((warmup_end,) if warmup_steps > 0 else ())
-    new_shared, carried = lax.switch(idx, branches, x_half, carried)
-    if sync_inner:
-      inner_state = carried
-    t = new_shared.target
-    updates = jax.tree_util.tree_map(
-        lambda tt, x, p: jnp.where(assign, tt, x) - p, t, x_half, params)
-    return updates, ModelAveragingState(inner_state, new_shared)
+    x_new, shared, inner_state = periodic.exchange_step(
+        idx, sh, x_half, exchange, warmup_steps=warmup_steps, axis_name=axis_name,
+        assign=(idx != periodic.NO_EXCHANGE) if exact else False,
+        opt_state=(opt_state_sync, inner, inner_state))
+    return periodic.updates_to(x_new, params), ModelAveragingState(inner_state, shared)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
-
-
-def _averaging_step_inexact(inner, opt_state_sync, axis_name, warmup_steps, sh, idx, x_half,
-                            params, weight, inner_state):
-  """model_averaging(exact=False): the branch returns each worker's new parameters (its
-  own on a local step, the mean on an exchange) and the update is their difference."""
-  sync_inner = opt_state_sync != "local"
-  clock = periodic.next_clock(idx, sh, False)  # nothing is assigned exactly
-
-  def local(x_half, carried):
-    return dataclasses.replace(sh, **clock), x_half, carried
-
-  def exchange(x_half, carried):
-    xbar = C.weighted_mean(x_half, weight, axis_name, fallback=x_half).value
-    if sync_inner:
-      carried = periodic.sync_opt_state(opt_state_sync, inner, carried, xbar, axis_name)
-    return dataclasses.replace(sh, **clock), xbar, carried
-
-  def warmup_end(x_half, carried):
-    return dataclasses.replace(sh, **clock), periodic.warmup_target(x_half, axis_name), carried
-
-  branches = (local, exchange) + ((warmup_end,) if warmup_steps > 0 else ())
-  new_shared, x_new, carried = lax.switch(
-      idx, branches, x_half, inner_state if sync_inner else None)
-  return (periodic.updates_to(x_new, params),
-          ModelAveragingState(carried if sync_inner else inner_state, new_shared))
 
 
 def diloco(inner_learning_rate=4e-4, outer_learning_rate=0.7, sync_period=500, *,
@@ -285,3 +250,114 @@ def one_shot_average(params, axis_name="workers"):
   mean, each worker's weight, ok).
   """
   return C.weighted_mean(params, 1.0, axis_name)
+
+
+@base.shared_state
+class DownpourShared:
+  count: jax.Array          # the global step: alone decides exchanges
+  last_exchange: jax.Array  # the count right after the last exchange (or warm-up end)
+  num_exchanges: jax.Array  # exchanges (and warm-up ends) so far
+  assign: jax.Array         # this step assigns `target` exactly (wagrad.apply_updates)
+  target: Any               # the master's parameters (assigned exactly on exchanges; also
+                            # `center`, the model to evaluate)
+  momentum: Any             # MDOWNPOUR's master momentum buffer (or None)
+
+  @property
+  def center(self):
+    return self.target
+
+
+class DownpourState(NamedTuple):
+  inner: Any                # inner optimizer state, per worker
+  accumulated: Any          # sum of this worker's updates since its last push (float32)
+  shared: DownpourShared
+
+
+def downpour(learning_rate, sync_period=1, *, axis_name="workers",
+             master_momentum: float = 0.0) -> optax.GradientTransformationExtraArgs:
+  """DOWNPOUR (and MDOWNPOUR), simulated synchronously.
+
+  Each worker takes local steps ``u_i = inner(g_i)`` and accumulates
+  ``Delta_i += u_i``; at the end of every ``sync_period``-th step all workers push::
+
+      m   <- mu m + sum_i Delta_i      (mu = master_momentum; m = sum_i Delta_i if 0)
+      x_M <- x_M + m
+      x_i <- x_M,  Delta_i <- 0        (exact, with wagrad.apply_updates)
+
+  All workers push in the same step (synchronous simulation of the asynchronous
+  server), so ``sync_period=1`` is synchronous SGD with the summed (not averaged)
+  updates. A non-finite worker's push is dropped (it still receives ``x_M``).
+  MDOWNPOUR (``master_momentum > 0``) is a [reconstruction].
+
+  Args:
+    learning_rate: eta > 0 (local ``optax.sgd(eta)``), or an optax transform used as
+      the local optimizer.
+    sync_period: tau >= 1 or a schedule ``step -> period``.
+    axis_name: the worker axis.
+    master_momentum: mu in [0, 1).
+
+  Returns:
+    A ``GradientTransformationExtraArgs`` whose state is ``DownpourState``.
+
+  Example:
+    >>> import wagrad
+    >>> tx = wagrad.downpour(0.01, sync_period=4)
+
+  References:
+    Dean et al., "Large Scale Distributed Deep Networks", NeurIPS 2012; the EASGD
+    paper's DOWNPOUR baseline, arXiv 1412.6651.
+  """
+  if hasattr(learning_rate, "init") and hasattr(learning_rate, "update"):
+    inner = learning_rate
+  elif callable(learning_rate):
+    inner = optax.sgd(learning_rate)
+  else:
+    base.check_range("learning_rate", learning_rate, 0.0, np.inf, lo_open=True)
+    inner = optax.sgd(learning_rate)
+  period_fn = periodic.check_common(inner, sync_period, 0, "local", axis_name)
+  base.check_range("master_momentum", master_momentum, 0.0, 1.0, hi_open=True)
+  mu = float(master_momentum)
+  inner = periodic.inner_with_extra_args(inner)
+
+  def init_fn(params):
+    p = base.tree_copy(params)
+    return DownpourState(
+        inner.init(params), _tmap(lambda x: jnp.zeros(jnp.shape(x), _f32(x).dtype), params),
+        DownpourShared(
+            **base.clock(0), target=p,
+            momentum=None if mu == 0 else _tmap(
+                           lambda x: jnp.zeros(jnp.shape(x), _f32(x).dtype), params)))
+
+  def update_fn(grads, state, params=None, **extra):
+    if params is None:
+      raise TypeError("downpour needs `params`: tx.update(grads, state, params).")
+    base.check_axis_name(axis_name)
+    base.check_same_structure("grads", grads, "params", params)
+    sh = state.shared
+    u, inner_state = inner.update(grads, state.inner, params, **extra)
+    acc = _tmap(lambda s, x: s + _f32(x), state.accumulated, u)
+    ex = base.is_exchange_step(sh.count, sh.last_exchange, 0, period_fn)
+
+
+    def exchange(x_half):
+      """The master adds every (finite) worker's accumulated update; the workers take
+      the master's parameters."""
+      finite = C.tree_is_finite(acc)
+      tot = C.send(_tmap(lambda d: jnp.where(finite, d, jnp.zeros_like(d)), acc),
+                   lambda v: lax.psum(v, axis_name))
+      if mu == 0:
+        mom, step = None, tot
+      else:
+        mom = _tmap(lambda m, t: mu * m + t, sh.momentum, tot)
+        step = mom
+      master = _tmap(lambda xm, s: (_f32(xm) + s).astype(xm.dtype), sh.target, step)
+      return base.tree_cast_like(master, x_half), dict(target=master, momentum=mom)
+
+    x_new, new_shared, _ = periodic.exchange_step(
+        ex.astype(jnp.int32), sh, base.tree_add(params, u), exchange, warmup_steps=0,
+        axis_name=axis_name, assign=ex)
+    upd = periodic.updates_to(x_new, params)
+    acc = _tmap(lambda a: jnp.where(ex, jnp.zeros_like(a), a), acc)
+    return upd, DownpourState(inner_state, acc, new_shared)
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)

@@ -16,6 +16,8 @@ the same branch and no collective runs outside exchange steps (architecture, dec
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -130,3 +132,51 @@ def next_clock(idx, sh, assign=None) -> dict:
       sh.count + 1, next_last_exchange(idx, sh.count, sh.last_exchange),
       sh.num_exchanges + (idx != NO_EXCHANGE).astype(jnp.int32),
       idx == WARMUP_END if assign is None else assign)
+
+
+def exchange_step(idx, sh, x_half, exchange, *, warmup_steps, axis_name, assign=None,
+                  warmup_end=None, opt_state=None):
+  """The periodic skeleton's branch: ``lax.switch`` on ``idx`` (:func:`branch_index`).
+
+  Each branch maps the workers' half-step parameters ``x_half`` to their new
+  parameters and the changed shared fields:
+
+  * local step: ``x_half``, nothing changed but the clock;
+  * exchange: ``exchange(x_half) -> (x_new, changes)``, the algorithm's rule (its
+    changes may override the clock's ``assign`` / ``exchanged``);
+  * end of the warm-up: ``warmup_end(x_half) -> (x_new, changes)``; by default every
+    worker takes worker 0's ``x_half`` (bit-exact), stored as ``target`` when the
+    shared state keeps one.
+
+  The clock fields (and ``exchanged``, where the shared state has it) move on in every
+  branch. ``assign`` (default: the warm-up's end) sets ``shared.assign``, so that
+  :func:`wagrad.apply_updates` takes ``target`` exactly. ``opt_state``: ``(policy,
+  inner, inner_state)`` to synchronise the inner optimizer's state at exchanges
+  (:func:`sync_opt_state`; ``"local"`` passes it by). Returns ``(x_new, shared,
+  inner_state)``.
+  """
+  clock = next_clock(idx, sh, assign)
+  if "exchanged" in {f.name for f in dataclasses.fields(sh)}:
+    clock["exchanged"] = idx != NO_EXCHANGE
+  policy, inner, inner_state = opt_state or ("local", None, None)
+  carried = None if policy == "local" else inner_state
+
+  if warmup_end is None:
+    def warmup_end(x):
+      x0 = warmup_target(x, axis_name)
+      return x0, ({} if getattr(sh, "target", None) is None else
+                  {"target": base.tree_cast_like(x0, sh.target)})
+
+  def branch(rule, sync):
+    def run(x, carried):
+      x_new, changes = rule(x)
+      if sync and carried is not None:
+        carried = sync_opt_state(policy, inner, carried, x_new, axis_name)
+      return x_new, dataclasses.replace(sh, **{**clock, **changes}), carried
+    return run
+
+  branches = [branch(lambda x: (x, {}), False), branch(exchange, True)]
+  if warmup_steps > 0:
+    branches.append(branch(warmup_end, False))
+  x_new, new_shared, carried = lax.switch(idx, branches, x_half, carried)
+  return x_new, new_shared, (inner_state if carried is None else carried)

@@ -148,6 +148,17 @@ def loss_weights(loss, axis_name, weight_fn="boltzmann", temperature=1.0):
 # ----------------------------------------------------------------------------- WASGD
 
 
+def _mix(x_half, x_w, a):
+  """``(1 - a) x_i + a x_w`` per leaf in float32; a non-finite worker takes ``x_w``."""
+  finite = C.tree_is_finite(x_half)
+
+  def mix(x, m):
+    acc = jnp.promote_types(x.dtype, jnp.float32)
+    y = ((1.0 - a) * x.astype(acc) + a * m.astype(acc)).astype(x.dtype)
+    return jnp.where(finite, y, m.astype(x.dtype))
+  return jax.tree_util.tree_map(mix, x_half, x_w)
+
+
 @base.shared_state
 class WASGDShared:
   count: jax.Array          # the global step: alone decides exchanges
@@ -191,7 +202,6 @@ def _weighted_transform(name, inner, period_fn, *, temperature, moving_rate, wei
   temperature = float(temperature)
 
   def init_fn(params):
-    zero = jnp.zeros([], jnp.int32)
     n = base.infer_num_workers(num_workers, axis_name) or 0
     uniform = jnp.full((n,), 1.0 / max(n, 1), jnp.float32)
     return WASGDState(
@@ -242,58 +252,30 @@ def _weighted_transform(name, inner, period_fn, *, temperature, moving_rate, wei
       round_loss = loss_sum / loss_count.astype(jnp.float32)
 
     idx = periodic.branch_index(sh.count, sh.last_exchange, warmup_steps, period_fn)
-    # Only the new shared state, this worker's finiteness and (when synchronised) the
-    # inner state go through the branch; the workers' move to x_w is a select after it.
-    sync_inner = opt_state_sync != "local"
-    carried = inner_state if sync_inner else None
-    sized = _sized(sh, weights=weights0, mix_weights=mix0, losses=losses0)
+    sh = dataclasses.replace(sh, **_sized(sh, weights=weights0, mix_weights=mix0,
+                                          losses=losses0))
 
-    def shared_after(assign, **changes):
-      return dataclasses.replace(sh, **periodic.next_clock(idx, sh, assign),
-                          exchanged=idx != periodic.NO_EXCHANGE, **{**sized, **changes})
-
-    def mix(x, m, finite):
-      acc = jnp.promote_types(x.dtype, jnp.float32)
-      y = ((1.0 - a) * x.astype(acc) + a * m.astype(acc)).astype(x.dtype)
-      return jnp.where(finite, y, m)
-
-    def local(x_half, carried):
-      return shared_after(False), jnp.bool_(True), carried
-
-    def exchange(x_half, carried):
+    def exchange(x_half):
+      """w = weight_fn(Lbar); x_w = sum_j w_j x_j; x_i <- (1 - a) x_i + a x_w."""
       w = loss_weights(round_loss, axis_name, weight_fn, temperature)
       res = C.weighted_mean(x_half, w, axis_name,
                             fallback=base.tree_cast_like(sh.target, x_half))
       x_w = res.value
-      finite = jnp.bool_(True) if a == 1.0 else C.tree_is_finite(x_half)
+      x_new = x_w if a == 1.0 else _mix(x_half, x_w, a)
       wvec = C.all_gather(res.weight, axis_name).astype(jnp.float32)
       lvec = C.all_gather(round_loss, axis_name).astype(jnp.float32)
-      if sync_inner:
-        x_new = x_w if a == 1.0 else jax.tree_util.tree_map(
-            lambda x, m: mix(x, m, finite), x_half, x_w)
-        carried = periodic.sync_opt_state(opt_state_sync, inner, carried, x_new, axis_name)
-      return (shared_after(a == 1.0, target=base.tree_cast_like(x_w, sh.target),
-                           weights=wvec, mix_weights=wvec, losses=lvec, ok=res.ok),
-              finite, carried)
+      return x_new, dict(target=base.tree_cast_like(x_w, sh.target), weights=wvec,
+                         mix_weights=wvec, losses=lvec, ok=res.ok)
 
-    def warmup_end(x_half, carried):
-      t = base.tree_cast_like(periodic.warmup_target(x_half, axis_name), sh.target)
-      uni = jnp.full((K,), 1.0 / K, jnp.float32)
-      return shared_after(True, target=t, mix_weights=uni), jnp.bool_(True), carried
+    def warmup_end(x_half):
+      x0 = periodic.warmup_target(x_half, axis_name)
+      return x0, dict(target=base.tree_cast_like(x0, sh.target),
+                      mix_weights=jnp.full((K,), 1.0 / K, jnp.float32))
 
-    new_shared, finite, carried = lax.switch(
-        idx, (local, exchange) + ((warmup_end,) if warmup_steps > 0 else ()), x_half,
-        carried)
-    if sync_inner:
-      inner_state = carried
-    target = base.tree_cast_like(new_shared.target, x_half)
-    take = (idx == periodic.WARMUP_END) | ((idx == periodic.EXCHANGE) & (a == 1.0))
-    if a == 1.0:
-      x_new = base.tree_where(take, target, x_half)
-    else:
-      moved = jax.tree_util.tree_map(lambda x, m: mix(x, m, finite), x_half, target)
-      x_new = base.tree_where(
-          take, target, base.tree_where(idx == periodic.EXCHANGE, moved, x_half))
+    x_new, new_shared, inner_state = periodic.exchange_step(
+        idx, sh, x_half, exchange, warmup_steps=warmup_steps, axis_name=axis_name,
+        assign=(idx == periodic.WARMUP_END) | ((idx == periodic.EXCHANGE) & (a == 1.0)),
+        warmup_end=warmup_end, opt_state=(opt_state_sync, inner, inner_state))
     updates = periodic.updates_to(x_new, params)
     exchanged = idx != periodic.NO_EXCHANGE
     return updates, WASGDState(
@@ -617,7 +599,6 @@ def wpsgd(inner: optax.GradientTransformation, sync_period=None, *,
   inner = periodic.inner_with_extra_args(inner)
 
   def init_fn(params):
-    zero = jnp.zeros([], jnp.int32)
     n = base.infer_num_workers(num_workers, axis_name) or 0
     uniform = jnp.full((n,), 1.0 / max(n, 1), jnp.float32)
     return WPSGDState(
@@ -653,42 +634,28 @@ def wpsgd(inner: optax.GradientTransformation, sync_period=None, *,
 
     idx = periodic.branch_index(sh.count, sh.last_exchange, warmup_steps, period_fn)
     exchanged = idx != periodic.NO_EXCHANGE
-    # Only the new shared state and, unless kept local, the inner state go through the
-    # branch; the workers take the
-    # combined model with a select after it.
-    sync_inner = opt_state_sync != "local"
-    carried = inner_state if sync_inner else None
-    sized = _sized(sh, weights=weights0, mix_weights=mix0, steps=steps0)
+    sh = dataclasses.replace(sh, **_sized(sh, weights=weights0, mix_weights=mix0,
+                                          steps=steps0))
 
-    def shared_after(**changes):
-      return dataclasses.replace(sh, **periodic.next_clock(idx, sh, exchanged),
-                          exchanged=exchanged, **{**sized, **changes})
-
-    def local(x_half, carried):
-      return shared_after(), carried
-
-    def exchange(x_half, carried):
+    def exchange(x_half):
+      """x_i <- sum_j s_j x_j / sum_j s_j, s_j the score of worker j's local steps."""
       s = _wpsgd_score(t_i, sh.weighting, sh.decay)
       res = C.weighted_mean(x_half, s, axis_name,
                             fallback=base.tree_cast_like(sh.target, x_half))
       wvec = C.all_gather(res.weight, axis_name).astype(jnp.float32)
       svec = C.all_gather(t_i, axis_name).astype(jnp.int32)
-      if sync_inner:
-        carried = periodic.sync_opt_state(opt_state_sync, inner, carried, res.value,
-                                          axis_name)
-      return (shared_after(target=base.tree_cast_like(res.value, sh.target), weights=wvec,
-                           mix_weights=wvec, steps=svec, ok=res.ok), carried)
+      return res.value, dict(target=base.tree_cast_like(res.value, sh.target), weights=wvec,
+                             mix_weights=wvec, steps=svec, ok=res.ok)
 
-    def warmup_end(x_half, carried):
-      t = base.tree_cast_like(periodic.warmup_target(x_half, axis_name), sh.target)
-      return shared_after(target=t, mix_weights=jnp.full((K,), 1.0 / K, jnp.float32)), carried
+    def warmup_end(x_half):
+      x0 = periodic.warmup_target(x_half, axis_name)
+      return x0, dict(target=base.tree_cast_like(x0, sh.target),
+                      mix_weights=jnp.full((K,), 1.0 / K, jnp.float32))
 
-    new_shared, carried = lax.switch(
-        idx, (local, exchange) + ((warmup_end,) if warmup_steps > 0 else ()), x_half,
-        carried)
-    if sync_inner:
-      inner_state = carried
-    x_new = base.tree_where(exchanged, base.tree_cast_like(new_shared.target, x_half), x_half)
+    x_new, new_shared, inner_state = periodic.exchange_step(
+        idx, sh, x_half, exchange, warmup_steps=warmup_steps, axis_name=axis_name,
+        assign=exchanged, warmup_end=warmup_end,
+        opt_state=(opt_state_sync, inner, inner_state))
     updates = periodic.updates_to(x_new, params)
     return updates, WPSGDState(
         inner=inner_state,

@@ -1,0 +1,457 @@
+"""Two-level algorithms: tree EASGD and multi-leader LSGD.
+
+Workers form groups along ``group_axis`` (the workers of one node); the groups meet
+along ``global_axis``. On a 2-D mesh ``(nodes, devices)`` or nested vmaps.
+
+* **Tree EASGD** [reconstruction of the topology from the thesis, arXiv 1605.02216]:
+  workers are elastic to their group center ``z_g`` every ``tau_low`` steps (rate
+  ``alpha_low``); group centers are elastic to the root ``r`` every ``tau_high``
+  steps (rate ``alpha_high``); every exchange is simultaneous from the pre-step
+  values::
+
+      x_i <- x_i + u_i - alpha_low (x_i - z_g)
+      z_g <- z_g + alpha_low sum_{i in g} (x_i - z_g) - alpha_high (z_g - r)
+      r   <- r + alpha_high sum_g (z_g - r)
+
+* **Multi-leader LSGD** [code] (arXiv 1905.10395, the authors' ``worker_dist_optim.py``):
+  a local leader per group every ``l_comm`` steps, a global leader every ``g_comm``
+  steps, with pulls ``c1``, ``c2`` and proximal terms ``p1``, ``p2``; see
+  :func:`multi_leader_lsgd`.
+
+The elastic and leader pieces are those of :mod:`wagrad._src.easgd` and
+:mod:`wagrad._src.lsgd`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax import lax
+
+from wagrad._src import base
+from wagrad._src import collectives as C
+from wagrad._src import periodic
+from wagrad._src.easgd import (_axes_tuple, _elastic_exchange, _f32, _moving_rate,
+                               _reset_nonfinite, _sqnorm, _tmap)
+from wagrad._src.lsgd import (_as_tuple, _check_num_workers, _check_proximal, _check_pull,
+                              _check_value, _elect_with_drift, _one_hot, _pull, _push_loss,
+                              _running_mean)
+
+@base.shared_state
+class TreeEASGDShared:
+  count: jax.Array          # the global step: alone decides exchanges
+  last_exchange: jax.Array  # the count right after the last exchange (or warm-up end)
+  num_exchanges: jax.Array  # exchanges (and warm-up ends) so far
+  assign: jax.Array         # this step assigns `target` exactly (wagrad.apply_updates)
+  num_root_exchanges: jax.Array  # root-level (group center <-> root) exchanges
+  last_root_exchange: jax.Array  # the count right after the last root-level exchange
+  target: Any               # always None
+  center: Any               # the root r (the model to evaluate)
+  distance: jax.Array       # mean_i ||x_i - z_g(i)||^2 at the last group-level exchange
+  root_distance: jax.Array  # mean_g ||z_g - r||^2 at the last root-level exchange
+
+
+class TreeEASGDState(NamedTuple):
+  inner: Any                # inner optimizer state, per worker
+  group_center: Any         # z_g of this worker's group (equal within a group), per worker
+  shared: TreeEASGDShared
+
+
+def _pair(name, value, check):
+  """``(low, high)``, each passed through ``check(name[level], v)``."""
+  if not isinstance(value, (tuple, list)) or len(value) != 2:
+    raise ValueError(f"`{name}` must be a pair (low, high), got {value!r}.")
+  return tuple(check(f"{name}[{lvl}]", v) for v, lvl in zip(value, ("low", "high")))
+
+
+def tree_easgd(inner: optax.GradientTransformation, *, group_axis, global_axis,
+               sync_period=(1, 4), alpha=None, beta: float = 0.9
+               ) -> optax.GradientTransformationExtraArgs:
+  """Two-level (tree) EASGD: workers elastic to their group center, group centers
+  elastic to a root. [reconstruction of the thesis' topology]
+
+  With ``u_i = inner(g_i)``, every ``tau_low`` steps (simultaneous, pre-step values)::
+
+      x_i <- x_i + u_i - alpha_low (x_i - z_g)
+      z_g <- z_g + alpha_low sum_{i in g} (x_i - z_g)
+
+  and every ``tau_high`` steps ``z_g <- z_g - alpha_high (z_g - r)``,
+  ``r <- r + alpha_high sum_g (z_g - r)``; when both happen in one step, ``z_g``
+  takes both increments, computed from the pre-step values. The group center is
+  per-worker state (identical within a group, computed by collectives over
+  ``group_axis``); the root is shared (:func:`easgd_center`). Use with
+  ``wagrad.Runner(backend, K, groups=G)``: ``group_axis=runner.group_axis``,
+  ``global_axis=runner.global_axis``.
+
+  Args:
+    inner: the local optimizer.
+    group_axis: the axis of the workers inside a group (e.g. GPUs of a host).
+    global_axis: the axis across groups (e.g. hosts).
+    sync_period: ``(tau_low, tau_high)``, each an integer >= 1 or a schedule
+      ``step -> period``; with schedules each level exchanges once ``period(step)``
+      steps have passed since its own last exchange.
+    alpha: ``(alpha_low, alpha_high)`` in (0, 1); default ``(beta / W, beta / G)``
+      with W workers per group and G groups.
+    beta: in (0, 1], used when ``alpha`` is None.
+
+  Returns:
+    A ``GradientTransformationExtraArgs`` whose state is ``TreeEASGDState``.
+
+  Example:
+    >>> import optax, wagrad
+    >>> r = wagrad.Runner("vmap", 8, groups=2)
+    >>> tx = wagrad.tree_easgd(optax.sgd(0.1), group_axis=r.group_axis,
+    ...                        global_axis=r.global_axis, sync_period=(2, 8))
+
+  References:
+    Zhang, "Distributed stochastic optimization for deep learning", 2016,
+    arXiv 1605.02216 (tree EASGD).
+  """
+  base.check_transform("inner", inner)
+  low_fn, high_fn = _pair("sync_period", sync_period, periodic.require_period)
+  if alpha is not None:
+    def check_alpha(n, v):
+      base.check_range(n, v, 0.0, 1.0, lo_open=True, hi_open=True)
+      return v
+    alpha = _pair("alpha", alpha, check_alpha)
+  base.check_range("beta", beta, 0.0, 1.0, lo_open=True)
+  for name, ax in (("group_axis", group_axis), ("global_axis", global_axis)):
+    if not isinstance(ax, (str, tuple)):
+      raise TypeError(f"`{name}` must be a string or a tuple of strings, got {ax!r}.")
+  all_axes = _axes_tuple(global_axis) + _axes_tuple(group_axis)
+  inner = periodic.inner_with_extra_args(inner)
+
+  def init_fn(params):
+    zero = jnp.zeros([], jnp.int32)
+    p = base.tree_copy(params)
+    return TreeEASGDState(inner.init(params), p, TreeEASGDShared(
+        **base.clock(0), num_root_exchanges=zero,
+        last_root_exchange=zero, target=None, center=p, distance=jnp.zeros([], jnp.float32),
+        root_distance=jnp.zeros([], jnp.float32)))
+
+  def update_fn(grads, state, params=None, **extra):
+    if params is None:
+      raise TypeError("tree_easgd needs `params`: tx.update(grads, state, params).")
+    base.check_axis_name(group_axis)
+    base.check_axis_name(global_axis)
+    base.check_same_structure("grads", grads, "params", params)
+    if alpha is None:
+      a_low = _moving_rate(None, beta, group_axis, "alpha[low]")
+      a_high = _moving_rate(None, beta, global_axis, "alpha[high]")
+    else:
+      a_low, a_high = float(alpha[0]), float(alpha[1])
+    sh = state.shared
+    u, inner_state = inner.update(grads, state.inner, params, **extra)
+    low = base.is_exchange_step(sh.count, sh.last_exchange, 0, low_fn)
+    high = base.is_exchange_step(sh.count, sh.last_root_exchange, 0, high_fn)
+    branch = low.astype(jnp.int32) + 2 * high.astype(jnp.int32)
+    z = state.group_center
+    clock = periodic.next_clock(low.astype(jnp.int32), sh, False)
+    n_root = sh.num_root_exchanges + high.astype(jnp.int32)
+    root_clock = dict(num_root_exchanges=n_root, last_root_exchange=jnp.where(
+        high, sh.count + 1, sh.last_root_exchange).astype(jnp.int32))
+
+    def make(do_low, do_high):
+      def fn(u):
+        if not (do_low or do_high):
+          return u, z, dataclasses.replace(sh, **clock, **root_clock)
+        r = sh.center
+        upd, z_new, r_new = u, _tmap(_f32, z), r
+        dist, rdist = sh.distance, sh.root_distance
+        if do_low:
+          upd, finite, step, dist = _elastic_exchange(params, u, z, a_low, group_axis,
+                                                          dist_axis=all_axes)
+          z_new = _tmap(lambda zz, s: zz + s, z_new, step)
+        if do_high:
+          # one representative per group (local index 0) so the sum is over groups
+          rep = lax.axis_index(group_axis) == 0
+          zfin = C.tree_is_finite(z)
+          use = rep & zfin
+          dz = _tmap(lambda zz, rr: _f32(zz) - _f32(rr), z, r)
+          tot = C.send(_tmap(lambda d: jnp.where(use, d, jnp.zeros_like(d)), dz),
+                        lambda v: lax.psum(v, all_axes))
+          n_g = lax.psum(use.astype(jnp.float32), all_axes)
+          rdist = lax.psum(jnp.where(use, _sqnorm(dz), 0.0), all_axes) / jnp.maximum(n_g, 1.0)
+          z_new = _tmap(lambda zn, d: zn - a_high * d, z_new, dz)
+          r_new = _tmap(lambda rr, t: (_f32(rr) + a_high * t).astype(rr.dtype), r, tot)
+        z_new = _tmap(lambda zn, zz: zn.astype(zz.dtype), z_new, z)
+        if do_low:
+          upd = _reset_nonfinite(upd, finite, z_new, params)
+        return upd, z_new, dataclasses.replace(
+            sh, **clock, **root_clock, center=r_new,
+            distance=jnp.asarray(dist, jnp.float32), root_distance=jnp.asarray(rdist, jnp.float32))
+      return fn
+
+    upd, z_new, new_shared = lax.switch(
+        branch, [make(False, False), make(True, False), make(False, True), make(True, True)], u)
+    return upd, TreeEASGDState(inner_state, z_new, new_shared)
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def uneven_round_steps(active, l_comm: int) -> np.ndarray:
+  """The authors' "uneven local steps" rounds as a per-step table (NumPy).
+
+  Their scheduler counts the local steps of *all* workers and starts a blocking round
+  once ``K * l_comm`` of them were taken since the last round, so fast workers take
+  more local steps per round than slow ones. Given activity masks ``active[t, i]``
+  (e.g. :func:`wagrad.speed_schedule`), returns the bool vector ``[T]`` of global
+  steps that end with a round; pass its row to :func:`lsgd` as the shared
+  ``exchange=`` argument (with ``active=`` the worker's mask).
+  """
+  base.check_positive_int("l_comm", l_comm)
+  a = np.asarray(active, dtype=bool)
+  if a.ndim != 2:
+    raise ValueError(f"`active` must be a [steps, workers] table, got shape {a.shape}.")
+  need = a.shape[1] * l_comm
+  out = np.zeros(a.shape[0], dtype=bool)
+  acc = 0
+  for t in range(a.shape[0]):
+    acc += int(a[t].sum())
+    if acc >= need:
+      out[t], acc = True, 0
+  return out
+
+
+@base.shared_state
+class MultiLeaderShared:
+  count: jax.Array          # the global step: alone decides exchanges
+  last_exchange: jax.Array  # the count right after the last exchange (or warm-up end)
+  num_exchanges: jax.Array  # exchanges (and warm-up ends) so far
+  assign: jax.Array         # this step assigns `target` exactly (wagrad.apply_updates)
+  num_global_exchanges: jax.Array   # global rounds
+  last_global_exchange: jax.Array   # the count right after the last global round (or
+                                    # the warm-up's end)
+  global_leader_params: Any         # copy of the last global leader's parameters (also
+                                    # `target`: assigned when global_pull == 1)
+  leader: jax.Array                 # index of the last global leader (-1 before any)
+  leader_loss: jax.Array
+  mix_weights: Any                  # one-hot of the global leader (length K) or None
+  exchanged: jax.Array              # a global round (or warm-up end) ran this step
+  pull_distance: jax.Array          # mean_i ||x_i - previous global leader||^2 before
+                                    # the last global round
+
+  @property
+  def target(self):
+    return self.global_leader_params
+
+
+class MultiLeaderState(NamedTuple):
+  inner: Any
+  losses: jax.Array
+  num_losses: jax.Array
+  group_leader_params: Any          # copy of this worker's group leader (per worker)
+  group_leader: jax.Array           # its worker index (per worker; -1 before any)
+  group_leader_loss: jax.Array
+  shared: MultiLeaderShared
+
+
+def multi_leader_lsgd(inner: optax.GradientTransformation, *, group_axis, global_axis,
+                      local_period, global_period, local_pull: float = 0.1,
+                      global_pull: float = 0.1, local_proximal: float = 0.1,
+                      global_proximal: float = 0.1, avg_size: int | None = None,
+                      warmup_steps: int = 0, opt_state_sync: str = "local",
+                      num_workers: int | None = None) -> optax.GradientTransformationExtraArgs:
+  """Multi-leader LSGD: a local leader per group and a global leader [code].
+
+  Workers form groups (e.g. the GPUs of one node). Every step::
+
+      x_i <- x_i + inner(g_i)
+      x_i <- x_i - (global_proximal / global_period) (x_i - L_global)
+      x_i <- x_i - (local_proximal / local_period) (x_i - L_group(i))
+      every local_period steps:  L_group <- leader of the group,
+                                 x_i <- x_i - local_pull (x_i - L_group)
+      every global_period steps (at a local round), after that:
+                                 L_global <- leader of all workers (after the local pull),
+                                 x_i <- x_i - global_pull (x_i - L_global)
+
+  Leaders are elected on the running mean of the last ``avg_size`` losses (one
+  message serves both elections, as in the authors' code). The group leader copy
+  differs between groups and lives in the per-worker state; the global copy is shared.
+  ``local_pull = local_proximal = 0`` switches the group level off (the authors' one
+  group: only the global pull), which is :func:`lsgd` with
+  ``sync_period=global_period``.
+
+  Args:
+    inner: the local optimizer.
+    group_axis: axis (name or tuple) of the workers inside a group
+      (``wagrad.Runner(..., groups=G).group_axis``).
+    global_axis: axis across groups (``runner.global_axis``); all workers are
+      ``global_axis + group_axis`` (``runner.axis_name``).
+    local_period: l_comm >= 1, or a schedule ``step -> period``.
+    global_period: g_comm, a multiple of ``local_period``, or a schedule: a global
+      round then runs at the first local round at least ``global_period(step)`` steps
+      after the last one (the proximal coefficients divide by the current periods).
+    local_pull, global_pull: c1, c2 in [0, 1] (default 0.1 [code]).
+    local_proximal, global_proximal: p1, p2 in [0, 1) (default 0.1 [code]).
+    avg_size: running-mean window (default ``local_period``; required when
+      ``local_period`` is a schedule).
+    warmup_steps: synchronous SGD (over all workers) for this many steps first.
+    opt_state_sync: ``"local"``, ``"average"`` (over all workers, at global rounds)
+      or ``"reset"`` (at every round).
+    num_workers: K, to size the shared ``mix_weights``.
+
+  Returns:
+    A ``GradientTransformationExtraArgs`` whose state is ``MultiLeaderState``.
+
+  Example:
+    >>> import optax, wagrad
+    >>> runner = wagrad.Runner("vmap", 8, groups=2)
+    >>> tx = wagrad.multi_leader_lsgd(optax.sgd(0.1), group_axis=runner.group_axis,
+    ...     global_axis=runner.global_axis, local_period=4, global_period=16)
+
+  References:
+    Teng et al., NeurIPS 2019, arXiv 1905.10395 (multi-leader LSGD).
+  """
+  for name, ax in (("group_axis", group_axis), ("global_axis", global_axis)):
+    if not isinstance(ax, (str, tuple)) or (
+        isinstance(ax, tuple) and not all(isinstance(a, str) for a in ax)):
+      raise TypeError(f"`{name}` must be a string or a tuple of strings, got {ax!r}.")
+  full_axis = _as_tuple(global_axis) + _as_tuple(group_axis)
+  periodic.require_period("local_period", local_period)  # named errors for bad periods
+  global_fn = periodic.require_period("global_period", global_period)
+  period_fn = periodic.check_common(inner, local_period, warmup_steps, opt_state_sync,
+                                    full_axis)
+  if not (callable(local_period) or callable(global_period)) and global_period % local_period:
+    raise ValueError(f"`global_period`={global_period} must be a multiple of "
+                     f"`local_period`={local_period}.")
+  _check_pull("local_pull", local_pull, allow_zero=True)
+  _check_pull("global_pull", global_pull, allow_zero=True)
+  _check_proximal("local_proximal", local_proximal)
+  _check_proximal("global_proximal", global_proximal)
+  if avg_size is None:
+    if callable(local_period):
+      raise ValueError("`avg_size` must be given when `local_period` is a schedule.")
+    avg_size = local_period
+  base.check_positive_int("avg_size", avg_size)
+  base.check_positive_int("num_workers", num_workers, allow_none=True)
+  c1, c2, p1, p2 = map(float, (local_pull, global_pull, local_proximal, global_proximal))
+  use_local = c1 > 0 or p1 > 0
+  inner = periodic.inner_with_extra_args(inner)
+
+  def init_fn(params):
+    zero = jnp.zeros([], jnp.int32)
+    p = base.tree_copy(params)
+    k = base.infer_num_workers(num_workers, full_axis)
+    return MultiLeaderState(
+        inner=inner.init(params), losses=jnp.zeros([avg_size], jnp.float32),
+        num_losses=zero, group_leader_params=p, group_leader=jnp.int32(-1),
+        group_leader_loss=jnp.float32(jnp.inf),
+        shared=MultiLeaderShared(
+            **base.clock(0),
+            num_global_exchanges=zero, last_global_exchange=zero, global_leader_params=p,
+            leader=jnp.int32(-1),
+            leader_loss=jnp.float32(jnp.inf), mix_weights=_one_hot(-1, k),
+            exchanged=jnp.bool_(False), pull_distance=jnp.zeros([], jnp.float32)))
+
+  def update_fn(grads, state, params=None, **extra):
+    if params is None:
+      raise TypeError("multi_leader_lsgd needs `params`: tx.update(grads, state, params, "
+                      "value=loss).")
+    loss = _check_value("multi_leader_lsgd", extra.get("value"))
+    base.check_axis_name(full_axis)
+    sh = state.shared
+    _check_num_workers(sh.mix_weights, full_axis)
+    u, inner_state = periodic.local_update(
+        inner, grads, state.inner, params, sh.count, warmup_steps, full_axis, **extra)
+    x = base.tree_add(params, u)
+    losses, num_losses = _push_loss(state.losses, state.num_losses, loss, True)
+    run_loss = _running_mean(losses, num_losses)
+
+    Lg_old = base.tree_cast_like(sh.global_leader_params, params)
+    Ll_old = base.tree_cast_like(state.group_leader_params, params)
+    after_warmup = sh.count >= warmup_steps
+    def per_step(p, period, fn):  # p / period (a constant for an integer period)
+      return p / fn(sh.count).astype(jnp.float32) if callable(period) else p / period
+    if p2 > 0:
+      coef = per_step(p2, global_period, global_fn)
+      x = base.tree_where(after_warmup, _pull(x, Lg_old, coef), x)
+    if use_local and p1 > 0:
+      coef = per_step(p1, local_period, period_fn)
+      x = base.tree_where(after_warmup, _pull(x, Ll_old, coef), x)
+
+    local_ex = base.is_exchange_step(sh.count, sh.last_exchange, warmup_steps, period_fn)
+    # a global round: the first local round at least global_period steps after the last
+    # one (for integer periods, every global_period steps after the warm-up)
+    global_ex = local_ex & base.is_exchange_step(sh.count, sh.last_global_exchange,
+                                                 warmup_steps, global_fn)
+    idx = jnp.where(global_ex, 2, jnp.where(local_ex, 1, 0))
+    if warmup_steps > 0:
+      idx = jnp.where(sh.count == warmup_steps - 1, 3, idx)
+    idx = idx.astype(jnp.int32)
+    me = lax.axis_index(full_axis)
+    group_start = me - lax.axis_index(group_axis)
+
+    mix = sh.mix_weights
+    n_global = sh.num_global_exchanges + (idx == 2).astype(jnp.int32)
+    last_global = jnp.where((idx == 2) | (idx == 3), sh.count + 1,
+                            sh.last_global_exchange).astype(jnp.int32)
+
+    def shared_after(assign, exchanged=False, leader=None, **changes):
+      if leader is not None:
+        changes.update(leader=jnp.asarray(leader, jnp.int32),
+                       mix_weights=None if mix is None else _one_hot(leader, mix.shape[0]))
+      return dataclasses.replace(sh, **periodic.next_clock(idx, sh, assign),
+                          num_global_exchanges=n_global, last_global_exchange=last_global,
+                          exchanged=jnp.bool_(exchanged),
+                          **changes)
+
+    def group_round(x):
+      if not use_local:
+        return x, Ll_old, state.group_leader, state.group_leader_loss
+      ld = C.elect_leader(run_loss, group_axis, eligible=C.tree_is_finite(x))
+      Ll = base.tree_where(ld.ok, C.broadcast_from(x, ld.index, group_axis), Ll_old)
+      if c1 > 0:
+        x = base.tree_where(ld.ok, Ll if c1 == 1.0 else _pull(x, Ll, c1), x)
+      return (x, Ll, jnp.where(ld.ok, group_start + ld.index, state.group_leader),
+              jnp.where(ld.ok, ld.loss, state.group_leader_loss))
+
+    def none(x, inner_state):
+      return (x, inner_state, Ll_old, state.group_leader, state.group_leader_loss,
+              shared_after(False))
+
+    def local_round(x, inner_state):
+      x, Ll, gi, gl = group_round(x)
+      if opt_state_sync == "reset":
+        inner_state = periodic.sync_opt_state("reset", inner, inner_state, x, full_axis)
+      return (x, inner_state, Ll, gi, gl, shared_after(False))
+
+    def global_round(x, inner_state):
+      x, Ll, gi, gl = group_round(x)
+      Lg_prev = base.tree_cast_like(sh.global_leader_params, params)  # read here: see lsgd
+      ld, dist = _elect_with_drift(run_loss, x, Lg_prev, full_axis)
+      Lg = C.broadcast_from(x, ld.index, full_axis)
+      if c2 > 0:
+        x = base.tree_where(ld.ok, Lg if c2 == 1.0 else _pull(x, Lg, c2), x)
+      inner_state = periodic.sync_opt_state(opt_state_sync, inner, inner_state, x, full_axis)
+      elected = shared_after(
+          c2 == 1.0, True, ld.index,
+          global_leader_params=base.tree_cast_like(Lg, sh.global_leader_params),
+          leader_loss=jnp.asarray(ld.loss, jnp.float32),
+          pull_distance=jnp.asarray(dist, jnp.float32))
+      # no finite worker: nothing is elected
+      return (x, inner_state, Ll, gi, gl,
+              base.tree_where(ld.ok, elected, shared_after(False)))
+
+    def warmup_end(x, inner_state):
+      t = base.tree_cast_like(periodic.warmup_target(x, full_axis), params)
+      return (t, inner_state, t, jnp.int32(0), state.group_leader_loss,
+              shared_after(True, True, 0,
+                           global_leader_params=base.tree_cast_like(t, sh.global_leader_params),
+                           pull_distance=jnp.zeros([], jnp.float32)))
+
+    branches = (none, local_round, global_round) + ((warmup_end,) if warmup_steps > 0 else ())
+    x_new, inner_state, Ll, gi, gl, new_shared = lax.switch(
+        idx, branches, x, inner_state)
+    updates = periodic.updates_to(x_new, params)
+    return updates, MultiLeaderState(
+        inner_state, losses, num_losses,
+        base.tree_cast_like(Ll, state.group_leader_params), gi.astype(jnp.int32),
+        gl.astype(jnp.float32), new_shared)
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
