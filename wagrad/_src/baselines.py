@@ -202,18 +202,18 @@ def model_averaging(inner: optax.GradientTransformation, sync_period=1, *,
       xbar = C.weighted_mean(x_half, weight, axis_name,
                              fallback=sh.target if exact else x_half).value
       if not exact:
-        return xbar, {}
+        return {}, xbar  # no stored x_global: the mean itself leaves the branch
       if outer_optimizer is None:
-        return xbar, {"target": base.tree_cast_like(xbar, sh.target)}
+        return {"target": base.tree_cast_like(xbar, sh.target)}, True
       last = sh.target
       ou, outer_state = outer_optimizer.update(base.tree_sub(last, xbar), sh.outer, last)
-      x_global = optax.apply_updates(last, ou)
-      return base.tree_cast_like(x_global, x_half), {"target": x_global, "outer": outer_state}
+      return {"target": optax.apply_updates(last, ou), "outer": outer_state}, True
 
-    x_new, shared, inner_state = periodic.exchange_step(
+    x_new, shared, inner_state, _ = periodic.exchange_step(
         idx, sh, x_half, exchange, warmup_steps=warmup_steps, axis_name=axis_name,
         assign=(idx != periodic.NO_EXCHANGE) if exact else False,
-        opt_state=(opt_state_sync, inner, inner_state))
+        opt_state=(opt_state_sync, inner, inner_state),
+        aux_is_params=not exact)
     return periodic.updates_to(x_new, params), ModelAveragingState(inner_state, shared)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
@@ -338,7 +338,6 @@ def downpour(learning_rate, sync_period=1, *, axis_name="workers",
     acc = _tmap(lambda s, x: s + _f32(x), state.accumulated, u)
     ex = base.is_exchange_step(sh.count, sh.last_exchange, 0, period_fn)
 
-
     def exchange(x_half):
       """The master adds every (finite) worker's accumulated update; the workers take
       the master's parameters."""
@@ -351,9 +350,9 @@ def downpour(learning_rate, sync_period=1, *, axis_name="workers",
         mom = _tmap(lambda m, t: mu * m + t, sh.momentum, tot)
         step = mom
       master = _tmap(lambda xm, s: (_f32(xm) + s).astype(xm.dtype), sh.target, step)
-      return base.tree_cast_like(master, x_half), dict(target=master, momentum=mom)
+      return dict(target=master, momentum=mom), True
 
-    x_new, new_shared, _ = periodic.exchange_step(
+    x_new, new_shared, _, _ = periodic.exchange_step(
         ex.astype(jnp.int32), sh, base.tree_add(params, u), exchange, warmup_steps=0,
         axis_name=axis_name, assign=ex)
     upd = periodic.updates_to(x_new, params)

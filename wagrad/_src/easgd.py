@@ -268,11 +268,10 @@ def easgd(inner: optax.GradientTransformation, sync_period=1, *, alpha: float | 
     u, inner_state = periodic.local_update(
         inner, grads, state.inner, params, sh.count, warmup_steps, axis_name, **extra)
     idx = periodic.branch_index(sh.count, sh.last_exchange, warmup_steps, period_fn)
-    x_half = base.tree_add(params, u)
+    diff = _elastic_diff(params, u, sh.center)  # x_i - x~, before the exchange
 
-    def exchange(x_half):
-      """x_i <- x_i + u_i - alpha (x_i - x~);  x~ <- x~ + alpha sum_i (x_i - x~)."""
-      diff = _elastic_diff(params, u, sh.center)
+    def exchange(diff):
+      """x~ <- x~ + alpha sum_i (x_i - x~) over the finite workers."""
       finite, step, dist = _center_exchange(diff, a, axis_name)
       if outer_optimizer is None:
         center, outer_state = _tmap(lambda c, s: (_f32(c) + s).astype(c.dtype),
@@ -281,23 +280,23 @@ def easgd(inner: optax.GradientTransformation, sync_period=1, *, alpha: float | 
         pseudo = _tmap(lambda s, c: (-s).astype(c.dtype), step, sh.center)
         ou, outer_state = outer_optimizer.update(pseudo, sh.outer, sh.center)
         center = optax.apply_updates(sh.center, ou)
-      # a non-finite worker is left out of the center and moves to the new center
-      x_new = _tmap(lambda x, d, c: jnp.where(finite, (_f32(x) - a * d).astype(x.dtype),
-                                              c.astype(x.dtype)), x_half, diff, center)
-      return x_new, with_center(center, distance=jnp.asarray(dist, jnp.float32),
-                                outer=outer_state)
+      return with_center(center, distance=jnp.asarray(dist, jnp.float32),
+                         outer=outer_state), finite
 
-    def warmup_end(x_half):
-      x0 = periodic.warmup_target(x_half, axis_name)
-      return x0, with_center(base.tree_cast_like(x0, sh.center),
-                             distance=jnp.zeros([], jnp.float32))
+    def move(x_half, shared, finite):
+      """x_i <- x_i + u_i - alpha (x_i - x~); a non-finite worker takes the new x~."""
+      return _tmap(lambda x, d, c: jnp.where(finite, (_f32(x) - a * d).astype(x.dtype),
+                                             c.astype(x.dtype)), x_half, diff, shared.center)
 
     def with_center(center, **changes):
       return dict(center=center, target=center if warmup_steps > 0 else None, **changes)
 
-    x_new, new_shared, inner_state = periodic.exchange_step(
-        idx, sh, x_half, exchange, warmup_steps=warmup_steps, axis_name=axis_name,
-        warmup_end=warmup_end, opt_state=(opt_state_sync, inner, inner_state))
+    x_new, new_shared, inner_state, _ = periodic.exchange_step(
+        idx, sh, base.tree_add(params, u), exchange, move=move, operand=diff,
+        warmup_steps=warmup_steps, axis_name=axis_name,
+        warmup_end=lambda x0: with_center(base.tree_cast_like(x0, sh.center),
+                                          distance=jnp.zeros([], jnp.float32)),
+        opt_state=(opt_state_sync, inner, inner_state))
     upd = periodic.updates_to(x_new, params)
     return upd, EASGDState(inner_state, new_shared)
 

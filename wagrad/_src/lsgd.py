@@ -317,24 +317,25 @@ def lsgd(inner: optax.GradientTransformation, sync_period=4, *, pull: float = 0.
                   **changes)
 
     def do_exchange(x):
-      """l = argmin_j r_j (finite);  L <- x_l;  x_i <- x_i - c (x_i - L)."""
+      """l = argmin_j r_j (finite);  L <- x_l."""
       L_prev = base.tree_cast_like(sh.leader_params, params)
       ld, dist = _elect_with_drift(run_loss, x, L_prev, axis_name)
       L = C.broadcast_from(x, ld.index, axis_name)
-      x_new = base.tree_where(ld.ok, L if pull == 1.0 else _pull(x, L, pull), x)
       new = leader_fields(L, ld.index, leader_loss=jnp.asarray(ld.loss, jnp.float32),
                           pull_distance=jnp.asarray(dist, jnp.float32))
       # no finite worker: nothing is elected, the step is a local one
       new = base.tree_where(ld.ok, new, {k: getattr(sh, k) for k in new})
-      return x_new, dict(new, exchanged=ld.ok, assign=ld.ok & (pull == 1.0))
+      return dict(new, exchanged=ld.ok, assign=ld.ok & (pull == 1.0)), True
 
-    def warmup_end(x):
-      L = periodic.warmup_target(x, axis_name)
-      return L, leader_fields(L, 0, pull_distance=jnp.zeros([], jnp.float32))
+    def move(x, shared, _):
+      """x_i <- x_i - c (x_i - L) (c = 1: L exactly)."""
+      L = base.tree_cast_like(shared.leader_params, x)
+      return base.tree_where(shared.exchanged, L if pull == 1.0 else _pull(x, L, pull), x)
 
-    x_new, new_shared, inner_state = periodic.exchange_step(
-        idx, sh, x, do_exchange, warmup_steps=warmup_steps, axis_name=axis_name,
-        warmup_end=warmup_end, opt_state=(opt_state_sync, inner, inner_state))
+    x_new, new_shared, inner_state, _ = periodic.exchange_step(
+        idx, sh, x, do_exchange, move=move, warmup_steps=warmup_steps, axis_name=axis_name,
+        warmup_end=lambda x0: leader_fields(x0, 0, pull_distance=jnp.zeros([], jnp.float32)),
+        opt_state=(opt_state_sync, inner, inner_state))
     updates = periodic.updates_to(x_new, params)
     return updates, LSGDState(inner_state, losses, num_losses, new_shared)
 

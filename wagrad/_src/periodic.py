@@ -134,49 +134,75 @@ def next_clock(idx, sh, assign=None) -> dict:
       idx == WARMUP_END if assign is None else assign)
 
 
-def exchange_step(idx, sh, x_half, exchange, *, warmup_steps, axis_name, assign=None,
-                  warmup_end=None, opt_state=None):
-  """The periodic skeleton's branch: ``lax.switch`` on ``idx`` (:func:`branch_index`).
+def exchange_step(idx, sh, x_half, exchange, *, warmup_steps, axis_name, move=None,
+                  operand=None, local_aux=None, assign=None, warmup_end=None,
+                  opt_state=None, aux_is_params=False):
+  """The periodic skeleton: ``lax.switch`` on ``idx`` (:func:`branch_index`), then the
+  workers' move.
 
-  Each branch maps the workers' half-step parameters ``x_half`` to their new
-  parameters and the changed shared fields:
+  Only the shared state and a small per-worker ``aux`` leave the branch; the workers'
+  new parameters are a select after it (a branch that returns parameter-sized trees
+  costs a copy of them on every step, measured in ``benchmarks/overhead.py``):
 
-  * local step: ``x_half``, nothing changed but the clock;
-  * exchange: ``exchange(x_half) -> (x_new, changes)``, the algorithm's rule (its
-    changes may override the clock's ``assign`` / ``exchanged``);
-  * end of the warm-up: ``warmup_end(x_half) -> (x_new, changes)``; by default every
-    worker takes worker 0's ``x_half`` (bit-exact), stored as ``target`` when the
-    shared state keeps one.
+  * in the branch, ``exchange(operand) -> (changes, aux)``: the algorithm's rule on
+    the exchange step, ``operand`` defaulting to ``x_half``; ``changes`` are the
+    shared fields it sets (it may override the clock's ``assign`` / ``exchanged``),
+    ``aux`` what the move needs per worker (by default a finiteness flag; the local
+    branch gives ``local_aux(operand)``, by default ``True``);
+  * after it, on exchange steps, ``x_new = move(x_half, shared, aux)`` (elementwise,
+    no collective; by default every worker takes ``shared.target``);
+  * at the end of the warm-up every worker takes worker 0's ``x_half`` (bit-exact) as
+    ``shared.target``; ``warmup_end(x0) -> changes`` sets other fields too. A shared
+    state without ``target`` passes the new parameters as ``aux`` instead.
 
   The clock fields (and ``exchanged``, where the shared state has it) move on in every
-  branch. ``assign`` (default: the warm-up's end) sets ``shared.assign``, so that
+  branch; ``assign`` (default: the warm-up's end) sets ``shared.assign``, so that
   :func:`wagrad.apply_updates` takes ``target`` exactly. ``opt_state``: ``(policy,
-  inner, inner_state)`` to synchronise the inner optimizer's state at exchanges
-  (:func:`sync_opt_state`; ``"local"`` passes it by). Returns ``(x_new, shared,
-  inner_state)``.
+  inner, inner_state)`` synchronises the inner optimizer's state at exchanges
+  (:func:`sync_opt_state`). ``aux_is_params``: every branch returns the new parameters
+  as ``aux`` (no stored target, e.g. ``model_averaging(exact=False)``); they are taken
+  as they are, with no select after the branch (which would keep ``x_half`` alive and
+  copy it on every step). Returns ``(x_new, shared, inner_state, aux)``.
   """
+  if aux_is_params:
+    local_aux, move = (lambda x: x), (lambda x, shared, aux: aux)
   clock = next_clock(idx, sh, assign)
   if "exchanged" in {f.name for f in dataclasses.fields(sh)}:
     clock["exchanged"] = idx != NO_EXCHANGE
   policy, inner, inner_state = opt_state or ("local", None, None)
   carried = None if policy == "local" else inner_state
+  move = move or (lambda x, shared, aux: base.tree_cast_like(shared.target, x))
+  local_aux = local_aux or (lambda operand: jnp.bool_(True))
 
-  if warmup_end is None:
-    def warmup_end(x):
-      x0 = warmup_target(x, axis_name)
-      return x0, ({} if getattr(sh, "target", None) is None else
-                  {"target": base.tree_cast_like(x0, sh.target)})
+  def local(operand, carried):
+    return dataclasses.replace(sh, **clock), local_aux(operand), carried
 
-  def branch(rule, sync):
-    def run(x, carried):
-      x_new, changes = rule(x)
-      if sync and carried is not None:
-        carried = sync_opt_state(policy, inner, carried, x_new, axis_name)
-      return x_new, dataclasses.replace(sh, **{**clock, **changes}), carried
-    return run
+  def on_exchange(operand, carried):
+    changes, aux = exchange(operand)
+    new = dataclasses.replace(sh, **{**clock, **changes})
+    if carried is not None:
+      carried = sync_opt_state(policy, inner, carried, move(x_half, new, aux), axis_name)
+    return new, aux, carried
 
-  branches = [branch(lambda x: (x, {}), False), branch(exchange, True)]
+  has_target = getattr(sh, "target", None) is not None
+
+  def on_warmup_end(operand, carried):
+    x0 = warmup_target(x_half, axis_name)
+    if warmup_end is not None:
+      changes = warmup_end(x0)
+    else:
+      changes = {"target": base.tree_cast_like(x0, sh.target)} if has_target else {}
+    # without a target the new parameters themselves are the aux (exact=False averaging)
+    aux = local_aux(operand) if has_target else x0
+    return dataclasses.replace(sh, **{**clock, **changes}), aux, carried
+
+  branches = (local, on_exchange) + ((on_warmup_end,) if warmup_steps > 0 else ())
+  operand = x_half if operand is None else operand
+  new_shared, aux, carried = lax.switch(idx, branches, operand, carried)
+  if aux_is_params:
+    return aux, new_shared, (inner_state if carried is None else carried), aux
+  x_new = base.tree_where(idx == EXCHANGE, move(x_half, new_shared, aux), x_half)
   if warmup_steps > 0:
-    branches.append(branch(warmup_end, False))
-  x_new, new_shared, carried = lax.switch(idx, branches, x_half, carried)
-  return x_new, new_shared, (inner_state if carried is None else carried)
+    x0 = base.tree_cast_like(new_shared.target, x_half) if has_target else aux
+    x_new = base.tree_where(idx == WARMUP_END, x0, x_new)
+  return x_new, new_shared, (inner_state if carried is None else carried), aux

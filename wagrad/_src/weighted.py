@@ -148,10 +148,8 @@ def loss_weights(loss, axis_name, weight_fn="boltzmann", temperature=1.0):
 # ----------------------------------------------------------------------------- WASGD
 
 
-def _mix(x_half, x_w, a):
+def _mix(x_half, x_w, a, finite):
   """``(1 - a) x_i + a x_w`` per leaf in float32; a non-finite worker takes ``x_w``."""
-  finite = C.tree_is_finite(x_half)
-
   def mix(x, m):
     acc = jnp.promote_types(x.dtype, jnp.float32)
     y = ((1.0 - a) * x.astype(acc) + a * m.astype(acc)).astype(x.dtype)
@@ -256,26 +254,27 @@ def _weighted_transform(name, inner, period_fn, *, temperature, moving_rate, wei
                                           losses=losses0))
 
     def exchange(x_half):
-      """w = weight_fn(Lbar); x_w = sum_j w_j x_j; x_i <- (1 - a) x_i + a x_w."""
+      """w = weight_fn(Lbar); x_w = sum_j w_j x_j."""
       w = loss_weights(round_loss, axis_name, weight_fn, temperature)
       res = C.weighted_mean(x_half, w, axis_name,
                             fallback=base.tree_cast_like(sh.target, x_half))
-      x_w = res.value
-      x_new = x_w if a == 1.0 else _mix(x_half, x_w, a)
       wvec = C.all_gather(res.weight, axis_name).astype(jnp.float32)
       lvec = C.all_gather(round_loss, axis_name).astype(jnp.float32)
-      return x_new, dict(target=base.tree_cast_like(x_w, sh.target), weights=wvec,
-                         mix_weights=wvec, losses=lvec, ok=res.ok)
+      finite = jnp.bool_(True) if a == 1.0 else C.tree_is_finite(x_half)
+      return dict(target=base.tree_cast_like(res.value, sh.target), weights=wvec,
+                  mix_weights=wvec, losses=lvec, ok=res.ok), finite
 
-    def warmup_end(x_half):
-      x0 = periodic.warmup_target(x_half, axis_name)
-      return x0, dict(target=base.tree_cast_like(x0, sh.target),
-                      mix_weights=jnp.full((K,), 1.0 / K, jnp.float32))
+    def move(x_half, shared, finite):
+      """x_i <- (1 - a) x_i + a x_w (a = 1: x_w exactly, the default move)."""
+      return _mix(x_half, base.tree_cast_like(shared.target, x_half), a, finite)
 
-    x_new, new_shared, inner_state = periodic.exchange_step(
-        idx, sh, x_half, exchange, warmup_steps=warmup_steps, axis_name=axis_name,
+    x_new, new_shared, inner_state, _ = periodic.exchange_step(
+        idx, sh, x_half, exchange, move=None if a == 1.0 else move,
+        warmup_steps=warmup_steps, axis_name=axis_name,
         assign=(idx == periodic.WARMUP_END) | ((idx == periodic.EXCHANGE) & (a == 1.0)),
-        warmup_end=warmup_end, opt_state=(opt_state_sync, inner, inner_state))
+        warmup_end=lambda x0: dict(target=base.tree_cast_like(x0, sh.target),
+                                   mix_weights=jnp.full((K,), 1.0 / K, jnp.float32)),
+        opt_state=(opt_state_sync, inner, inner_state))
     updates = periodic.updates_to(x_new, params)
     exchanged = idx != periodic.NO_EXCHANGE
     return updates, WASGDState(
@@ -644,17 +643,14 @@ def wpsgd(inner: optax.GradientTransformation, sync_period=None, *,
                             fallback=base.tree_cast_like(sh.target, x_half))
       wvec = C.all_gather(res.weight, axis_name).astype(jnp.float32)
       svec = C.all_gather(t_i, axis_name).astype(jnp.int32)
-      return res.value, dict(target=base.tree_cast_like(res.value, sh.target), weights=wvec,
-                             mix_weights=wvec, steps=svec, ok=res.ok)
+      return dict(target=base.tree_cast_like(res.value, sh.target), weights=wvec,
+                  mix_weights=wvec, steps=svec, ok=res.ok), True
 
-    def warmup_end(x_half):
-      x0 = periodic.warmup_target(x_half, axis_name)
-      return x0, dict(target=base.tree_cast_like(x0, sh.target),
-                      mix_weights=jnp.full((K,), 1.0 / K, jnp.float32))
-
-    x_new, new_shared, inner_state = periodic.exchange_step(
+    x_new, new_shared, inner_state, _ = periodic.exchange_step(
         idx, sh, x_half, exchange, warmup_steps=warmup_steps, axis_name=axis_name,
-        assign=exchanged, warmup_end=warmup_end,
+        assign=exchanged,
+        warmup_end=lambda x0: dict(target=base.tree_cast_like(x0, sh.target),
+                                   mix_weights=jnp.full((K,), 1.0 / K, jnp.float32)),
         opt_state=(opt_state_sync, inner, inner_state))
     updates = periodic.updates_to(x_new, params)
     return updates, WPSGDState(
