@@ -7,7 +7,9 @@ workers on one device) and each tau in (1, 4, 16), every variant below runs the 
 training step (same loss, same ``optax.sgd`` inner step, donated state, each step
 waited for) through ``wagrad.Runner.map``:
 
-* ``local``: local SGD, no communication (the floor);
+* ``local``: local SGD, no communication (the floor), written by hand;
+* ``optax local``: the same step through optax's update API (``optax.sgd`` updates,
+  then ``optax.apply_updates``): what returning updates instead of parameters costs;
 * ``hand <algo>``: the algorithm as one writes it by hand on plain pytrees -- one
   ``lax.cond`` every tau steps, ``lax.pmean`` / ``lax.psum`` of the whole tree, no
   metrics, no guards against non-finite workers (:func:`hand_step`);
@@ -81,6 +83,16 @@ def wagrad_tx(algo, tau):
           "diloco": lambda: wagrad.model_averaging(
               sgd, tau, outer_optimizer=optax.sgd(DILOCO_LR, momentum=DILOCO_MOMENTUM,
                                                   nesterov=True))}[algo]()
+
+
+def optax_local_variant(r, p0):
+  """Local SGD through optax's update API, no communication (the ``optax local`` row)."""
+  tx = optax.sgd(LR)
+
+  def step(p, s, x, y):
+    u, s = tx.update(jax.grad(loss_fn)(p, x, y), s, p)
+    return optax.apply_updates(p, u), s
+  return r.map(step, donate_argnums=(0, 1)), (r.replicate(p0), r.init(tx, p0))
 
 
 def wagrad_variant(r, algo, tau, p0):
@@ -187,7 +199,8 @@ def run(size, backend, taus, algos, steps, reps):
   rng = np.random.default_rng(1)
   x = r.put(rng.normal(size=(K, BATCH, IN)).astype(np.float32))
   y = r.put(rng.integers(0, OUT, size=(K, BATCH)).astype(np.int32))
-  variants = {"local": hand_variant(r, "local", 1, p0)}
+  variants = {"local": hand_variant(r, "local", 1, p0),
+              "optax local": optax_local_variant(r, p0)}
   for tau in taus:
     for algo in algos:
       variants[f"hand {algo} tau={tau}"] = hand_variant(r, algo, tau, p0)

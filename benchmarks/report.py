@@ -37,17 +37,19 @@ def overhead_tables(data):
         cells.append(f"{q[1]:.3f} [{q[0]:.2f}, {q[2]:.2f}]")
       out.append(f"| {run['size']} | {run['backend']} | {tau} | " + " | ".join(cells) + " |")
   out.append("")
-  out.append("| size | backend | local SGD ms/step | parameter-sized copies, wagrad / hand "
-             "(per algorithm, tau = " + ", ".join(taus) + ") |")
-  out.append("| --- | --- | ---: | --- |")
+  out.append("| size | backend | local SGD ms/step | optax.sgd / local | parameter-sized "
+             "copies, wagrad / hand (per algorithm, tau = " + ", ".join(taus) + ") |")
+  out.append("| --- | --- | ---: | ---: | --- |")
   for run in runs:
     rows = {r["variant"]: r for r in run["rows"]}
     cp = "; ".join(
         f"{a} " + " ".join(f"{rows[f'wagrad {a} tau={t}']['param_copies']}/"
                            f"{rows[f'wagrad {a} tau={t}']['hand_param_copies']}" for t in taus
                            if f"wagrad {a} tau={t}" in rows) for a in algos)
+    ox = rows.get("optax local")
     out.append(f"| {run['size']} ({run['params']:,}) | {run['backend']} | "
-               f"{rows['local']['median_ms']:.1f} | {cp} |")
+               f"{rows['local']['median_ms']:.1f} | "
+               f"{'' if ox is None else format(ox['x_local'], '.3f')} | {cp} |")
   return "\n".join(out)
 
 

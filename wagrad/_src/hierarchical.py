@@ -38,7 +38,7 @@ from wagrad._src import collectives as C
 from wagrad._src import periodic
 from wagrad._src.easgd import (_axes_tuple, _elastic_exchange, _f32, _moving_rate,
                                _reset_nonfinite, _sqnorm, _tmap)
-from wagrad._src.lsgd import (_as_tuple, _check_num_workers, _check_proximal, _check_pull,
+from wagrad._src.lsgd import (_as_tuple, _check_avg_size, _check_num_workers, _check_proximal, _check_pull,
                               _check_value, _elect_with_drift, _one_hot, _pull, _push_loss,
                               _running_mean)
 
@@ -251,6 +251,57 @@ class MultiLeaderState(NamedTuple):
   shared: MultiLeaderShared
 
 
+def _check_multi_leader_args(inner, group_axis, global_axis, local_period, global_period,
+                             warmup_steps, opt_state_sync, local_pull, global_pull,
+                             local_proximal, global_proximal, avg_size, num_workers):
+  """multi_leader_lsgd's argument checks; returns ``(full_axis, period_fn, global_fn,
+  avg_size)``."""
+  for name, ax in (("group_axis", group_axis), ("global_axis", global_axis)):
+    if not isinstance(ax, (str, tuple)) or (
+        isinstance(ax, tuple) and not all(isinstance(a, str) for a in ax)):
+      raise TypeError(f"`{name}` must be a string or a tuple of strings, got {ax!r}.")
+  full_axis = _as_tuple(global_axis) + _as_tuple(group_axis)
+  periodic.require_period("local_period", local_period)  # named errors for bad periods
+  global_fn = periodic.require_period("global_period", global_period)
+  period_fn = periodic.check_common(inner, local_period, warmup_steps, opt_state_sync,
+                                    full_axis)
+  if not (callable(local_period) or callable(global_period)) and global_period % local_period:
+    raise ValueError(f"`global_period`={global_period} must be a multiple of "
+                     f"`local_period`={local_period}.")
+  _check_pull("local_pull", local_pull, allow_zero=True)
+  _check_pull("global_pull", global_pull, allow_zero=True)
+  _check_proximal("local_proximal", local_proximal)
+  _check_proximal("global_proximal", global_proximal)
+  avg_size = _check_avg_size(avg_size, local_period, "local_period")
+  base.check_positive_int("num_workers", num_workers, allow_none=True)
+  return full_axis, period_fn, global_fn, avg_size
+
+
+def _round_index(sh, warmup_steps, period_fn, global_fn):
+  """0: no round, 1: group round, 2: global round, 3: end of the warm-up. A global
+  round is the first group round at least ``global_period`` steps after the last one
+  (for integer periods, every ``global_period`` steps after the warm-up)."""
+  local_ex = base.is_exchange_step(sh.count, sh.last_exchange, warmup_steps, period_fn)
+  global_ex = local_ex & base.is_exchange_step(sh.count, sh.last_global_exchange,
+                                               warmup_steps, global_fn)
+  idx = jnp.where(global_ex, 2, jnp.where(local_ex, 1, 0))
+  if warmup_steps > 0:
+    idx = jnp.where(sh.count == warmup_steps - 1, 3, idx)
+  return idx.astype(jnp.int32)
+
+
+def _group_round(x, run_loss, Ll_old, state, group_axis, group_start, c1):
+  """A group round: ``l_g = argmin_{j in g} r_j`` (finite), ``L_g <- x_l``,
+  ``x_i <- x_i - c1 (x_i - L_g)``. Returns ``(x, L_g, leader index, its loss)``; a group
+  without a finite worker keeps its last leader."""
+  ld = C.elect_leader(run_loss, group_axis, eligible=C.tree_is_finite(x))
+  Ll = base.tree_where(ld.ok, C.broadcast_from(x, ld.index, group_axis), Ll_old)
+  if c1 > 0:
+    x = base.tree_where(ld.ok, Ll if c1 == 1.0 else _pull(x, Ll, c1), x)
+  return (x, Ll, jnp.where(ld.ok, group_start + ld.index, state.group_leader),
+          jnp.where(ld.ok, ld.loss, state.group_leader_loss))
+
+
 def multi_leader_lsgd(inner: optax.GradientTransformation, *, group_axis, global_axis,
                       local_period, global_period, local_pull: float = 0.1,
                       global_pull: float = 0.1, local_proximal: float = 0.1,
@@ -308,28 +359,10 @@ def multi_leader_lsgd(inner: optax.GradientTransformation, *, group_axis, global
   References:
     Teng et al., NeurIPS 2019, arXiv 1905.10395 (multi-leader LSGD).
   """
-  for name, ax in (("group_axis", group_axis), ("global_axis", global_axis)):
-    if not isinstance(ax, (str, tuple)) or (
-        isinstance(ax, tuple) and not all(isinstance(a, str) for a in ax)):
-      raise TypeError(f"`{name}` must be a string or a tuple of strings, got {ax!r}.")
-  full_axis = _as_tuple(global_axis) + _as_tuple(group_axis)
-  periodic.require_period("local_period", local_period)  # named errors for bad periods
-  global_fn = periodic.require_period("global_period", global_period)
-  period_fn = periodic.check_common(inner, local_period, warmup_steps, opt_state_sync,
-                                    full_axis)
-  if not (callable(local_period) or callable(global_period)) and global_period % local_period:
-    raise ValueError(f"`global_period`={global_period} must be a multiple of "
-                     f"`local_period`={local_period}.")
-  _check_pull("local_pull", local_pull, allow_zero=True)
-  _check_pull("global_pull", global_pull, allow_zero=True)
-  _check_proximal("local_proximal", local_proximal)
-  _check_proximal("global_proximal", global_proximal)
-  if avg_size is None:
-    if callable(local_period):
-      raise ValueError("`avg_size` must be given when `local_period` is a schedule.")
-    avg_size = local_period
-  base.check_positive_int("avg_size", avg_size)
-  base.check_positive_int("num_workers", num_workers, allow_none=True)
+  full_axis, period_fn, global_fn, avg_size = _check_multi_leader_args(
+      inner, group_axis, global_axis, local_period, global_period, warmup_steps,
+      opt_state_sync, local_pull, global_pull, local_proximal, global_proximal, avg_size,
+      num_workers)
   c1, c2, p1, p2 = map(float, (local_pull, global_pull, local_proximal, global_proximal))
   use_local = c1 > 0 or p1 > 0
   inner = periodic.inner_with_extra_args(inner)
@@ -375,15 +408,7 @@ def multi_leader_lsgd(inner: optax.GradientTransformation, *, group_axis, global
       coef = per_step(p1, local_period, period_fn)
       x = base.tree_where(after_warmup, _pull(x, Ll_old, coef), x)
 
-    local_ex = base.is_exchange_step(sh.count, sh.last_exchange, warmup_steps, period_fn)
-    # a global round: the first local round at least global_period steps after the last
-    # one (for integer periods, every global_period steps after the warm-up)
-    global_ex = local_ex & base.is_exchange_step(sh.count, sh.last_global_exchange,
-                                                 warmup_steps, global_fn)
-    idx = jnp.where(global_ex, 2, jnp.where(local_ex, 1, 0))
-    if warmup_steps > 0:
-      idx = jnp.where(sh.count == warmup_steps - 1, 3, idx)
-    idx = idx.astype(jnp.int32)
+    idx = _round_index(sh, warmup_steps, period_fn, global_fn)
     me = lax.axis_index(full_axis)
     group_start = me - lax.axis_index(group_axis)
 
@@ -404,12 +429,7 @@ def multi_leader_lsgd(inner: optax.GradientTransformation, *, group_axis, global
     def group_round(x):
       if not use_local:
         return x, Ll_old, state.group_leader, state.group_leader_loss
-      ld = C.elect_leader(run_loss, group_axis, eligible=C.tree_is_finite(x))
-      Ll = base.tree_where(ld.ok, C.broadcast_from(x, ld.index, group_axis), Ll_old)
-      if c1 > 0:
-        x = base.tree_where(ld.ok, Ll if c1 == 1.0 else _pull(x, Ll, c1), x)
-      return (x, Ll, jnp.where(ld.ok, group_start + ld.index, state.group_leader),
-              jnp.where(ld.ok, ld.loss, state.group_leader_loss))
+      return _group_round(x, run_loss, Ll_old, state, group_axis, group_start, c1)
 
     def none(x, inner_state):
       return (x, inner_state, Ll_old, state.group_leader, state.group_leader_loss,

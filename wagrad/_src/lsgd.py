@@ -68,7 +68,6 @@ from wagrad._src import base
 from wagrad._src import collectives as C
 from wagrad._src import periodic
 
-_NO_EXCHANGE, _EXCHANGE, _WARMUP_END = periodic.NO_EXCHANGE, periodic.EXCHANGE, periodic.WARMUP_END
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -154,6 +153,24 @@ def _check_pull(name, value, allow_zero=False):
 
 def _check_proximal(name, value):
   base.check_range(name, value, 0.0, 1.0, hi_open=True)
+
+
+def _check_avg_size(avg_size, period, period_name):
+  """The running-loss window: ``avg_size``, by default the period (the authors')."""
+  if avg_size is None:
+    if callable(period):
+      raise ValueError(f"`avg_size` must be given when `{period_name}` is a schedule.")
+    avg_size = period
+  base.check_positive_int("avg_size", avg_size)
+  return avg_size
+
+
+def _leader_fields(sh, L, leader, **changes):
+  """Shared fields naming a new leader: its parameters, index and one-hot mix weights."""
+  mix = sh.mix_weights
+  return dict(leader_params=base.tree_cast_like(L, sh.leader_params),
+              leader=jnp.asarray(leader, jnp.int32),
+              mix_weights=None if mix is None else _one_hot(leader, mix.shape[0]), **changes)
 
 
 # ----------------------------------------------------------------------------- LSGD
@@ -252,11 +269,7 @@ def lsgd(inner: optax.GradientTransformation, sync_period=4, *, pull: float = 0.
   period_fn = periodic.check_common(inner, sync_period, warmup_steps, opt_state_sync, axis_name)
   _check_pull("pull", pull)
   _check_proximal("proximal", proximal)
-  if avg_size is None:
-    if callable(sync_period):
-      raise ValueError("`avg_size` must be given when `sync_period` is a schedule.")
-    avg_size = sync_period
-  base.check_positive_int("avg_size", avg_size)
+  avg_size = _check_avg_size(avg_size, sync_period, "sync_period")
   base.check_positive_int("num_workers", num_workers, allow_none=True)
   pull, proximal = float(pull), float(proximal)
   inner = periodic.inner_with_extra_args(inner)
@@ -300,28 +313,15 @@ def lsgd(inner: optax.GradientTransformation, sync_period=4, *, pull: float = 0.
       on = act & (sh.count >= warmup_steps)
       x = base.tree_where(on, _pull(x, L_old, coef), x)
 
-    if exchange is None:
-      idx = periodic.branch_index(sh.count, sh.last_exchange, warmup_steps, period_fn)
-    else:
-      ex = jnp.asarray(exchange, jnp.bool_) & (sh.count >= warmup_steps)
-      idx = jnp.where(ex, _EXCHANGE, _NO_EXCHANGE)
-      if warmup_steps > 0:
-        idx = jnp.where(sh.count == warmup_steps - 1, _WARMUP_END, idx)
-      idx = idx.astype(jnp.int32)
-
-    def leader_fields(L, leader, **changes):
-      mix = sh.mix_weights
-      return dict(leader_params=base.tree_cast_like(L, sh.leader_params),
-                  leader=jnp.asarray(leader, jnp.int32),
-                  mix_weights=None if mix is None else _one_hot(leader, mix.shape[0]),
-                  **changes)
+    idx = periodic.branch_index(sh.count, sh.last_exchange, warmup_steps, period_fn,
+                                exchange=exchange)
 
     def do_exchange(x):
       """l = argmin_j r_j (finite);  L <- x_l."""
       L_prev = base.tree_cast_like(sh.leader_params, params)
       ld, dist = _elect_with_drift(run_loss, x, L_prev, axis_name)
       L = C.broadcast_from(x, ld.index, axis_name)
-      new = leader_fields(L, ld.index, leader_loss=jnp.asarray(ld.loss, jnp.float32),
+      new = _leader_fields(sh, L, ld.index, leader_loss=jnp.asarray(ld.loss, jnp.float32),
                           pull_distance=jnp.asarray(dist, jnp.float32))
       # no finite worker: nothing is elected, the step is a local one
       new = base.tree_where(ld.ok, new, {k: getattr(sh, k) for k in new})
@@ -334,7 +334,7 @@ def lsgd(inner: optax.GradientTransformation, sync_period=4, *, pull: float = 0.
 
     x_new, new_shared, inner_state, _ = periodic.exchange_step(
         idx, sh, x, do_exchange, move=move, warmup_steps=warmup_steps, axis_name=axis_name,
-        warmup_end=lambda x0: leader_fields(x0, 0, pull_distance=jnp.zeros([], jnp.float32)),
+        warmup_end=lambda x0: _leader_fields(sh, x0, 0, pull_distance=jnp.zeros([], jnp.float32)),
         opt_state=(opt_state_sync, inner, inner_state))
     updates = periodic.updates_to(x_new, params)
     return updates, LSGDState(inner_state, losses, num_losses, new_shared)

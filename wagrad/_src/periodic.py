@@ -56,9 +56,15 @@ def local_update(inner, grads, inner_state, params, count, warmup_steps, axis_na
   return inner.update(grads, inner_state, params, **extra)
 
 
-def branch_index(count, last_exchange, warmup_steps, period_fn):
-  """0: local step only, 1: exchange, 2: end of the warm-up. Shared scalars only."""
-  ex = base.is_exchange_step(count, last_exchange, warmup_steps, period_fn)
+def branch_index(count, last_exchange, warmup_steps, period_fn, exchange=None):
+  """0: local step only, 1: exchange, 2: end of the warm-up. Shared scalars only.
+
+  ``exchange``: a flag given by the caller (a precomputed round table, shared by every
+  worker) instead of the period; it still waits for the warm-up's end."""
+  if exchange is None:
+    ex = base.is_exchange_step(count, last_exchange, warmup_steps, period_fn)
+  else:
+    ex = jnp.asarray(exchange, jnp.bool_) & (count >= warmup_steps)
   idx = jnp.where(ex, EXCHANGE, NO_EXCHANGE)
   if warmup_steps > 0:
     idx = jnp.where(count == warmup_steps - 1, WARMUP_END, idx)

@@ -216,6 +216,52 @@ def _unwrap(x):
   return x.value if base.is_shared(x) else x
 
 
+def _check_args(inner, alpha0, modulation, zero_staleness, staleness_bins, axis_name):
+  base.check_transform("inner", inner)
+  base.check_range("alpha0", alpha0, 0.0, np.inf, lo_open=True, hi_open=True)
+  if modulation not in MODULATIONS:
+    raise ValueError(f"unknown `modulation` {modulation!r}; choose one of {MODULATIONS}.")
+  if zero_staleness not in ZERO_STALENESS:
+    raise ValueError(
+        f"unknown `zero_staleness` {zero_staleness!r}; choose one of {ZERO_STALENESS}.")
+  base.check_positive_int("staleness_bins", staleness_bins)
+  if staleness_bins < 2:
+    raise ValueError(f"`staleness_bins` must be >= 2, got {staleness_bins!r}.")
+  if not isinstance(axis_name, (str, tuple)):
+    raise TypeError(f"`axis_name` must be a string or a tuple of strings, got {axis_name!r}.")
+
+
+def _schedule_row(push, staleness, apply, sh, state):
+  """This worker's row of the schedule: ``push`` (bool), its staleness (int; by default
+  the server versions since its last pull) and the shared ``apply`` flag."""
+  push = jnp.asarray(_unwrap(push)).astype(bool)
+  if push.ndim != 0:
+    raise ValueError(f"`push` must be this worker's scalar, got shape {push.shape}.")
+  if staleness is None:
+    tau_int = (sh.num_exchanges - state.version).astype(jnp.int32)
+  else:
+    tau_int = jnp.asarray(_unwrap(staleness)).astype(jnp.int32)
+    if tau_int.ndim != 0:
+      raise ValueError(f"`staleness` must be this worker's scalar, got shape {tau_int.shape}.")
+  apply = _unwrap(apply)
+  if apply is not None and not isinstance(apply, (bool, np.bool_)):
+    apply = jnp.asarray(apply).astype(bool)
+    if apply.ndim != 0:
+      raise ValueError(f"`apply` must be a shared scalar, got shape {apply.shape}.")
+  return push, tau_int, apply
+
+
+def _rate(tau, alpha0, modulation, zero_staleness):
+  """The paper's staleness-dependent learning rate ``alpha = alpha0 / tau`` (``"max1"``:
+  ``alpha0 / max(tau, 1)``; ``"plus1"``: ``alpha0 / (tau + 1)``; ``modulation="none"``:
+  ``alpha0``)."""
+  if modulation == "none":
+    return jnp.float32(alpha0)
+  if zero_staleness == "max1":
+    return (alpha0 / jnp.maximum(tau, 1.0)).astype(jnp.float32)
+  return (alpha0 / (tau + 1.0)).astype(jnp.float32)
+
+
 def staleness_aware_sgd(inner: optax.GradientTransformation, *, alpha0: float = 1.0,
                         modulation: str = "inverse", zero_staleness: str = "max1",
                         staleness_bins: int = 64, axis_name="workers"
@@ -279,18 +325,7 @@ def staleness_aware_sgd(inner: optax.GradientTransformation, *, alpha0: float = 
     Zhang, Gupta, Lian, Liu, "Staleness-aware Async-SGD for Distributed Deep
     Learning", IJCAI 2016, arXiv 1511.05950.
   """
-  base.check_transform("inner", inner)
-  base.check_range("alpha0", alpha0, 0.0, np.inf, lo_open=True, hi_open=True)
-  if modulation not in MODULATIONS:
-    raise ValueError(f"unknown `modulation` {modulation!r}; choose one of {MODULATIONS}.")
-  if zero_staleness not in ZERO_STALENESS:
-    raise ValueError(
-        f"unknown `zero_staleness` {zero_staleness!r}; choose one of {ZERO_STALENESS}.")
-  base.check_positive_int("staleness_bins", staleness_bins)
-  if staleness_bins < 2:
-    raise ValueError(f"`staleness_bins` must be >= 2, got {staleness_bins!r}.")
-  if not isinstance(axis_name, (str, tuple)):
-    raise TypeError(f"`axis_name` must be a string or a tuple of strings, got {axis_name!r}.")
+  _check_args(inner, alpha0, modulation, zero_staleness, staleness_bins, axis_name)
   inner = optax.with_extra_args_support(inner)
   alpha0 = float(alpha0)
   bins = int(staleness_bins)
@@ -318,40 +353,17 @@ def staleness_aware_sgd(inner: optax.GradientTransformation, *, alpha0: float = 
     base.check_axis_name(axis_name)
     base.check_same_structure("grads", grads, "params", params)
     sh = state.shared
-    push = jnp.asarray(_unwrap(push)).astype(bool)
-    if push.ndim != 0:
-      raise ValueError(f"`push` must be this worker's scalar, got shape {push.shape}.")
-    if staleness is None:
-      tau_int = (sh.num_exchanges - state.version).astype(jnp.int32)
-    else:
-      tau_int = jnp.asarray(_unwrap(staleness)).astype(jnp.int32)
-      if tau_int.ndim != 0:
-        raise ValueError(f"`staleness` must be this worker's scalar, got shape {tau_int.shape}.")
-    apply = _unwrap(apply)
-    if apply is not None and not isinstance(apply, (bool, np.bool_)):
-      apply = jnp.asarray(apply).astype(bool)
-      if apply.ndim != 0:
-        raise ValueError(f"`apply` must be a shared scalar, got shape {apply.shape}.")
+    push, tau_int, apply = _schedule_row(push, staleness, apply, sh, state)
 
     def exchange(_):
       ok = push & C.tree_is_finite(grads)
       tau = tau_int.astype(jnp.float32)
-      if modulation == "none":
-        scale = jnp.float32(alpha0)
-      elif zero_staleness == "max1":
-        scale = alpha0 / jnp.maximum(tau, 1.0)
-      else:
-        scale = alpha0 / (tau + 1.0)
-      w = jnp.where(ok, scale, 0.0).astype(jnp.float32)
+      w = _rate(tau, alpha0, modulation, zero_staleness)
       num = lax.psum(ok.astype(jnp.int32), axis_name)
-
-      def wsum(g):
-        acc = jnp.promote_types(g.dtype, jnp.float32)
-        # select, not multiply: a non-finite gradient of another worker must not leak in
-        return lax.psum(jnp.where(ok, w.astype(acc) * g.astype(acc), jnp.zeros((), acc)),
-                        axis_name)
-
-      summed = jax.tree_util.tree_map(wsum, grads)
+      # select, not multiply: a non-finite gradient of another worker must not leak in
+      summed = C.send(jax.tree_util.tree_map(
+          lambda g: jnp.where(ok, w * base.f32(g), jnp.zeros((), base.f32(g).dtype)), grads),
+          lambda v: lax.psum(v, axis_name))
       denom = jnp.maximum(num, 1).astype(jnp.float32)
       agg = jax.tree_util.tree_map(lambda s, p: (s / denom).astype(p.dtype), summed, sh.server)
       hist = lax.psum(jnp.where(ok, jax.nn.one_hot(jnp.clip(tau_int, 0, bins - 1), bins,

@@ -191,6 +191,23 @@ def _check_wasgd_args(inner, sync_period, temperature, moving_rate, weight_fn, a
   return period_fn
 
 
+def _check_losses_given(name, loss_source, value, eval_value):
+  """The loss WASGD weights must be given: ``value=`` (the step's loss) or, for
+  ``loss_source="eval"``, ``eval_value=`` (the loss on a shared evaluation batch)."""
+  if loss_source == "eval":
+    if eval_value is None:
+      raise TypeError(
+          f"{name} with loss_source='eval' weights workers by their loss on a shared "
+          f"evaluation batch: call `tx.update(grads, state, params, value=loss, "
+          f"eval_value=loss_on_shared_batch)`.")
+    return
+  base.require_value(name, value)
+  if eval_value is not None:
+    raise TypeError(
+        f"`eval_value` is only used by wasgd_plus with loss_source='eval' "
+        f"({name} with loss_source={loss_source!r} weights `value`).")
+
+
 def _weighted_transform(name, inner, period_fn, *, temperature, moving_rate, weight_fn,
                         axis_name, warmup_steps, opt_state_sync, num_workers, loss_source):
   """The WASGD / WASGD+ transform. ``loss_source``: "value" (WASGD), "eval" or
@@ -215,18 +232,7 @@ def _weighted_transform(name, inner, period_fn, *, temperature, moving_rate, wei
   def update_fn(grads, state, params=None, *, value=None, eval_value=None, **extra):
     if params is None:
       raise TypeError(f"{name} needs `params`: tx.update(grads, state, params, value=loss).")
-    if loss_source == "eval":
-      if eval_value is None:
-        raise TypeError(
-            f"{name} with loss_source='eval' weights workers by their loss on a shared "
-            f"evaluation batch: call `tx.update(grads, state, params, value=loss, "
-            f"eval_value=loss_on_shared_batch)`.")
-    else:
-      base.require_value(name, value)
-      if eval_value is not None:
-        raise TypeError(
-            f"`eval_value` is only used by wasgd_plus with loss_source='eval' "
-            f"({name} with loss_source={loss_source!r} weights `value`).")
+    _check_losses_given(name, loss_source, value, eval_value)
     base.check_axis_name(axis_name)
     K = _num_workers(axis_name)
     sh = state.shared
