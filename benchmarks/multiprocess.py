@@ -107,9 +107,9 @@ def jax_worker(a):
       off += l.size
     return jax.tree_util.tree_unflatten(treedef, out)
 
-  def hand(exchange):
+  def hand(exchange, grads_fn=lambda g: g):
     def step(p, s, x, y):
-      g = jax.grad(loss_fn)(p, x, y)
+      g = grads_fn(jax.grad(loss_fn)(p, x, y))
       u, s = sgd.update(g, s, p)
       return exchange(optax.apply_updates(p, u)), s
     return step, sgd
@@ -126,6 +126,7 @@ def jax_worker(a):
   for tau in TAUS:
     variants[f"model_averaging tau={tau}"] = transform(
         wagrad.model_averaging(sgd, sync_period=tau, axis_name=ax))
+  variants["hand sync_sgd, flat pmean"] = hand(lambda p: p, grads_fn=flat_pmean)
   variants["hand averaging tau=1, tree pmean"] = hand(lambda p: lax.pmean(p, ax))
   variants["hand averaging tau=1, flat pmean"] = hand(flat_pmean)
 
