@@ -2,6 +2,7 @@
 import numpy as np
 import pytest
 import jax
+import optax
 
 import wagrad
 from wagrad._src import collectives as C
@@ -70,3 +71,25 @@ def test_donation_and_lower_show_the_program_that_runs(backend):
   assert xd.is_deleted()
   alias = lambda f: "input_output_alias" in f.lower(r.put(x), r.put(y)).compile().as_text()  # noqa: E731
   assert alias(donating) and not alias(plain)
+
+
+@pytest.mark.parametrize("backend", ["shard_map", "pmap"])
+def test_default_axis_with_more_workers_than_devices_is_an_error(backend):
+  """16 workers on 8 devices: a transform left at the default axis name would average
+  two groups of 8 that never meet; no runner axis is called "workers" then, and the
+  error names runner.axis_name."""
+  r = wagrad.Runner(backend, 16)
+  assert "workers" not in r.axis_name and len(r.axis_name) == 2
+  p0 = {"w": np.zeros(3, np.float32)}
+  tx = wagrad.model_averaging(optax.sgd(0.1), 2)
+
+  def step(p, s):
+    u, s = tx.update(p, s, p)
+    return wagrad.apply_updates(p, u, s), s
+  with pytest.raises(ValueError, match="runner.axis_name"):
+    r.map(step)(r.replicate(p0), r.init(tx, p0))
+  # the runner's own axis covers all 16
+  tx = wagrad.model_averaging(optax.sgd(0.1), 1, axis_name=r.axis_name)
+  x = np.arange(16, dtype=np.float32)[:, None] * np.ones((16, 3), np.float32)
+  p, _ = r.map(step)({"w": x}, r.init(tx, p0))
+  np.testing.assert_allclose(np.asarray(p["w"]), np.full((16, 3), 7.5 * 0.9), rtol=1e-6)

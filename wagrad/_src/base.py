@@ -136,7 +136,10 @@ def check_axis_name(axis_name: AxisName):
     except NameError:
       raise ValueError(
           f"axis_name {n!r} is not bound: call this inside a function mapped over the "
-          f"worker axis (wagrad.Runner, jax.vmap/pmap(axis_name=...) or jax.shard_map)."
+          f"worker axis (wagrad.Runner, jax.vmap/pmap(axis_name=...) or jax.shard_map) "
+          f"and build the transform with that axis, e.g. axis_name=runner.axis_name (a "
+          f"Runner with more workers than devices, or with groups, has no axis called "
+          f"'workers': its runner.axis_name is a tuple of two axes)."
       ) from None
 
 

@@ -127,10 +127,12 @@ class Runner:
     if G is None:
       if backend == "vmap":
         levels = [_Level("workers", K, "vmap")]
-      else:
+      elif K == D:
         levels = [_Level("workers", D, "mesh")]
-        if K // D > 1:
-          levels.append(_Level("workers_local", K // D, "vmap"))
+      else:  # no axis is called "workers" here: a transform left at the default axis
+        # would reduce over the devices only (groups of K/D workers that never meet);
+        # unbound, it raises and names runner.axis_name (architecture, decision 10)
+        levels = [_Level("workers_devices", D, "mesh"), _Level("workers_local", K // D, "vmap")]
       group_names = global_names = None
     else:
       W = K // G
