@@ -284,3 +284,27 @@ def test_bad_arguments_named():
   with pytest.raises(TypeError, match="different pytree structures"):
     r.map(lambda p, s: tx.update({"v": p["w"]}, s, p)[0])(
         {"w": np.ones((2, 3), np.float32)}, r.init(tx, {"w": jnp.ones(3)}))
+
+
+def test_schedule_rules_python_if_and_rounding():
+  """A schedule with a Python ``if`` on the step fails at trace time with a message that
+  says to use jnp.where; a float period is rounded to the nearest integer (2.9 -> 3)."""
+  r = wagrad.Runner("vmap", 4)
+  p0 = {"w": np.zeros(2, np.float32)}
+
+  def run(tx, steps):
+    def step(p, s):
+      u, s = tx.update(p, s, p)
+      return wagrad.apply_updates(p, u, s), s, s.shared.last_exchange
+    f = r.map(step)
+    p, s, seen = r.replicate(p0), r.init(tx, p0), []
+    for _ in range(steps):
+      p, s, last = f(p, s)
+      seen.append(int(np.asarray(last).ravel()[0]))
+    return seen
+
+  bad = wagrad.model_averaging(optax.sgd(0.1), lambda t: 2 if t < 100 else 4)
+  with pytest.raises(TypeError, match="jnp.where"):
+    run(bad, 1)
+  last = run(wagrad.model_averaging(optax.sgd(0.1), lambda t: 2.9 + 0.0 * t), 9)
+  assert last == [0, 0, 3, 3, 3, 6, 6, 6, 9]  # exchanges end steps 2, 5, 8: period 3

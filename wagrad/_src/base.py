@@ -170,8 +170,19 @@ def infer_num_workers(num_workers, axis_name):
 # ----------------------------------------------------------------------------- periods
 
 
+_PYTHON_CONTROL_FLOW = (jax.errors.TracerBoolConversionError,
+                        jax.errors.TracerIntegerConversionError,
+                        jax.errors.ConcretizationTypeError)
+
+
 def make_period_fn(name: str, period: Period | None) -> Callable | None:
-  """Turn an int or schedule into a function step -> int32 period (validated)."""
+  """Turn an int or schedule into a function step -> int32 period (validated).
+
+  A schedule is called with the traced global step inside the jitted step, so it must
+  be traceable (``jnp.where``, not a Python ``if``). Its value is rounded to the
+  nearest integer and a value below 1 counts as 1 (an exchange every step): an optax
+  schedule's 2.9 is a period of 3. It is checked at construction on a few steps
+  (0, 1, 2, 10, ..., 10**6) for a finite value >= 1."""
   if period is None:
     return None
   if callable(period):
@@ -184,7 +195,17 @@ def make_period_fn(name: str, period: Period | None) -> Callable | None:
         raise ValueError(
             f"`{name}` schedule must return a period >= 1 for every step; "
             f"it returned {p!r} at step {probe}.")
-    return lambda step: jnp.maximum(jnp.asarray(period(step)).astype(jnp.int32), 1)
+    def traced(step):
+      try:
+        p = period(step)
+      except _PYTHON_CONTROL_FLOW as e:
+        raise TypeError(
+            f"`{name}` schedule uses Python control flow on the step "
+            f"({type(e).__name__}); inside the jitted step the step is a traced array: "
+            f"write it with jnp.where / jnp.minimum, e.g. "
+            f"`lambda t: jnp.where(t < 1000, 4, 16)`.") from None
+      return jnp.maximum(jnp.round(jnp.asarray(p)).astype(jnp.int32), 1)
+    return traced
   check_positive_int(name, period)
   return lambda step: jnp.int32(period)
 

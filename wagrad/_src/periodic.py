@@ -116,7 +116,7 @@ def own_clock_table(active, clock, period, first_due):
   (``None``: ``period(0)``) and moves to ``clock + period(clock)`` after each firing.
   """
   T, K = active.shape
-  p = lambda c: max(int(period(int(c))), 1)  # noqa: E731  (as make_period_fn: >= 1)
+  p = lambda c: max(int(round(float(period(int(c))))), 1)  # noqa: E731  (as make_period_fn)
   due = np.full(K, p(0) if first_due is None else first_due)
   fires = np.zeros((T, K), bool)
   for t in range(T):
