@@ -308,3 +308,26 @@ def test_schedule_rules_python_if_and_rounding():
     run(bad, 1)
   last = run(wagrad.model_averaging(optax.sgd(0.1), lambda t: 2.9 + 0.0 * t), 9)
   assert last == [0, 0, 3, 3, 3, 6, 6, 6, 9]  # exchanges end steps 2, 5, 8: period 3
+
+
+def test_model_averaging_as_one_label_of_multi_transform():
+  """optax.multi_transform: the averaged label is assigned exactly at the exchange, the
+  other label follows its own optimizer (issue 20: this crashed)."""
+  r = wagrad.Runner("vmap", 4)
+  p0 = {"a": np.ones(2, np.float32), "b": np.ones(3, np.float32)}
+  tx = optax.multi_transform({"avg": wagrad.model_averaging(optax.sgd(0.1), 2),
+                              "own": optax.sgd(0.1)}, {"a": "avg", "b": "own"})
+  g = np.arange(4, dtype=np.float32)[:, None]
+
+  def step(p, s, g):
+    grads = jax.tree_util.tree_map(lambda x: g * jnp.ones_like(x), p)
+    u, s = tx.update(grads, s, p)
+    return wagrad.apply_updates(p, u, s), s
+  f = r.map(step)
+  p, s = r.replicate(p0), r.init(tx, p0)
+  for _ in range(2):
+    p, s = f(p, s, g)
+  a, b = np.asarray(p["a"]), np.asarray(p["b"])
+  assert (a == a[0]).all()                                  # exchanged: bit-identical
+  np.testing.assert_allclose(a[0], 1.0 - 0.2 * 1.5, rtol=1e-6)
+  np.testing.assert_allclose(b[:, 0], 1.0 - 0.2 * g[:, 0], rtol=1e-6)  # not averaged

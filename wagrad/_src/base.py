@@ -262,15 +262,21 @@ def apply_updates(params: PyTree, updates: PyTree, opt_state: PyTree) -> PyTree:
   """``optax.apply_updates`` that takes the rule's target exactly on assigning steps.
 
   ``params + (target - params)`` is not ``target`` in floating point, so after an
-  averaging exchange the workers would differ in their last bits. On steps where the
+  averaging exchange the workers would differ in their last bits. On steps where a
   wagrad transform in ``opt_state`` assigns (``shared.assign``), this returns
   ``shared.target`` (cast to the params' dtypes) instead; otherwise it is exactly
   ``optax.apply_updates``. Without a wagrad state in ``opt_state`` it is
-  ``optax.apply_updates``.
+  ``optax.apply_updates``. Under ``optax.multi_transform`` each wagrad transform
+  assigns only the parameters of its own label (the others are masked in its target).
   """
   new = optax.apply_updates(params, updates)
-  sh = find_shared(opt_state, "assign")
-  if sh is None or getattr(sh, "target", None) is None:
-    return new
-  return jax.tree_util.tree_map(
-      lambda t, n: jnp.where(sh.assign, t.astype(n.dtype), n), sh.target, new)
+  states = jax.tree_util.tree_leaves(
+      opt_state, is_leaf=lambda n: is_shared(n) and hasattr(n, "assign"))
+  masked = lambda x: isinstance(x, optax.MaskedNode)  # noqa: E731
+  for sh in states:
+    if not (is_shared(sh) and hasattr(sh, "assign")) or getattr(sh, "target", None) is None:
+      continue
+    new = jax.tree_util.tree_map(
+        lambda t, n, sh=sh: n if masked(t) else jnp.where(sh.assign, t.astype(n.dtype), n),
+        sh.target, new, is_leaf=masked)
+  return new
