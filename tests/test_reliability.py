@@ -144,3 +144,27 @@ def test_nan_worker_excluded_from_averaging_and_healed():
   assert np.isfinite(hist[3]).all() and (hist[3] == hist[3][0]).all()  # healed by the exchange
   # the mean at step 3 excluded worker 3: it equals the mean of the others' local steps
   assert np.isfinite(hist[5]).all()
+
+
+def test_debug_runner_names_a_desynchronised_shared_leaf():
+  """optax.apply_if_finite around a wagrad transform skips the update on one worker
+  only: its shared step count falls behind the others' and the next exchange would
+  deadlock. Runner(debug=True) raises after that step, naming the leaf (issue 20)."""
+  K, tau = 8, 4
+  r = wagrad.Runner("shard_map", K, debug=True)
+  tx = optax.apply_if_finite(
+      wagrad.model_averaging(optax.sgd(0.1), tau, axis_name=r.axis_name), 5)
+  A, b = least_squares(K)
+
+  def step(p, s, A, b, t):
+    g = jax.grad(ls_loss)(p, A, b)
+    bad = (C.worker_index(r.axis_name) == 3) & (t.value == 1)
+    g = jax.tree_util.tree_map(lambda x: jnp.where(bad, jnp.nan, x), g)
+    u, s = tx.update(g, s, p)
+    return wagrad.apply_updates(p, u, s), s
+  f = r.map(step)
+  p0 = {"w": jnp.zeros(3)}
+  p, s = r.replicate(p0), r.init(tx, p0)
+  p, s = f(p, s, A, b, wagrad.Shared(jnp.int32(0)))      # all finite: equal
+  with pytest.raises(RuntimeError, match=r"\.count.*differs.*apply_if_finite"):
+    f(p, s, A, b, wagrad.Shared(jnp.int32(1)))            # worker 3 skipped its count

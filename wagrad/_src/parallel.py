@@ -78,6 +78,30 @@ def unstack_worker(tree, index: int):
       tree, is_leaf=base.is_shared)
 
 
+def _check_shared_equal(out):
+  """Raise if a shared leaf of ``out`` differs between the devices that hold it."""
+  nodes = jax.tree_util.tree_flatten_with_path(out, is_leaf=base.is_shared)[0]
+  for path, node in nodes:
+    if not base.is_shared(node):
+      continue
+    for sub, leaf in jax.tree_util.tree_flatten_with_path(node)[0]:
+      shards = getattr(leaf, "addressable_shards", None)
+      if not shards or len(shards) < 2:
+        continue
+      vals = [np.asarray(sh.data) for sh in shards]
+      bad = [i for i, v in enumerate(vals)
+             if v.shape != vals[0].shape or not np.array_equal(v, vals[0], equal_nan=True)]
+      if bad:
+        name = jax.tree_util.keystr(tuple(path) + tuple(sub))
+        raise RuntimeError(
+            f"shared leaf {name} differs between devices after this step (device "
+            f"{shards[0].device.id}: {vals[0].ravel()[:4]}, device {shards[bad[0]].device.id}: "
+            f"{vals[bad[0]].ravel()[:4]}). Shared state must be computed the same way on "
+            f"every worker: a per-worker skip around a wagrad transform "
+            f"(optax.apply_if_finite, optax.MultiSteps) desynchronises its clock and "
+            f"deadlocks the next exchange; keep the wagrad transform outermost.")
+
+
 class Runner:
   """Runs a per-worker function over ``num_workers`` workers on a chosen backend.
 
@@ -90,10 +114,17 @@ class Runner:
     wait: block on every step's result. Default: on CPU for shard_map/pmap (forced CPU
       devices deadlock when more than ~2 collective programs are in flight), never on
       GPU/TPU.
+    debug: after every step of :meth:`map`, check that each shared leaf of the result
+      (step count, center, leader copy...) is the same on every device, and raise
+      naming the first leaf that differs. A per-worker skip around a wagrad transform
+      (``optax.apply_if_finite``, ``optax.MultiSteps``) desynchronises the shared clock
+      and deadlocks the next exchange; this catches it one step earlier. Costs a
+      device-to-host copy of the shared state per step.
   """
 
   def __init__(self, backend: str = "vmap", num_workers: int = 8, *, groups: int | None = None,
-               devices=None, num_devices: int | None = None, wait: bool | None = None):
+               devices=None, num_devices: int | None = None, wait: bool | None = None,
+               debug: bool = False):
     if backend not in BACKENDS:
       raise ValueError(f"unknown backend {backend!r}; choose one of {BACKENDS}.")
     base.check_positive_int("num_workers", num_workers)
@@ -177,6 +208,7 @@ class Runner:
       platform = (self.devices or jax.devices())[0].platform
       wait = backend != "vmap" and platform == "cpu"
     self.wait = bool(wait)
+    self.debug = bool(debug)
 
   def __repr__(self):
     return (f"Runner(backend={self.backend!r}, num_workers={self.num_workers}, "
@@ -366,6 +398,8 @@ class Runner:
         out = plain(*args)
       if self.wait:
         out = jax.block_until_ready(out)
+      if self.debug:
+        _check_shared_equal(out)
       return out
 
     def lower(*args):
