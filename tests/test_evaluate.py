@@ -1,0 +1,76 @@
+"""wagrad.evaluated_params: the model each paper evaluates, outside the mapped step,
+against the in-map helpers (one_shot_average, easgd_center, the leader's broadcast,
+wpsgd_combine, the server) on the same state."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import wagrad
+from wagrad._src import collectives as C
+
+K = 4
+TARGETS = np.arange(K * 3, dtype=np.float32).reshape(K, 3) / 4.0
+
+
+def _loss(p, c):
+  return jnp.sum((p["w"] - c) ** 2)
+
+
+def _mean(p, s, ax):
+  return wagrad.one_shot_average(p, ax).value
+
+
+def _leader(p, s, ax):
+  return wagrad.broadcast_from(p, jnp.maximum(s.shared.leader, 0), ax)
+
+
+def _wasgd(p, s, ax):
+  return wagrad.weighted_mean(p, s.shared.weights[C.worker_index(ax)], ax).value
+
+
+CASES = {
+    "averaging": (lambda ax: wagrad.model_averaging(optax.sgd(0.1), 4, axis_name=ax), _mean),
+    "diloco": (lambda ax: wagrad.diloco(0.05, sync_period=2, axis_name=ax),
+               lambda p, s, ax: s.shared.target),
+    "easgd": (lambda ax: wagrad.easgd(optax.sgd(0.1), 2, axis_name=ax),
+              lambda p, s, ax: wagrad.easgd_center(s)),
+    "downpour": (lambda ax: wagrad.downpour(0.1, 2, axis_name=ax),
+                 lambda p, s, ax: wagrad.easgd_center(s)),
+    "lsgd": (lambda ax: wagrad.lsgd(optax.sgd(0.1), 2, axis_name=ax), _leader),
+    "wasgd": (lambda ax: wagrad.wasgd(optax.sgd(0.1), 2, axis_name=ax, num_workers=K), _wasgd),
+    "wpsgd": (lambda ax: wagrad.wpsgd(optax.sgd(0.1), weighting="samples", axis_name=ax),
+              lambda p, s, ax: wagrad.wpsgd_combine(p, s, ax).value),
+}
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_evaluated_params_match_the_in_map_helpers(name):
+  make, reference = CASES[name]
+  r = wagrad.Runner("vmap", K)
+  tx = make(r.axis_name)
+  active = np.array([True, True, False, True])
+
+  def step(p, s, c, a):
+    loss, g = jax.value_and_grad(_loss)(p, c)
+    extra = {"active": a} if name == "wpsgd" else {}
+    u, s = tx.update(g, s, p, value=loss, **extra)
+    p = wagrad.apply_updates(p, u, s)
+    return p, s, reference(p, s, r.axis_name)
+
+  f = r.map(step)
+  p0 = {"w": np.zeros(3, np.float32)}
+  p, s = r.replicate(p0), r.init(tx, p0)
+  for t in range(5):  # ends one step after an exchange: workers differ
+    p, s, ref = f(p, s, TARGETS, np.roll(active, t))
+  got = wagrad.evaluated_params(p, s)
+  want = jax.tree_util.tree_map(lambda x: np.asarray(x)[0], ref)   # same on every worker
+  np.testing.assert_allclose(np.asarray(got["w"]), want["w"], rtol=1e-5, atol=1e-6)
+  assert np.asarray(got["w"]).shape == (3,)
+  assert not np.allclose(np.asarray(p["w"])[0], np.asarray(p["w"])[1])  # a real test
+
+
+def test_evaluated_params_rejects_a_state_without_wagrad():
+  with pytest.raises(TypeError, match="no wagrad"):
+    wagrad.evaluated_params({"w": np.zeros((2, 3))}, optax.sgd(0.1).init({"w": np.zeros(3)}))

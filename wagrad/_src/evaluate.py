@@ -1,0 +1,87 @@
+"""The model each transform's paper evaluates, read from a run's state.
+
+One accessor for every transform, called outside the mapped step on what
+:class:`wagrad.Runner` holds: the workers' parameters stacked along a leading worker
+dimension and the optimizer state (shared parts unstacked).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from wagrad._src import base
+from wagrad._src.baselines import AveragingShared, SyncShared
+from wagrad._src.hierarchical import MultiLeaderShared
+from wagrad._src.lsgd import LSGDShared
+from wagrad._src.simulated_async import AsyncLSGDShared
+from wagrad._src.staleness import StalenessShared
+from wagrad._src.weighted import WASGDShared, WPSGDShared, WPSGDState, _wpsgd_score
+
+
+def _weighted(params, weights):
+  """``sum_k w_k x_k / sum_k w_k`` over the leading worker axis, finite workers only
+  (plain mean when no weight is left)."""
+  finite = np.ones(jax.tree_util.tree_leaves(params)[0].shape[0], bool)
+  for x in jax.tree_util.tree_leaves(params):
+    finite &= np.isfinite(np.asarray(x, np.float64)).reshape(x.shape[0], -1).all(1)
+  w = np.where(finite, np.asarray(weights, np.float64), 0.0)
+  if w.sum() <= 0:
+    w = finite.astype(np.float64)
+  w = w / max(w.sum(), 1e-300)
+  return jax.tree_util.tree_map(
+      lambda x: jnp.asarray(np.tensordot(w, np.asarray(x, np.float64), 1), x.dtype), params)
+
+
+def _at(params, k):
+  return jax.tree_util.tree_map(lambda x: x[k], params)
+
+
+def evaluated_params(params, opt_state):
+  """The model the transform's paper evaluates, outside the mapped step.
+
+  ``params``: the workers' parameters, stacked (leading dimension K, as
+  ``runner.replicate`` / the mapped step return them); ``opt_state``: the transform's
+  state as the runner holds it (also nested in an ``optax.chain``). Returns one
+  unstacked parameter tree:
+
+  * model averaging, one-shot averaging, synchronous SGD: the mean of the finite
+    workers (after an exchange every worker holds it); with DiLoCo's outer optimizer
+    ``x_global``, the outer model;
+  * EASGD, EAMSGD, asynchronous EASGD, DOWNPOUR: the center (the root for tree EASGD);
+  * LSGD, asynchronous LSGD, multi-leader LSGD: the current parameters of the last
+    (global) leader; the mean before any election;
+  * WASGD / WASGD+: ``sum_k w_k x_k`` with the last exchange's weights;
+  * WP-SGD: ``sum_k s(t_k) x_k / sum_k s(t_k)`` over the local steps since the last
+    combination (as :func:`wagrad.wpsgd_combine`);
+  * staleness-aware SGD: the server's parameters.
+
+  Example:
+    >>> # after training with runner.map(step): params, opt_state = ...
+    >>> # model = wagrad.evaluated_params(params, opt_state)
+  """
+  K = jax.tree_util.tree_leaves(params)[0].shape[0]
+  sh = base.find_shared(opt_state, "count")
+  mean = lambda: _weighted(params, np.ones(K))  # noqa: E731
+  if sh is None:
+    raise TypeError("`opt_state` holds no wagrad transform state.")
+  if hasattr(sh, "center"):
+    return sh.center
+  if isinstance(sh, StalenessShared):
+    return sh.server
+  if isinstance(sh, (LSGDShared, AsyncLSGDShared, MultiLeaderShared)):
+    leader = int(np.asarray(sh.leader))
+    return mean() if leader < 0 else _at(params, leader)
+  if isinstance(sh, WASGDShared):
+    w = np.asarray(sh.weights)
+    return _weighted(params, w if w.shape == (K,) else np.ones(K))
+  if isinstance(sh, WPSGDShared):
+    st = [n for n in jax.tree_util.tree_leaves(
+        opt_state, is_leaf=lambda n: isinstance(n, WPSGDState)) if isinstance(n, WPSGDState)][0]
+    return _weighted(params, np.asarray(_wpsgd_score(st.local_steps, sh.weighting, sh.decay)))
+  if isinstance(sh, AveragingShared) and sh.outer is not None:
+    return sh.target
+  if isinstance(sh, (AveragingShared, SyncShared)):
+    return mean()
+  raise TypeError(f"no evaluated model known for {type(sh).__name__}.")
