@@ -201,3 +201,49 @@ def test_linen_batchnorm_stats_follow_lsgd_rule(backend, K):
   for a, b in zip(jax.tree_util.tree_leaves(st), jax.tree_util.tree_leaves(fresh)):
     a, b = np.asarray(a), np.asarray(b)
     np.testing.assert_allclose(a, (1 - c) * b + c * b[lead], rtol=1e-5, atol=1e-6)
+
+
+NNX_TRANSFORMS = {
+    "easgd": lambda ax: wagrad.easgd(optax.sgd(0.1), 2, axis_name=ax),
+    "lsgd": lambda ax: wagrad.lsgd(optax.sgd(0.1), 2, axis_name=ax),
+    "wasgd": lambda ax: wagrad.wasgd(optax.sgd(0.1), 2, axis_name=ax),
+    "wpsgd": lambda ax: wagrad.wpsgd(optax.sgd(0.1), 2, weighting="samples", axis_name=ax),
+    "downpour": lambda ax: wagrad.downpour(0.1, 2, axis_name=ax),
+    "diloco": lambda ax: wagrad.diloco(0.01, sync_period=2, axis_name=ax),
+    "sync_sgd": lambda ax: wagrad.sync_sgd(optax.sgd(0.1), axis_name=ax),
+}
+
+
+@pytest.mark.parametrize("name", list(NNX_TRANSFORMS))
+def test_nnx_optimizer_runs_every_transform_as_the_functional_loop(name):
+  """flax's own nnx.Optimizer (state split and stacked by the runner) with each
+  transform gives the functional loop's parameters (issue 20: easgd and lsgd crashed)."""
+  K = 4
+  r = wagrad.Runner("vmap", K)
+  rng = np.random.default_rng(0)
+  X = rng.normal(size=(K, 8, 3)).astype(np.float32)
+  Y = rng.normal(size=(K, 8)).astype(np.float32)
+  tx = NNX_TRANSFORMS[name](r.axis_name)
+  model = nnx.Linear(3, 1, rngs=nnx.Rngs(0))
+  p0 = {"w": jnp.asarray(model.kernel.get_value()), "b": jnp.asarray(model.bias.get_value())}
+  graphdef, state = nnx.split((model, nnx.Optimizer(model, tx, wrt=nnx.Param)))
+
+  def step(state, x, y):
+    model, opt = nnx.merge(graphdef, state)
+    loss, g = nnx.value_and_grad(lambda m: jnp.mean((m(x)[:, 0] - y) ** 2))(model)
+    wagrad.nnx_update(opt, model, g, value=loss)
+    return nnx.state((model, opt))
+
+  def step2(p, s, x, y):
+    loss, g = jax.value_and_grad(lambda p: jnp.mean(((x @ p["w"] + p["b"])[:, 0] - y) ** 2))(p)
+    u, s = tx.update(g, s, p, value=loss)
+    return wagrad.apply_updates(p, u, s), s
+
+  f, f2 = r.map(step), r.map(step2)
+  st, p, s = r.replicate(state), r.replicate(p0), r.init(tx, p0)
+  for _ in range(5):
+    st = f(st, X, Y)
+    p, s = f2(p, s, X, Y)
+  kernel = np.asarray(st[0]["kernel"].get_value())
+  np.testing.assert_allclose(kernel, np.asarray(p["w"]), rtol=1e-5, atol=1e-6)
+  assert not np.allclose(kernel, kernel[0]) or name == "sync_sgd"  # workers differ
