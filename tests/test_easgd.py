@@ -698,3 +698,31 @@ def test_digits_convergence_easgd_center_and_eamsgd():
     accs[name] = float(np.mean(np.argmax(np.asarray(_mlp(center, Xte)), -1) == yte))
   print("digits center test accuracy", accs)
   assert accs["easgd"] > 0.85 and accs["eamsgd"] > 0.85, accs
+
+
+def test_easgd_worker_with_nonfinite_params_heals_at_the_next_exchange():
+  """A worker whose *parameters* go NaN between exchanges (tau = 4) takes the new center
+  exactly at the next exchange (an additive update cannot repair NaN parameters;
+  wagrad.apply_updates assigns it, issue 20), and the center stays finite."""
+  K, bad, tau = 8, 3, 4
+  runner = wagrad.Runner("shard_map", K)
+  A, b, w0, c0 = _problem(K)
+  tx = E.easgd(optax.sgd(ETA), tau, alpha=0.1, axis_name=runner.axis_name)
+
+  def step(p, s, A, b, t):
+    g = jax.grad(ls_loss)(p, A, b)
+    u, s = tx.update(g, s, p)
+    p = wagrad.apply_updates(p, u, s)
+    broken = (C.worker_index(runner.axis_name) == bad) & (t.value == 1)
+    return jax.tree_util.tree_map(lambda x: jnp.where(broken, jnp.nan, x), p), s
+
+  f = runner.map(step)
+  p, s = runner.replicate({"w": w0[0]}), runner.init(tx, {"w": w0[0]})
+  for t in range(tau):
+    p, s = f(p, s, A, b, wagrad.Shared(jnp.int32(t)))
+    w = np.asarray(p["w"])
+    if t < tau - 1:
+      assert np.isnan(w[bad]).all() == (t >= 1)
+  assert np.isfinite(w).all()                                   # healed at the exchange
+  np.testing.assert_array_equal(w[bad], np.asarray(s.shared.center["w"]))  # exactly
+  assert np.isfinite(np.asarray(s.shared.center["w"])).all()

@@ -270,13 +270,26 @@ def apply_updates(params: PyTree, updates: PyTree, opt_state: PyTree) -> PyTree:
   assigns only the parameters of its own label (the others are masked in its target).
   """
   new = optax.apply_updates(params, updates)
-  states = jax.tree_util.tree_leaves(
-      opt_state, is_leaf=lambda n: is_shared(n) and hasattr(n, "assign"))
-  masked = lambda x: isinstance(x, optax.MaskedNode)  # noqa: E731
-  for sh in states:
-    if not (is_shared(sh) and hasattr(sh, "assign")) or getattr(sh, "target", None) is None:
-      continue
-    new = jax.tree_util.tree_map(
-        lambda t, n, sh=sh: n if masked(t) else jnp.where(sh.assign, t.astype(n.dtype), n),
-        sh.target, new, is_leaf=masked)
+  for sh in _nodes(opt_state, lambda n: is_shared(n) and hasattr(n, "assign")):
+    if getattr(sh, "target", None) is not None:
+      new = _take(sh.assign, sh.target, new)
+  # a worker reset at an exchange (its parameters were non-finite: no additive update
+  # can repair them) takes the rule's shared value, e.g. EASGD's center
+  for st in _nodes(opt_state, lambda n: hasattr(n, "reset") and hasattr(n, "shared")):
+    sh = st.shared
+    value = sh.target if getattr(sh, "target", None) is not None else sh.center
+    new = jax.lax.cond(st.reset, lambda v, n: _take(True, v, n), lambda v, n: n, value, new)
   return new
+
+
+def _nodes(tree, pred):
+  return [n for n in jax.tree_util.tree_leaves(tree, is_leaf=pred) if pred(n)]
+
+
+def _take(pred, value, new):
+  """``value`` where ``pred``, else ``new``, leaf by leaf in ``new``'s dtypes; leaves of
+  ``value`` masked by ``optax.multi_transform`` (other labels) keep ``new``."""
+  masked = lambda x: isinstance(x, optax.MaskedNode)  # noqa: E731
+  return jax.tree_util.tree_map(
+      lambda t, n: n if masked(t) else jnp.where(pred, t.astype(n.dtype), n),
+      value, new, is_leaf=masked)

@@ -33,9 +33,10 @@ re-estimate the center's statistics on training data before evaluating it.
 
 Non-finite workers: a worker whose parameters or local step are non-finite (or whose
 squared distance to the center overflows float32) is left out of the center's update
-(its contribution is zero) and is reset to the new center at the exchange (through an
-additive update; a worker whose *parameters* are already non-finite cannot be repaired
-by an additive update and stays non-finite).
+(its contribution is zero) and is reset to the new center at the exchange: the state's
+per-worker ``reset`` flag makes :func:`wagrad.apply_updates` assign the center exactly
+(an additive update cannot repair non-finite parameters; plain ``optax.apply_updates``
+leaves them non-finite). LSGD does the same with the leader.
 
 References:
   Zhang, Choromanska, LeCun, "Deep learning with Elastic Averaging SGD", NeurIPS 2015,
@@ -199,6 +200,8 @@ class EASGDShared:
 class EASGDState(NamedTuple):
   inner: Any
   shared: EASGDShared
+  reset: Any               # per worker: non-finite at this exchange, so it takes the
+                            # center (exactly, through wagrad.apply_updates)
 
 
 def easgd(inner: optax.GradientTransformation, sync_period=1, *, alpha: float | None = None,
@@ -253,7 +256,7 @@ def easgd(inner: optax.GradientTransformation, sync_period=1, *, alpha: float | 
 
   def init_fn(params):
     center = base.tree_copy(params)
-    return EASGDState(inner.init(params), EASGDShared(
+    return EASGDState(inner.init(params), reset=jnp.bool_(False), shared=EASGDShared(
         **base.clock(0),
         target=center if warmup_steps > 0 else None, center=center,
         distance=jnp.zeros([], jnp.float32),
@@ -291,14 +294,14 @@ def easgd(inner: optax.GradientTransformation, sync_period=1, *, alpha: float | 
     def with_center(center, **changes):
       return dict(center=center, target=center if warmup_steps > 0 else None, **changes)
 
-    x_new, new_shared, inner_state, _ = periodic.exchange_step(
+    x_new, new_shared, inner_state, finite = periodic.exchange_step(
         idx, sh, base.tree_add(params, u), exchange, move=move, operand=diff,
         warmup_steps=warmup_steps, axis_name=axis_name,
         warmup_end=lambda x0: with_center(base.tree_cast_like(x0, sh.center),
                                           distance=jnp.zeros([], jnp.float32)),
         opt_state=(opt_state_sync, inner, inner_state))
     upd = periodic.updates_to(x_new, params)
-    return upd, EASGDState(inner_state, new_shared)
+    return upd, EASGDState(inner_state, new_shared, (idx == periodic.EXCHANGE) & ~finite)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 

@@ -200,6 +200,8 @@ class LSGDState(NamedTuple):
   losses: jax.Array         # ring buffer of the last avg_size losses (per worker)
   num_losses: jax.Array     # losses recorded so far (per worker)
   shared: LSGDShared
+  reset: Any                # per worker: non-finite at this exchange, so it takes the
+                            # leader (exactly, through wagrad.apply_updates)
 
 
 def lsgd(inner: optax.GradientTransformation, sync_period=4, *, pull: float = 0.1,
@@ -285,7 +287,8 @@ def lsgd(inner: optax.GradientTransformation, sync_period=4, *, pull: float = 0.
             **base.clock(0),
             leader_params=leader_params, leader=jnp.int32(-1),
             leader_loss=jnp.float32(jnp.inf), mix_weights=_one_hot(-1, k),
-            exchanged=jnp.bool_(False), pull_distance=jnp.zeros([], jnp.float32)))
+            exchanged=jnp.bool_(False), pull_distance=jnp.zeros([], jnp.float32)),
+        reset=jnp.bool_(False))
 
   def update_fn(grads, state, params=None, *, active=None, exchange=None, **extra):
     if params is None:
@@ -325,19 +328,21 @@ def lsgd(inner: optax.GradientTransformation, sync_period=4, *, pull: float = 0.
                           pull_distance=jnp.asarray(dist, jnp.float32))
       # no finite worker: nothing is elected, the step is a local one
       new = base.tree_where(ld.ok, new, {k: getattr(sh, k) for k in new})
-      return dict(new, exchanged=ld.ok, assign=ld.ok & (pull == 1.0)), True
+      return dict(new, exchanged=ld.ok, assign=ld.ok & (pull == 1.0)), C.tree_is_finite(x)
 
-    def move(x, shared, _):
-      """x_i <- x_i - c (x_i - L) (c = 1: L exactly)."""
+    def move(x, shared, finite):
+      """x_i <- x_i - c (x_i - L) (c = 1: L exactly); a non-finite worker takes L."""
       L = base.tree_cast_like(shared.leader_params, x)
-      return base.tree_where(shared.exchanged, L if pull == 1.0 else _pull(x, L, pull), x)
+      pulled = base.tree_where(finite, L if pull == 1.0 else _pull(x, L, pull), L)
+      return base.tree_where(shared.exchanged, pulled, x)
 
-    x_new, new_shared, inner_state, _ = periodic.exchange_step(
+    x_new, new_shared, inner_state, finite = periodic.exchange_step(
         idx, sh, x, do_exchange, move=move, warmup_steps=warmup_steps, axis_name=axis_name,
         warmup_end=lambda x0: _leader_fields(sh, x0, 0, pull_distance=jnp.zeros([], jnp.float32)),
         opt_state=(opt_state_sync, inner, inner_state))
     updates = periodic.updates_to(x_new, params)
-    return updates, LSGDState(inner_state, losses, num_losses, new_shared)
+    reset = (idx == periodic.EXCHANGE) & new_shared.exchanged & ~finite
+    return updates, LSGDState(inner_state, losses, num_losses, new_shared, reset)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
