@@ -93,3 +93,17 @@ def test_default_axis_with_more_workers_than_devices_is_an_error(backend):
   x = np.arange(16, dtype=np.float32)[:, None] * np.ones((16, 3), np.float32)
   p, _ = r.map(step)({"w": x}, r.init(tx, p0))
   np.testing.assert_allclose(np.asarray(p["w"]), np.full((16, 3), 7.5 * 0.9), rtol=1e-6)
+
+
+def test_stacking_twice_is_refused_with_the_fix():
+  """runner.replicate(runner.init(...)) used to give one of five cryptic errors later
+  (issue 20); it is refused at once, naming the leaf."""
+  r = wagrad.Runner("vmap", 4)
+  p0 = {"w": np.zeros(3, np.float32)}
+  tx = wagrad.model_averaging(optax.sgd(0.1), 2, axis_name=r.axis_name)
+  state = r.init(tx, p0)
+  with pytest.raises(ValueError, match="already stacked.*replicate only one worker"):
+    r.replicate(state)
+  with pytest.raises(ValueError, match=r"\['w'\].*already stacked"):
+    r.replicate(r.replicate(p0))
+  r.replicate(p0)  # one worker's tree: fine, as often as wanted

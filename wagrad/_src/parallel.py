@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import weakref
 from typing import Any, Callable, Sequence
 
 import jax
@@ -209,6 +210,7 @@ class Runner:
       wait = backend != "vmap" and platform == "cpu"
     self.wait = bool(wait)
     self.debug = bool(debug)
+    self._stacked = {}  # id -> weak reference of the arrays replicate() stacked
 
   def __repr__(self):
     return (f"Runner(backend={self.backend!r}, num_workers={self.num_workers}, "
@@ -224,11 +226,27 @@ class Runner:
   def replicate(self, tree):
     """Give every worker a copy of ``tree`` (shared nodes stay unstacked); placed."""
     K = self.num_workers
+    self._refuse_restacking(tree)
     out = jax.tree_util.tree_map(
         lambda n: n if base.is_shared(n) else jax.tree_util.tree_map(
             lambda x: jnp.broadcast_to(jnp.asarray(x), (K,) + jnp.shape(x)), n),
         tree, is_leaf=base.is_shared)
-    return self.put(out)
+    out = self.put(out)
+    for x in jax.tree_util.tree_leaves(out):  # remembered weakly, to refuse restacking
+      if isinstance(x, jax.Array):
+        self._stacked[id(x)] = weakref.ref(x, lambda _, k=id(x): self._stacked.pop(k, None))
+    return out
+
+  def _refuse_restacking(self, tree):
+    """``runner.replicate(runner.init(...))`` would stack the workers twice (K x K):
+    refuse a leaf this runner stacked itself, naming it."""
+    for path, x in jax.tree_util.tree_leaves_with_path(tree):
+      ref = self._stacked.get(id(x))
+      if ref is not None and ref() is x:
+        raise ValueError(
+            f"leaf {jax.tree_util.keystr(path)} is already stacked for the {self.num_workers} "
+            f"workers (runner.init and runner.replicate return one copy per worker): pass "
+            f"it to the mapped step as it is; replicate only one worker's tree.")
 
   def init(self, tx, params):
     """``tx.init(params)`` for one worker's params, replicated to every worker.
