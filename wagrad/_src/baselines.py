@@ -227,7 +227,10 @@ def diloco(inner_learning_rate=4e-4, outer_learning_rate=0.7, sync_period=500, *
 
   ``model_averaging(adamw(inner_lr, weight_decay), sync_period=H,
   outer_optimizer=sgd(outer_lr, momentum, nesterov=True))``. Defaults are the
-  DiLoCo paper's (H=500, outer lr 0.7, momentum 0.9).
+  DiLoCo paper's (H=500, outer lr 0.7, momentum 0.9). H = 500 suits the paper's runs of
+  tens of thousands of steps: a run shorter than H steps never exchanges at all (the
+  workers never meet). Pick H as a small fraction of the run, e.g. ``sync_period=50``
+  for a few thousand steps.
 
   Example:
     >>> import wagrad

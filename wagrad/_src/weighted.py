@@ -321,7 +321,10 @@ def wasgd(inner: optax.GradientTransformation, sync_period=4, *, temperature: fl
     inner: the local optimizer (any optax transform).
     sync_period: tau >= 1 or a schedule ``step -> period``.
     temperature: T >= 0 of the Boltzmann weights; ``inf`` is plain averaging and ``0``
-      picks the best worker (ties share).
+      picks the best worker (ties share). T is in the loss's units: workers whose mean
+      losses differ by T get weights in the ratio e (1 : 2.7); pick it from the spread
+      of the workers' losses (``shared.losses`` holds the last exchange's), e.g. about
+      their standard deviation, and rescale it when the loss is rescaled.
     moving_rate: a in (0, 1], how far each worker moves to ``x_w``.
     weight_fn: ``"boltzmann"`` (default), ``"rank"`` (``w_j ∝ K_f - r_j``, r_j the
       number of finite workers with a strictly lower loss) or ``"uniform"``.
