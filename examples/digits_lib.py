@@ -102,11 +102,11 @@ def _make_registry():
           wagrad.lsgd(sgd(lr), tau, axis_name=ax, num_workers=K), "leader", _leader),
           "leader SGD (pull toward the best worker)"),
       "staleness_aware": (lambda lr, tau, ax, K, T, seed, opts: Algo(
-          *(lambda tx_rows: (tx_rows[0], "server", _server, None, wagrad.staleness_apply,
+          *(lambda tx_rows: (tx_rows[0], "server", _server, None, wagrad.apply_updates,
                              tx_rows[1]))(_softsync(lr * 2, K, T, seed, "inverse", opts.get("softsync_n")))),
           "staleness-aware async SGD, fully asynchronous (n = K)"),
       "asgd": (lambda lr, tau, ax, K, T, seed, opts: Algo(
-          *(lambda tx_rows: (tx_rows[0], "server", _server, None, wagrad.staleness_apply,
+          *(lambda tx_rows: (tx_rows[0], "server", _server, None, wagrad.apply_updates,
                              tx_rows[1]))(_softsync(lr * 2, K, T, seed, "none", opts.get("softsync_n")))),
           "plain asynchronous SGD, same schedule (baseline)"),
   }

@@ -36,7 +36,7 @@ SCHEDULED = {
               lambda t: {"active": _ACTIVE[t]}, wagrad.apply_updates),
     "staleness_aware_sgd": (lambda ax: wagrad.staleness_aware_sgd(optax.sgd(0.1), axis_name=ax),
                             lambda t: dict(zip(("push", "staleness", "apply"), _SOFTSYNC.row(t))),
-                            wagrad.staleness_apply),
+                            wagrad.apply_updates),
 }
 ALL = list(ALGOS) + list(SCHEDULED)
 

@@ -315,7 +315,7 @@ def _digits_run(modulation, alpha0, steps=300, K=8, batch=32, seed=0):
   def step(p, s, x, y, push, stal, apply):
     g = jax.grad(loss)(p, x, y)
     u, s = tx.update(g, s, p, push=push, staleness=stal, apply=apply)
-    return S.staleness_apply(p, u, s), s
+    return wagrad.apply_updates(p, u, s), s
 
   f = r.map(step)
   p0 = _mlp_init(jax.random.PRNGKey(seed))

@@ -21,7 +21,6 @@ from wagrad._src.base import apply_updates
 from wagrad._src.baselines import one_shot_average
 from wagrad._src.easgd import eamsgd_lookahead, easgd_center
 from wagrad._src.evaluate import evaluated_params
-from wagrad._src.staleness import staleness_apply
 from wagrad._src.weighted import wpsgd_combine
 
 # Running workers: the runner, shared (unstacked) state.

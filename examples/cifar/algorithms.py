@@ -197,7 +197,7 @@ if hasattr(wagrad, "staleness_aware_sgd"):
   ALGORITHMS["staleness"] = Algorithm(
       _staleness, "staleness-aware async SGD, n-softsync parameter server (--softsync-n, "
       "--alpha0)", speeds="none", step_args=_softsync_rows,
-      apply=getattr(wagrad, "staleness_apply", wagrad.apply_updates))
+      apply=wagrad.apply_updates)
 
 
 # ----------------------------------------------------------------------------- CLI

@@ -268,16 +268,21 @@ def apply_updates(params: PyTree, updates: PyTree, opt_state: PyTree) -> PyTree:
   ``optax.apply_updates``. Without a wagrad state in ``opt_state`` it is
   ``optax.apply_updates``. Under ``optax.multi_transform`` each wagrad transform
   assigns only the parameters of its own label (the others are masked in its target).
+  A worker whose state says ``reset`` takes the shared value of the rule exactly: a
+  non-finite EASGD / LSGD worker at an exchange (center, leader), a learner of
+  staleness-aware SGD that pulled the server's parameters.
   """
   new = optax.apply_updates(params, updates)
   for sh in _nodes(opt_state, lambda n: is_shared(n) and hasattr(n, "assign")):
     if getattr(sh, "target", None) is not None:
       new = _take(sh.assign, sh.target, new)
-  # a worker reset at an exchange (its parameters were non-finite: no additive update
-  # can repair them) takes the rule's shared value, e.g. EASGD's center
+  # a worker reset this step takes the rule's shared value exactly, per worker: EASGD's
+  # center or LSGD's leader for a worker whose parameters went non-finite (no additive
+  # update can repair them), the server for a learner that pulled it (staleness-aware)
   for st in _nodes(opt_state, lambda n: hasattr(n, "reset") and hasattr(n, "shared")):
     sh = st.shared
-    value = sh.target if getattr(sh, "target", None) is not None else sh.center
+    value = next(v for v in (getattr(sh, k, None) for k in ("target", "center", "server"))
+                 if v is not None)
     new = jax.lax.cond(st.reset, lambda v, n: _take(True, v, n), lambda v, n: n, value, new)
   return new
 

@@ -194,7 +194,7 @@ class StalenessShared:
   last_exchange: jax.Array  # the count right after the last exchange (or warm-up end)
   num_exchanges: jax.Array  # exchanges (and warm-up ends) so far
   assign: jax.Array         # this step assigns `target` exactly (wagrad.apply_updates)
-  target: Any                # None: assignment is per worker, see staleness_apply
+  target: Any                # None: assignment is per worker (StalenessState.reset)
   server: Any                # the master parameters theta
   inner: Any                 # the server optimizer's state (inner, on aggregated grads)
   num_gradients: jax.Array   # gradients applied so far
@@ -210,6 +210,12 @@ class StalenessState(NamedTuple):
   staleness: jax.Array   # per worker: staleness used at the last step
   pulled: jax.Array      # per worker: pulled the server params at the last step
   shared: StalenessShared
+
+  @property
+  def reset(self):
+    """A learner that pulled takes the server's parameters exactly
+    (:func:`wagrad.apply_updates`)."""
+    return self.pulled
 
 
 def _unwrap(x):
@@ -428,31 +434,8 @@ def _find_state(opt_state):
 
 
 def staleness_apply(params, updates, opt_state):
-  """Apply ``updates``; a worker that pulled this step takes the server's theta exactly.
-
-  ``x + (theta - x)`` is not ``theta`` in floating point. The pull is per worker (only
-  the learners that pushed), which the shared ``assign`` of :func:`wagrad.apply_updates`
-  cannot express, so this helper reads the per-worker ``pulled`` flag of the
-  :class:`StalenessState` in ``opt_state`` and returns ``state.shared.server`` (cast to
-  the params' dtypes) there, ``optax.apply_updates(params, updates)`` elsewhere
-  (non-pushers get exact zero updates, so their params are unchanged).
-
-  Args:
-    params: this worker's parameters.
-    updates: the updates returned by :func:`staleness_aware_sgd`.
-    opt_state: the new optimizer state (a :class:`StalenessState`, possibly nested).
-
-  Returns:
-    The new parameters.
-
-  Example:
-    >>> # inside the mapped step:
-    >>> # u, s = tx.update(g, s, p, push=push, staleness=stal, apply=apply)
-    >>> # p = staleness_apply(p, u, s)
-  """
-  new = optax.apply_updates(params, updates)
-  st = _find_state(opt_state)
-  if st is None:
+  """Same as :func:`wagrad.apply_updates` (kept for code written against wagrad 0.1): a
+  worker that pulled this step takes the server's parameters exactly."""
+  if _find_state(opt_state) is None:
     raise TypeError("`opt_state` holds no staleness_aware_sgd state.")
-  return jax.tree_util.tree_map(
-      lambda s, n: jnp.where(st.pulled, s.astype(n.dtype), n), st.shared.server, new)
+  return base.apply_updates(params, updates, opt_state)
