@@ -375,7 +375,7 @@ def test_async_easgd_period_schedule_matches_numpy(backend):
 
   def step(p, s, A, b, act, flag):
     g = jax.grad(ls_loss)(p, A, b)
-    u, s = tx.update(g, s, p, active=act, any_exchange=flag.value)
+    u, s = tx.update(g, s, p, active=act, any_exchange=flag)  # Shared, or plain (l. 350)
     return wagrad.apply_updates(p, u, s), s, _shared_equal(s, runner.axis_name)
 
   rows = (active.T.copy(), wagrad.Shared(jnp.asarray(anyx)))

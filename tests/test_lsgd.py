@@ -622,7 +622,7 @@ def test_async_lsgd_period_schedule_matches_numpy(backend):
 
   def step(p, s, A, b, a, any_r):
     loss, g = jax.value_and_grad(_util.ls_loss)(p, A, b)
-    u, s = tx.update(g, s, p, value=loss, active=a, any_report=any_r.value)
+    u, s = tx.update(g, s, p, value=loss, active=a, any_report=any_r)  # Shared, or plain (l. 584)
     return optax.apply_updates(p, u), s
 
   f = r.map(step)

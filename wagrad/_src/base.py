@@ -70,6 +70,12 @@ class Shared:
   value: Any
 
 
+def unshared(x):
+  """``x.value`` for a :class:`Shared` wrapper, else ``x``: per-step inputs of a transform
+  (``any_exchange=``, ``exchange=``, ``apply=``, ...) may be passed either way."""
+  return x.value if isinstance(x, Shared) else x
+
+
 def worker_axes(tree: PyTree, stacked=0, shared=None) -> PyTree:
   """A prefix tree of ``tree`` with ``shared`` at shared nodes and ``stacked`` elsewhere.
 

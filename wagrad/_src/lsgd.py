@@ -297,7 +297,8 @@ def lsgd(inner: optax.GradientTransformation, sync_period=4, *, pull: float = 0.
     base.check_axis_name(axis_name)
     sh = state.shared
     _check_num_workers(sh.mix_weights, axis_name)
-    act = jnp.bool_(True) if active is None else jnp.asarray(active, jnp.bool_)
+    act = jnp.bool_(True) if active is None else jnp.asarray(base.unshared(active), jnp.bool_)
+    exchange = base.unshared(exchange)
 
     u, new_inner = periodic.local_update(
         inner, grads, state.inner, params, sh.count, warmup_steps, axis_name, **extra)

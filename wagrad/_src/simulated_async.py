@@ -161,7 +161,8 @@ def async_easgd(inner: optax.GradientTransformation, sync_period=1, *,
     base.check_same_structure("grads", grads, "params", params)
     a = _moving_rate(alpha, beta, axis_name)
     sh = state.shared
-    act = jnp.asarray(active, jnp.bool_)
+    act = jnp.asarray(base.unshared(active), jnp.bool_)
+    any_exchange = base.unshared(any_exchange)
     u, new_inner = inner.update(grads, state.inner, params, **extra)
     u = _tmap(lambda x: jnp.where(act, x, jnp.zeros_like(x)), u)
     inner_state = base.tree_where(act, new_inner, state.inner)
@@ -341,7 +342,8 @@ def async_lsgd(inner: optax.GradientTransformation, sync_period=4, *,
     base.check_axis_name(axis_name)
     base.check_same_structure("grads", grads, "params", params)
     sh = state.shared
-    act = jnp.bool_(True) if active is None else jnp.asarray(active, jnp.bool_)
+    act = jnp.bool_(True) if active is None else jnp.asarray(base.unshared(active), jnp.bool_)
+    any_report = base.unshared(any_report)
     u, new_inner = inner.update(grads, state.inner, params, **extra)
     x = base.tree_where(act, base.tree_add(params, u), params)
     inner_state = base.tree_where(act, new_inner, state.inner)

@@ -218,8 +218,7 @@ class StalenessState(NamedTuple):
     return self.pulled
 
 
-def _unwrap(x):
-  return x.value if base.is_shared(x) else x
+_unwrap = base.unshared
 
 
 def _check_args(inner, alpha0, modulation, zero_staleness, staleness_bins, axis_name):
