@@ -1,0 +1,27 @@
+"""The API reference (docs/api, Sphinx autodoc) builds with warnings as errors and
+lists every public name of wagrad."""
+import glob
+import html
+import os
+import re
+import subprocess
+import sys
+
+import wagrad
+
+DOCS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs", "api")
+
+
+def test_every_public_name_has_its_entry():
+  text = "".join(open(f).read() for f in glob.glob(os.path.join(DOCS, "*.rst")))
+  documented = set(re.findall(r"^\.\. auto(?:function|class):: wagrad\.(\w+)", text, re.M))
+  public = {n for n in dir(wagrad) if not n.startswith("_")}
+  assert public <= documented, sorted(public - documented)
+
+
+def test_api_reference_builds_without_warnings(tmp_path):
+  p = subprocess.run([sys.executable, "-m", "sphinx", "-W", "--keep-going", "-q", "-b", "html",
+                      DOCS, str(tmp_path)], capture_output=True, text=True, timeout=600)
+  assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+  page = html.unescape(re.sub(r"<[^>]+>", "", (tmp_path / "easgd.html").read_text()))
+  assert "x~ + alpha sum_i (x_i - x~)" in page  # the rule is on the family's page
