@@ -74,3 +74,38 @@ def test_evaluated_params_match_the_in_map_helpers(name):
 def test_evaluated_params_rejects_a_state_without_wagrad():
   with pytest.raises(TypeError, match="no wagrad"):
     wagrad.evaluated_params({"w": np.zeros((2, 3))}, optax.sgd(0.1).init({"w": np.zeros(3)}))
+
+
+@pytest.mark.parametrize("name", ["easgd", "lsgd", "wasgd"])
+def test_evaluated_params_reads_a_flax_nnx_state(name):
+  """With nnx.Optimizer the runner stacks the whole state (shared leaves too) and the
+  leaves are nnx variables: the accessor still returns the paper's model, the same as
+  from the functional loop's state."""
+  from flax import nnx
+  r = wagrad.Runner("vmap", K)
+  make, _ = CASES[name]
+  tx = make(r.axis_name)
+  model = nnx.Linear(3, 1, rngs=nnx.Rngs(0))
+  graphdef, state = nnx.split((model, nnx.Optimizer(model, tx, wrt=nnx.Param)))
+  X = np.random.default_rng(0).normal(size=(K, 8, 3)).astype(np.float32)
+
+  def step(state, x, c):
+    model, opt = nnx.merge(graphdef, state)
+    loss, g = nnx.value_and_grad(lambda m: jnp.sum((m(x)[:, 0] - c[0]) ** 2))(model)
+    wagrad.nnx_update(opt, model, g, value=loss)
+    return nnx.state((model, opt))
+
+  def step2(p, s, x, c):
+    loss, g = jax.value_and_grad(lambda p: jnp.sum(((x @ p["kernel"] + p["bias"])[:, 0] - c[0]) ** 2))(p)
+    u, s = tx.update(g, s, p, value=loss)
+    return wagrad.apply_updates(p, u, s), s
+
+  p0 = {"kernel": jnp.asarray(model.kernel.get_value()), "bias": jnp.asarray(model.bias.get_value())}
+  f, f2 = r.map(step), r.map(step2)
+  st, p, s = r.replicate(state), r.replicate(p0), r.init(tx, p0)
+  for _ in range(3):
+    st, (p, s) = f(st, X, TARGETS), f2(p, s, X, TARGETS)
+  models, opt = nnx.merge(graphdef, st)
+  got = wagrad.evaluated_params(nnx.state(models, nnx.Param), opt.opt_state)
+  want = wagrad.evaluated_params(p, s)
+  np.testing.assert_allclose(np.asarray(got["kernel"]), np.asarray(want["kernel"]), rtol=1e-5, atol=1e-6)

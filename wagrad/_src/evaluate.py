@@ -34,6 +34,13 @@ def _weighted(params, weights):
       lambda x: jnp.asarray(np.tensordot(w, np.asarray(x, np.float64), 1), x.dtype), params)
 
 
+def _plain(tree):
+  """Flax NNX variables (``nnx.Param``, optimizer state) replaced by their arrays."""
+  is_var = lambda v: hasattr(v, "get_value") and hasattr(v, "set_value")  # noqa: E731
+  return jax.tree_util.tree_map(lambda v: v.get_value() if is_var(v) else v, tree,
+                                is_leaf=is_var)
+
+
 def _at(params, k):
   return jax.tree_util.tree_map(lambda x: x[k], params)
 
@@ -43,8 +50,10 @@ def evaluated_params(params, opt_state):
 
   ``params``: the workers' parameters, stacked (leading dimension K, as
   ``runner.replicate`` / the mapped step return them); ``opt_state``: the transform's
-  state as the runner holds it (also nested in an ``optax.chain``). Returns one
-  unstacked parameter tree:
+  state as the runner holds it (also nested in an ``optax.chain``). With Flax NNX pass
+  ``nnx.state(model, nnx.Param)`` and ``optimizer.opt_state`` of the stacked model and
+  optimizer (``nnx.merge(graphdef, state)`` outside the mapped step). Returns one
+  unstacked parameter tree of plain arrays:
 
   * model averaging, one-shot averaging, synchronous SGD: the mean of the finite
     workers (after an exchange every worker holds it); with DiLoCo's outer optimizer
@@ -61,8 +70,11 @@ def evaluated_params(params, opt_state):
     >>> # after training with runner.map(step): params, opt_state = ...
     >>> # model = wagrad.evaluated_params(params, opt_state)
   """
+  params, opt_state = _plain(params), _plain(opt_state)
   K = jax.tree_util.tree_leaves(params)[0].shape[0]
   sh = base.find_shared(opt_state, "count")
+  if sh is not None and np.ndim(sh.count) == 1:  # a Flax NNX state stacks shared leaves too
+    sh = jax.tree_util.tree_map(lambda x: x[0], sh)
   mean = lambda: _weighted(params, np.ones(K))  # noqa: E731
   if sh is None:
     raise TypeError("`opt_state` holds no wagrad transform state.")
