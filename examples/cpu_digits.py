@@ -16,7 +16,6 @@ import argparse
 import json
 import os
 import sys
-import time
 
 
 def parse_args(argv=None):

@@ -39,27 +39,10 @@ class Algo(NamedTuple):
   """How the example runs one algorithm (everything but the transform is optional)."""
   tx: object
   evaluated: str                      # which model the paper evaluates
-  model: Callable                     # (params, state, axis_name) -> evaluated params
   grad_point: Callable | None = None  # (params, state) -> where the gradient is taken
   apply: Callable | None = None       # (params, updates, state) -> new params
   rows: Callable | None = None        # t -> dict of per-step extra args for tx.update
   eval_loss: bool = False             # pass eval_value= (loss on a batch shared by all)
-
-
-def _average(params, state, axis_name):
-  return wagrad.one_shot_average(params, axis_name).value
-
-
-def _center(params, state, axis_name):
-  return wagrad.easgd_center(state)
-
-
-def _leader(params, state, axis_name):
-  return wagrad.broadcast_from(params, jnp.maximum(state.shared.leader, 0), axis_name)
-
-
-def _server(params, state, axis_name):
-  return state.shared.server
 
 
 def _softsync(lr, K, steps, seed, modulation, n=None):
@@ -78,58 +61,54 @@ def _make_registry():
   sgd = optax.sgd
   reg = {
       "sync_sgd": (lambda lr, tau, ax, K, T, seed, opts: Algo(
-          wagrad.sync_sgd(sgd(lr), axis_name=ax), "average", _average),
+          wagrad.sync_sgd(sgd(lr), axis_name=ax), "average"),
           "synchronous all-reduce SGD"),
       "model_averaging": (lambda lr, tau, ax, K, T, seed, opts: Algo(
-          wagrad.model_averaging(sgd(lr), tau, axis_name=ax), "average", _average),
+          wagrad.model_averaging(sgd(lr), tau, axis_name=ax), "average"),
           "periodic model averaging (local SGD)"),
       "one_shot": (lambda lr, tau, ax, K, T, seed, opts: Algo(
-          wagrad.model_averaging(sgd(lr), None, axis_name=ax), "average", _average),
+          wagrad.model_averaging(sgd(lr), None, axis_name=ax), "average"),
           "one-shot averaging (SimuParallel SGD)"),
       "diloco": (lambda lr, tau, ax, K, T, seed, opts: Algo(wagrad.diloco(
-          inner=sgd(lr), outer_learning_rate=0.7, sync_period=tau, axis_name=ax), "average",
-          _average), "DiLoCo: outer Nesterov SGD on the pseudo-gradient"),
+          inner=sgd(lr), outer_learning_rate=0.7, sync_period=tau, axis_name=ax), "global"),
+          "DiLoCo: outer Nesterov SGD on the pseudo-gradient"),
       "easgd": (lambda lr, tau, ax, K, T, seed, opts: Algo(
-          wagrad.easgd(sgd(lr), tau, axis_name=ax), "center", _center),
+          wagrad.easgd(sgd(lr), tau, axis_name=ax), "center"),
           "elastic averaging SGD (beta = 0.9)"),
       "eamsgd": (lambda lr, tau, ax, K, T, seed, opts: Algo(
-          wagrad.eamsgd(lr / 5, tau, momentum=0.9, axis_name=ax), "center", _center,
+          wagrad.eamsgd(lr / 5, tau, momentum=0.9, axis_name=ax), "center",
           grad_point=wagrad.eamsgd_lookahead), "elastic averaging momentum SGD"),
       "downpour": (lambda lr, tau, ax, K, T, seed, opts: Algo(
-          wagrad.downpour(lr / K, tau, axis_name=ax), "master", _center),
+          wagrad.downpour(lr / K, tau, axis_name=ax), "master"),
           "DOWNPOUR (accumulated updates pushed to the master)"),
       "lsgd": (lambda lr, tau, ax, K, T, seed, opts: Algo(
-          wagrad.lsgd(sgd(lr), tau, axis_name=ax, num_workers=K), "leader", _leader),
+          wagrad.lsgd(sgd(lr), tau, axis_name=ax, num_workers=K), "leader"),
           "leader SGD (pull toward the best worker)"),
       "staleness_aware": (lambda lr, tau, ax, K, T, seed, opts: Algo(
-          *(lambda tx_rows: (tx_rows[0], "server", _server, None, wagrad.apply_updates,
+          *(lambda tx_rows: (tx_rows[0], "server", None, wagrad.apply_updates,
                              tx_rows[1]))(_softsync(lr * 2, K, T, seed, "inverse", opts.get("softsync_n")))),
           "staleness-aware async SGD, fully asynchronous (n = K)"),
       "asgd": (lambda lr, tau, ax, K, T, seed, opts: Algo(
-          *(lambda tx_rows: (tx_rows[0], "server", _server, None, wagrad.apply_updates,
+          *(lambda tx_rows: (tx_rows[0], "server", None, wagrad.apply_updates,
                              tx_rows[1]))(_softsync(lr * 2, K, T, seed, "none", opts.get("softsync_n")))),
           "plain asynchronous SGD, same schedule (baseline)"),
   }
   reg["wasgd"] = (lambda lr, tau, ax, K, T, seed, opts: Algo(
-      wagrad.wasgd(sgd(lr), tau, temperature=0.1, axis_name=ax, num_workers=K), "average",
-      _average), "weighted aggregating SGD, Boltzmann weights (reconstruction)")
+      wagrad.wasgd(sgd(lr), tau, temperature=0.1, axis_name=ax, num_workers=K),
+      "weighted average"), "weighted aggregating SGD, Boltzmann weights (reconstruction)")
   reg["wasgd_plus"] = (lambda lr, tau, ax, K, T, seed, opts: Algo(
       wagrad.wasgd_plus(sgd(lr), tau, temperature=0.1, axis_name=ax, num_workers=K),
-      "average", _average, eval_loss=True),
+      "weighted average", eval_loss=True),
       "WASGD+: weights from a loss on a batch shared by all workers (reconstruction)")
   reg["wpsgd"] = (lambda lr, tau, ax, K, T, seed, opts: Algo(
       wagrad.wpsgd(sgd(lr), tau, weighting="samples", axis_name=ax, num_workers=K),
-      "weighted average", _wpsgd_model, rows=_straggler_rows(K, T, seed, opts.get("speeds"))),
+      "weighted average", rows=_straggler_rows(K, T, seed, opts.get("speeds"))),
       "WP-SGD, half the workers 4x slower (reconstruction)")
   reg["averaging_unbalanced"] = (lambda lr, tau, ax, K, T, seed, opts: Algo(
       wagrad.wpsgd(sgd(lr), tau, weighting="uniform", axis_name=ax, num_workers=K),
-      "average", _wpsgd_model, rows=_straggler_rows(K, T, seed, opts.get("speeds"))),
+      "average", rows=_straggler_rows(K, T, seed, opts.get("speeds"))),
       "plain averaging, same unbalanced load as wpsgd (baseline)")
   return reg
-
-
-def _wpsgd_model(params, state, axis_name):
-  return wagrad.wpsgd_combine(params, state, axis_name).value
 
 
 def _straggler_rows(K, T, seed, speeds=None):
@@ -177,13 +156,11 @@ def train_digits(names, *, workers=8, steps=300, batch=16, lr=0.1, sync_period=8
       new_p = (algo.apply or wagrad.apply_updates)(p, u, s)
       return new_p, s, loss
 
-    def evaluate(p, s, algo=algo):
-      pe = algo.model(p, s, runner.axis_name)
-      logits = model.apply({"params": pe}, Xte)
-      return jnp.mean(jnp.argmax(logits, -1) == yte)
+    def evaluate(params, state):  # outside the mapped step: the model the paper evaluates
+      logits = model.apply({"params": wagrad.evaluated_params(params, state)}, Xte)
+      return float(jnp.mean(jnp.argmax(logits, -1) == yte))
 
     step_fn = runner.map(step)
-    eval_fn = runner.map(evaluate)
     params, state = runner.replicate(p0), runner.init(tx, p0)
     rng = np.random.default_rng(seed + 1)
     curve_steps, curve_acc = [], []
@@ -202,7 +179,7 @@ def train_digits(names, *, workers=8, steps=300, batch=16, lr=0.1, sync_period=8
         extra["eval_batch"] = wagrad.Shared((Xtr[j], ytr[j]))
       params, state, loss = step_fn(params, state, xb, yb, extra)
       if (t + 1) % eval_every == 0 or t + 1 == steps:
-        acc = float(np.asarray(eval_fn(params, state))[0])
+        acc = evaluate(params, state)
         curve_steps.append(t + 1)
         curve_acc.append(acc)
         if progress:
