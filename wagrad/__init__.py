@@ -44,4 +44,4 @@ from wagrad._src.checkpoint import restore_checkpoint, save_checkpoint
 from wagrad._src.distributed import initialize as initialize_distributed
 from wagrad._src.flax_utils import nnx_update, reestimate_batch_stats, sync_model_state
 
-__version__ = "0.1.0"
+__version__ = "0.2.0.dev0"
