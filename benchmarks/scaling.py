@@ -63,6 +63,7 @@ def wagrad_variant(runner, tx, p0, x, y, loss_fn, donate=True, grad_point=None):
     u, s = tx.update(g, s, p, value=loss)
     return wagrad.apply_updates(p, u, s), s
   f = runner.map(step, donate_argnums=(0, 1) if donate else ())
+  return Step(f, runner.put(x), runner.put(y)), (runner.replicate(p0), runner.init(tx, p0))
 
 
 def measure(runner, tau, steps, reps, batch, hidden):

@@ -10,7 +10,7 @@ os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={ndev}"
 os.environ["JAX_PLATFORMS"] = "cpu"
 
 import numpy as np  # noqa: E402
-import jax  # noqa: E402
+import jax  # noqa: E402, F401  (imported after XLA_FLAGS is set)
 
 import wagrad  # noqa: E402
 

@@ -1,6 +1,5 @@
 """sync_sgd, model_averaging (warm-up, period schedules, outer optimizer / DiLoCo,
 optimizer-state policy), one-shot averaging: against NumPy references."""
-import re
 
 import numpy as np
 import optax
@@ -47,11 +46,13 @@ def np_model_averaging(A, b, lr, tau, steps, warmup=0, period_fn=None, outer=Non
     x = x - lr * g
     period = tau if period_fn is None else max(1, int(period_fn(t)))
     if warmup and t == warmup - 1:
-      x = np.broadcast_to(x[0], x.shape).copy(); xg = x[0].copy(); last = t + 1; n_ex += 1
+      x, xg = np.broadcast_to(x[0], x.shape).copy(), x[0].copy()
+      last, n_ex = t + 1, n_ex + 1
     elif t >= warmup and t + 1 - last >= period:
       xbar = x.mean(0)
       xg = xbar if outer is None else outer(xg, xg - xbar)
-      x = np.broadcast_to(xg, x.shape).copy(); last = t + 1; n_ex += 1
+      x = np.broadcast_to(xg, x.shape).copy()
+      last, n_ex = t + 1, n_ex + 1
   return x, n_ex
 
 
@@ -130,8 +131,8 @@ def test_diloco_matches_numpy(backend, K):
   lr_in, lr_out, mom, H, steps, wd = 0.05, 0.7, 0.9, 3, 12, 0.1
   w, s, A, b = run_tx(backend, K, lambda ax: wagrad.diloco(
       lr_in, lr_out, H, outer_momentum=mom, inner_weight_decay=wd, axis_name=ax), steps)
-  x = np.zeros((K, 3)); m = np.zeros((K, 3)); v = np.zeros((K, 3))
-  xg = np.zeros(3); buf = np.zeros(3)
+  x, m, v = np.zeros((K, 3)), np.zeros((K, 3)), np.zeros((K, 3))
+  xg, buf = np.zeros(3), np.zeros(3)
   for t in range(steps):
     for i in range(K):
       g = ls_grad_np(x[i], A[i], b[i])
@@ -151,7 +152,7 @@ def test_opt_state_sync_average_and_reset(backend, K):
   for policy in ("average", "reset"):
     w, s, A, b = run_tx(backend, K, lambda ax: wagrad.model_averaging(
         optax.sgd(0.05, momentum=0.9), tau, opt_state_sync=policy, axis_name=ax), steps)
-    x = np.zeros((K, 3)); vel = np.zeros((K, 3))
+    x, vel = np.zeros((K, 3)), np.zeros((K, 3))
     for t in range(steps):
       g = np.stack([ls_grad_np(x[i], A[i], b[i]) for i in range(K)])
       vel = 0.9 * vel + g

@@ -87,3 +87,13 @@ def test_overhead_rejects_unknown_size_and_algorithm():
     overhead.main(["--sizes", "huge"])
   with pytest.raises(SystemExit, match="unknown algorithm 'sgd'"):
     overhead.main(["--algos", "sgd"])
+
+
+@pytest.mark.parametrize("backend", ["vmap", "shard_map"])
+def test_scaling_benchmark_measures_one_program(backend):
+  """benchmarks/scaling.py's measurement runs (it lost its step's return value once,
+  unnoticed) and compiles once."""
+  import scaling
+  import wagrad
+  row = scaling.measure(wagrad.Runner(backend, 8), 4, steps=2, reps=1, batch=4, hidden=8)
+  assert row["median_ms"] > 0 and row["num_traces"] == 1

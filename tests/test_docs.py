@@ -25,3 +25,11 @@ def test_api_reference_builds_without_warnings(tmp_path):
   assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
   page = html.unescape(re.sub(r"<[^>]+>", "", (tmp_path / "easgd.html").read_text()))
   assert "x~ + alpha sum_i (x_i - x~)" in page  # the rule is on the family's page
+
+
+def test_ruff_passes():
+  """The lint configuration in pyproject.toml ([tool.ruff]) holds for the whole tree."""
+  root = os.path.dirname(DOCS.rstrip(os.sep)).rsplit(os.sep, 1)[0]
+  p = subprocess.run([sys.executable, "-m", "ruff", "check", "wagrad", "tests", "benchmarks",
+                      "examples", "docs"], cwd=root, capture_output=True, text=True, timeout=300)
+  assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]

@@ -1,5 +1,4 @@
 """Shared state: plain named fields; the local branch and donation keep it uncopied."""
-import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
