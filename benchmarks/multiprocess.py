@@ -19,8 +19,8 @@ tau > 1 the median is a step without exchange; the mean spreads the exchanges), 
 the largest difference of the first weight matrix between workers after the run (0
 when they are kept equal); in ``results/multiprocess_cpu.json`` and ``.png``.
 
-    python benchmarks/multiprocess.py --processes 8 --size 1M --steps 30
-    python benchmarks/multiprocess.py --processes 2 --size tiny --steps 3 --skip-torch
+    python benchmarks/multiprocess.py --processes 8 --size 1M --rounds 4
+    python benchmarks/multiprocess.py --processes 2 --size tiny --rounds 1 --skip-torch
 
 PyTorch is optional (``pip install -e '.[bench]'``; not a wagrad dependency): without
 it only the JAX half runs. ``MP_HLO_DIR=dir`` makes process 0 write each variant's
@@ -41,6 +41,7 @@ import numpy as np
 LR, BATCH, IN, OUT_DIM = 0.05, 32, 256, 10
 TAUS = (1, 4, 16)
 WARMUP = max(TAUS)  # untimed steps: every variant has exchanged once (the first is slow)
+ROUND = max(TAUS)   # steps per variant per interleaved round: every tau divides it
 SIZES = {"tiny": 16, "1M": 880}  # name -> hidden width
 JAX_XLA_FLAGS = "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
 
@@ -130,8 +131,8 @@ def jax_worker(a):
   variants["hand averaging tau=1, tree pmean"] = hand(lambda p: lax.pmean(p, ax))
   variants["hand averaging tau=1, flat pmean"] = hand(flat_pmean)
 
-  rows = []
-  for name, (step, tx) in variants.items():
+  runs = {}
+  for name, (step, tx) in variants.items():  # compile and warm up every variant first
     f = runner.map(step, donate_argnums=(0, 1))
     p, s = runner.replicate(p0), runner.init(tx, p0)
     if os.environ.get("MP_HLO_DIR") and a.rank == 0:  # inspect the compiled collectives
@@ -139,16 +140,37 @@ def jax_worker(a):
         fh.write(f.lower(p, s, x, y).compile().as_text())
     for _ in range(WARMUP):
       p, s = jax.block_until_ready(f(p, s, x, y))
-    times = []
-    for _ in range(a.steps):
+    runs[name] = [f, (p, s), []]
+
+  def one_round(name):
+    f, (p, s), times = runs[name]
+    for _ in range(ROUND):
       t0 = time.perf_counter()
       p, s = jax.block_until_ready(f(p, s, x, y))
       times.append(time.perf_counter() - t0)
-    w = np.asarray(multihost_utils.process_allgather(p["layer0"]["w"], tiled=True))
+    runs[name][1] = (p, s)
+
+  interleave(a, list(runs), one_round, lambda name: (
+      runs[name][2], np.asarray(multihost_utils.process_allgather(
+          runs[name][1][0]["layer0"]["w"], tiled=True))), "jax")
+
+
+def interleave(a, names, one_round, result, label):
+  """Time the variants in ``a.rounds`` interleaved rounds of ``ROUND`` steps each (every
+  variant sees the same machine state: the first collective program run in a process
+  group was measured up to 30x slower than later ones); rows as :func:`summary`."""
+  for _ in range(a.rounds):
+    for name in names:
+      one_round(name)
+  rows = []
+  for name in names:
+    times, w = result(name)
     rows.append(summary(name, times, np.abs(w - w[0]).max()))
     if a.rank == 0:
-      print(f"  jax   {name:34s} {rows[-1]['median_ms']:8.2f} ms", flush=True)
-      write_rows(a.tmp, rows)  # after each variant: a later hang keeps these
+      print(f"  {label:5s} {name:34s} {rows[-1]['median_ms']:8.2f} ms", flush=True)
+  if a.rank == 0:
+    write_rows(a.tmp, rows)
+  return rows
 
 
 # ------------------------------------------------------------------ PyTorch worker
@@ -178,7 +200,7 @@ def torch_worker(a):
 
   variants = {"local": None, "sync_sgd (DDP)": "ddp"}
   variants.update({f"model_averaging tau={t}": t for t in TAUS})
-  rows = []
+  runs = {}
   for name, kind in variants.items():
     m = model()
     net = nn.parallel.DistributedDataParallel(m) if kind == "ddp" else m
@@ -187,23 +209,32 @@ def torch_worker(a):
     # average after steps 1, tau + 1, ...: the same period, one step earlier)
     avg = (PeriodicModelAverager(period=kind, warmup_steps=kind - 1) if isinstance(kind, int)
            else None)
-    times = []
-    for i in range(WARMUP + a.steps):
-      t0 = time.perf_counter()
-      opt.zero_grad()
-      nn.functional.cross_entropy(net(x), y).backward()
-      opt.step()
-      if avg is not None:
-        avg.average_parameters(net.parameters())
-      if i >= WARMUP:
-        times.append(time.perf_counter() - t0)
-    w = m[0].weight.detach()
+    runs[name] = (m, net, opt, avg, [])
+
+  def step(name):
+    m, net, opt, avg, times = runs[name]
+    t0 = time.perf_counter()
+    opt.zero_grad()
+    nn.functional.cross_entropy(net(x), y).backward()
+    opt.step()
+    if avg is not None:
+      avg.average_parameters(net.parameters())
+    return time.perf_counter() - t0
+
+  for name in runs:
+    for _ in range(WARMUP):
+      step(name)
+
+  def one_round(name):
+    runs[name][-1].extend(step(name) for _ in range(ROUND))
+
+  def result(name):
+    w = runs[name][0][0].weight.detach()
     ws = [torch.empty_like(w) for _ in range(a.processes)]
     dist.all_gather(ws, w)
-    rows.append(summary(name, times, max(float((v - ws[0]).abs().max()) for v in ws)))
-    if a.rank == 0:
-      print(f"  torch {name:34s} {rows[-1]['median_ms']:8.2f} ms", flush=True)
-      write_rows(a.tmp, rows)
+    return runs[name][-1], np.stack([v.numpy() for v in ws])
+
+  interleave(a, list(runs), one_round, result, "torch")
   dist.destroy_process_group()
 
 
@@ -224,7 +255,7 @@ def launch(group, a, tmpdir):
     logs.append(open(os.path.join(tmpdir, f"{group}{i}.log"), "w+"))
     cmd = [sys.executable, os.path.abspath(__file__), "--worker", group, "--rank", str(i),
            "--port", str(port), "--tmp", out, "--processes", str(a.processes),
-           "--size", a.size, "--steps", str(a.steps)]
+           "--size", a.size, "--rounds", str(a.rounds)]
     procs.append(subprocess.Popen(cmd, env=env, stdout=logs[-1], stderr=subprocess.STDOUT))
   t0, status = time.monotonic(), "ok"
   while any(p.poll() is None for p in procs):
@@ -293,7 +324,8 @@ def main(argv=None):
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   ap.add_argument("--processes", type=int, default=8)
   ap.add_argument("--size", default="1M", choices=list(SIZES))
-  ap.add_argument("--steps", type=int, default=30)
+  ap.add_argument("--rounds", type=int, default=4,
+                  help=f"interleaved rounds of {ROUND} timed steps per variant")
   ap.add_argument("--skip-torch", action="store_true")
   ap.add_argument("--out", default="multiprocess_cpu", help="results name (JSON and PNG)")
   ap.add_argument("--deadline", type=float, default=600, help="seconds per group of workers")
@@ -318,13 +350,14 @@ def main(argv=None):
   p0 = init_params(SIZES[a.size])
   data = {"processes": a.processes, "size": a.size, "hidden": SIZES[a.size],
           "params": int(sum(l.size for d in p0.values() for l in d.values())),
-          "batch_per_worker": BATCH, "lr": LR, "steps": a.steps, "warmup_steps": WARMUP,
+          "batch_per_worker": BATCH, "lr": LR, "rounds": a.rounds, "steps_per_round": ROUND,
+          "warmup_steps": WARMUP,
           "threads": {"jax_XLA_FLAGS": JAX_XLA_FLAGS, "torch_num_threads": 1,
                       "OMP_NUM_THREADS": "1"},
           "jax_version": jax.__version__, "torch_version": torch_version,
           "cpu_count": os.cpu_count()}
   with tempfile.TemporaryDirectory() as tmpdir:
-    print(f"== JAX: {a.processes} processes, {a.size}, {a.steps} steps per variant", flush=True)
+    print(f"== JAX: {a.processes} processes, {a.size}, {a.rounds} interleaved rounds of {ROUND} steps per variant", flush=True)
     status, rows = launch("jax", a, tmpdir)
     data["jax"] = {"status": status, "rows": rows}
     data["torch"] = {"status": "skipped", "rows": None}
