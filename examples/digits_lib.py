@@ -76,7 +76,7 @@ def _make_registry():
           wagrad.easgd(sgd(lr), tau, axis_name=ax), "center"),
           "elastic averaging SGD (beta = 0.9)"),
       "eamsgd": (lambda lr, tau, ax, K, T, seed, opts: Algo(
-          wagrad.eamsgd(lr / 5, tau, momentum=0.9, axis_name=ax), "center",
+          wagrad.eamsgd(optax.sgd(lr / 5), tau, momentum=0.9, axis_name=ax), "center",
           grad_point=wagrad.eamsgd_lookahead), "elastic averaging momentum SGD"),
       "downpour": (lambda lr, tau, ax, K, T, seed, opts: Algo(
           wagrad.downpour(lr / K, tau, axis_name=ax), "master"),

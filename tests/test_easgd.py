@@ -266,7 +266,7 @@ def test_eamsgd_matches_numpy(backend, K):
   runner = wagrad.Runner(backend, K)
   A, b, w0, c0 = _problem(K)
   tau, delta, eta = 2, 0.9, 0.05
-  tx = E.eamsgd(eta, tau, momentum=delta, beta=0.9, axis_name=runner.axis_name)
+  tx = E.eamsgd(optax.sgd(eta), tau, momentum=delta, beta=0.9, axis_name=runner.axis_name)
 
   def step(p, s, A, b):
     g = jax.grad(ls_loss)(E.eamsgd_lookahead(p, s), A, b)
@@ -285,7 +285,7 @@ def test_eamsgd_without_momentum_is_easgd():
   runner = wagrad.Runner("vmap", K)
   A, b, w0, c0 = _problem(K)
   res = []
-  for tx in (E.eamsgd(ETA, 2, momentum=0.0, alpha=0.05),
+  for tx in (E.eamsgd(optax.sgd(ETA), 2, momentum=0.0, alpha=0.05),
              E.easgd(optax.sgd(ETA), 2, alpha=0.05)):
     def step(p, s, A, b, tx=tx):
       g = jax.grad(ls_loss)(p, A, b)
@@ -559,7 +559,7 @@ def test_momentum_and_downpour_take_period_schedules(name, backend):
   K, steps = 8, 12
   runner = wagrad.Runner(backend, K)
   A, b, w0, c0 = _problem(K)
-  make = {"eamsgd": lambda tau: E.eamsgd(0.05, tau, momentum=0.9),
+  make = {"eamsgd": lambda tau: E.eamsgd(optax.sgd(0.05), tau, momentum=0.9),
           "downpour": lambda tau: wagrad.downpour(0.02, tau, master_momentum=0.5)}[name]
 
   def run(tau):
@@ -605,11 +605,11 @@ def test_bad_hyperparameters():
   with pytest.raises(TypeError, match="outer_optimizer"):
     E.easgd(sgd, 1, outer_optimizer=3)
   with pytest.raises(ValueError, match="momentum"):
-    E.eamsgd(0.1, 1, momentum=1.0)
+    E.eamsgd(sgd, 1, momentum=1.0)
   with pytest.raises(ValueError, match="momentum"):
-    E.eamsgd(0.1, 1, momentum=-0.1)
-  with pytest.raises(ValueError, match="learning_rate"):
-    E.eamsgd(-0.1, 1)
+    E.eamsgd(sgd, 1, momentum=-0.1)
+  with pytest.raises(TypeError, match=r"optax\.sgd\(learning_rate\)"):
+    E.eamsgd(0.1, 1)  # the 0.1 convention: the message names the inner optimizer
   with pytest.raises(ValueError, match="order"):
     wagrad.async_easgd(sgd, 2, order="random")
   with pytest.raises(ValueError, match="sync_period"):
@@ -640,7 +640,7 @@ def test_bad_hyperparameters():
   # axis not bound
   with pytest.raises(ValueError, match="axis_name"):
     tx.update(jnp.ones(2), tx.init(jnp.ones(2)), jnp.ones(2))
-  with pytest.raises(TypeError, match="EAMSGDState"):
+  with pytest.raises(TypeError, match="eamsgd"):
     E.eamsgd_lookahead({"w": 1.0}, tx.init(jnp.ones(2)))
 
 
@@ -681,7 +681,7 @@ def test_digits_convergence_easgd_center_and_eamsgd():
   accs = {}
   for name, tx, look in [
       ("easgd", E.easgd(optax.sgd(0.1), 4), False),
-      ("eamsgd", E.eamsgd(0.02, 4, momentum=0.9), True)]:
+      ("eamsgd", E.eamsgd(optax.sgd(0.02), 4, momentum=0.9), True)]:
 
     def train(p, s, X, y, idx, tx=tx, look=look):
       def one(carry, i):
@@ -726,3 +726,30 @@ def test_easgd_worker_with_nonfinite_params_heals_at_the_next_exchange():
   assert np.isfinite(w).all()                                   # healed at the exchange
   np.testing.assert_array_equal(w[bad], np.asarray(s.shared.center["w"]))  # exactly
   assert np.isfinite(np.asarray(s.shared.center["w"])).all()
+
+
+def test_eamsgd_worker_with_nonfinite_params_restarts_at_the_center():
+  """EAMSGD: a worker whose parameters and velocity go NaN takes the new center and a
+  zero velocity at the next exchange (its inner state restarts), so it stays finite."""
+  K, bad, tau = 8, 3, 4
+  runner = wagrad.Runner("vmap", K)
+  A, b, w0, c0 = _problem(K)
+  tx = E.eamsgd(optax.sgd(ETA), tau, momentum=0.9, alpha=0.1, axis_name=runner.axis_name)
+
+  def step(p, s, A, b, t):
+    broken = (C.worker_index(runner.axis_name) == bad) & (t.value == 1)
+    g = jax.grad(ls_loss)(E.eamsgd_lookahead(p, s), A, b)
+    g = jax.tree_util.tree_map(lambda x: jnp.where(broken, jnp.nan, x), g)  # NaN velocity
+    u, s = tx.update(g, s, p)
+    return wagrad.apply_updates(p, u, s), s
+
+  f = runner.map(step)
+  p, s = runner.replicate({"w": w0[0]}), runner.init(tx, {"w": w0[0]})
+  for t in range(tau + 3):
+    p, s = f(p, s, A, b, wagrad.Shared(jnp.int32(t)))
+    w = np.asarray(p["w"])
+    assert np.isnan(w[bad]).all() == (1 <= t < tau - 1), t
+    if t == tau - 1:
+      np.testing.assert_array_equal(w[bad], np.asarray(s.shared.center["w"]))
+      assert (np.asarray(s.inner[1].velocity["w"])[bad] == 0).all()
+  assert np.isfinite(w).all()

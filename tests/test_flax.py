@@ -203,47 +203,95 @@ def test_linen_batchnorm_stats_follow_lsgd_rule(backend, K):
     np.testing.assert_allclose(a, (1 - c) * b + c * b[lead], rtol=1e-5, atol=1e-6)
 
 
+_T, _K = 7, 4  # odd: the last step is a local one, where workers differ
+_ACTIVE = wagrad.speed_schedule(_K, _T, wagrad.straggler_speeds(_K, 0.5, 2.0), seed=0)
+_ANYX = wagrad.async_easgd_schedule(_ACTIVE, 2)[1]
+_SOFT = wagrad.softsync_schedule(_K, 2, _T, arrival="random", seed=0)
+_act = lambda t: {"active": _ACTIVE[t]}  # noqa: E731
+
+# name -> (transform of the runner, per-step arguments of step t, runner groups)
 NNX_TRANSFORMS = {
-    "easgd": lambda ax: wagrad.easgd(optax.sgd(0.1), 2, axis_name=ax),
-    "lsgd": lambda ax: wagrad.lsgd(optax.sgd(0.1), 2, axis_name=ax),
-    "wasgd": lambda ax: wagrad.wasgd(optax.sgd(0.1), 2, axis_name=ax),
-    "wpsgd": lambda ax: wagrad.wpsgd(optax.sgd(0.1), 2, weighting="samples", axis_name=ax),
-    "downpour": lambda ax: wagrad.downpour(0.1, 2, axis_name=ax),
-    "diloco": lambda ax: wagrad.diloco(0.01, sync_period=2, axis_name=ax),
-    "sync_sgd": lambda ax: wagrad.sync_sgd(optax.sgd(0.1), axis_name=ax),
+    "sync_sgd": (lambda r: wagrad.sync_sgd(optax.sgd(0.1), axis_name=r.axis_name), None, None),
+    "model_averaging": (lambda r: wagrad.model_averaging(
+        optax.sgd(0.1), 2, warmup_steps=2, axis_name=r.axis_name), None, None),
+    "diloco": (lambda r: wagrad.diloco(0.01, sync_period=2, axis_name=r.axis_name), None, None),
+    "downpour": (lambda r: wagrad.downpour(0.1, 2, axis_name=r.axis_name), None, None),
+    "easgd": (lambda r: wagrad.easgd(optax.sgd(0.1), 2, axis_name=r.axis_name), None, None),
+    "eamsgd": (lambda r: wagrad.eamsgd(optax.sgd(0.05), 2, momentum=0.5,
+                                       axis_name=r.axis_name), None, None),
+    "async_easgd": (lambda r: wagrad.async_easgd(optax.sgd(0.1), 2, axis_name=r.axis_name),
+                    lambda t: {"active": _ACTIVE[t], "any_exchange": wagrad.Shared(_ANYX[t])},
+                    None),
+    "tree_easgd": (lambda r: wagrad.tree_easgd(optax.sgd(0.1), group_axis=r.group_axis,
+                                               global_axis=r.global_axis, sync_period=(1, 2)),
+                   None, 2),
+    "lsgd": (lambda r: wagrad.lsgd(optax.sgd(0.1), 2, axis_name=r.axis_name), None, None),
+    "async_lsgd": (lambda r: wagrad.async_lsgd(optax.sgd(0.1), 2, axis_name=r.axis_name),
+                   _act, None),
+    "multi_leader_lsgd": (lambda r: wagrad.multi_leader_lsgd(
+        optax.sgd(0.1), group_axis=r.group_axis, global_axis=r.global_axis,
+        local_period=2, global_period=4), None, 2),
+    "wasgd": (lambda r: wagrad.wasgd(optax.sgd(0.1), 2, axis_name=r.axis_name), None, None),
+    "wasgd_plus": (lambda r: wagrad.wasgd_plus(optax.sgd(0.1), 2, loss_source="exchange_batch",
+                                               axis_name=r.axis_name), None, None),
+    "wpsgd": (lambda r: wagrad.wpsgd(optax.sgd(0.1), 2, weighting="samples",
+                                     axis_name=r.axis_name), _act, None),
+    "staleness_aware_sgd": (lambda r: wagrad.staleness_aware_sgd(
+        optax.sgd(0.1), axis_name=r.axis_name),
+        lambda t: dict(zip(("push", "staleness", "apply"), _SOFT.row(t))), None),
 }
+
+
+def test_nnx_transforms_cover_the_public_transforms():
+  public = {n for n in dir(wagrad) if callable(getattr(wagrad, n)) and n in {
+      "sync_sgd", "model_averaging", "diloco", "downpour", "easgd", "eamsgd", "async_easgd",
+      "tree_easgd", "lsgd", "async_lsgd", "multi_leader_lsgd", "wasgd", "wasgd_plus",
+      "wpsgd", "staleness_aware_sgd"}}
+  assert public == set(NNX_TRANSFORMS) and len(public) == 15
 
 
 @pytest.mark.parametrize("name", list(NNX_TRANSFORMS))
 def test_nnx_optimizer_runs_every_transform_as_the_functional_loop(name):
   """flax's own nnx.Optimizer (state split and stacked by the runner) with each
-  transform gives the functional loop's parameters (issue 20: easgd and lsgd crashed)."""
-  K = 4
-  r = wagrad.Runner("vmap", K)
+  transform, through wagrad.nnx_update, gives the functional loop's parameters
+  (issue 20: easgd and lsgd crashed; the others were untested)."""
+  make, kwargs, groups = NNX_TRANSFORMS[name]
+  kwargs = kwargs or (lambda t: {})
+  r = wagrad.Runner("vmap", _K, groups=groups)
   rng = np.random.default_rng(0)
-  X = rng.normal(size=(K, 8, 3)).astype(np.float32)
-  Y = rng.normal(size=(K, 8)).astype(np.float32)
-  tx = NNX_TRANSFORMS[name](r.axis_name)
+  X = rng.normal(size=(_K, 8, 3)).astype(np.float32)
+  Y = rng.normal(size=(_K, 8)).astype(np.float32)
+  tx = make(r)
+  look = name == "eamsgd"  # the gradient at EAMSGD's look-ahead point
   model = nnx.Linear(3, 1, rngs=nnx.Rngs(0))
   p0 = {"w": jnp.asarray(model.kernel.get_value()), "b": jnp.asarray(model.bias.get_value())}
   graphdef, state = nnx.split((model, nnx.Optimizer(model, tx, wrt=nnx.Param)))
+  loss_of = lambda w, b, x, y: jnp.mean(((x @ w + b)[:, 0] - y) ** 2)  # noqa: E731
 
-  def step(state, x, y):
+  def step(state, x, y, kw):
     model, opt = nnx.merge(graphdef, state)
-    loss, g = nnx.value_and_grad(lambda m: jnp.mean((m(x)[:, 0] - y) ** 2))(model)
-    wagrad.nnx_update(opt, model, g, value=loss)
+    if look:
+      at = wagrad.eamsgd_lookahead(nnx.state(model, nnx.Param), opt.opt_state)
+      loss = loss_of(at["kernel"], at["bias"], x, y)
+      gw, gb = jax.grad(loss_of, (0, 1))(at["kernel"], at["bias"], x, y)
+      g = nnx.state(model, nnx.Param)
+      nnx.replace_by_pure_dict(g, {"kernel": gw, "bias": gb})
+    else:
+      loss, g = nnx.value_and_grad(lambda m: loss_of(m.kernel[...], m.bias[...], x, y))(model)
+    wagrad.nnx_update(opt, model, g, value=loss, **kw)
     return nnx.state((model, opt))
 
-  def step2(p, s, x, y):
-    loss, g = jax.value_and_grad(lambda p: jnp.mean(((x @ p["w"] + p["b"])[:, 0] - y) ** 2))(p)
-    u, s = tx.update(g, s, p, value=loss)
+  def step2(p, s, x, y, kw):
+    at = wagrad.eamsgd_lookahead(p, s) if look else p
+    loss, g = jax.value_and_grad(lambda q: loss_of(q["w"], q["b"], x, y))(at)
+    u, s = tx.update(g, s, p, value=loss, **kw)
     return wagrad.apply_updates(p, u, s), s
 
   f, f2 = r.map(step), r.map(step2)
   st, p, s = r.replicate(state), r.replicate(p0), r.init(tx, p0)
-  for _ in range(5):
-    st = f(st, X, Y)
-    p, s = f2(p, s, X, Y)
+  for t in range(_T):
+    st = f(st, X, Y, kwargs(t))
+    p, s = f2(p, s, X, Y, kwargs(t))
   kernel = np.asarray(st[0]["kernel"].get_value())
   np.testing.assert_allclose(kernel, np.asarray(p["w"]), rtol=1e-5, atol=1e-6)
   assert not np.allclose(kernel, kernel[0]) or name == "sync_sgd"  # workers differ

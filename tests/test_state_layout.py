@@ -97,7 +97,7 @@ DONATED = {
     "model_averaging exact=False": (
         lambda r: wagrad.model_averaging(_SGD, 4, exact=False), {}, {}),
     "easgd": (lambda r: wagrad.easgd(_SGD, 4), {}, {}),
-    "eamsgd": (lambda r: wagrad.eamsgd(0.1, 4), {}, {}),
+    "eamsgd": (lambda r: wagrad.eamsgd(optax.sgd(0.1), 4), {}, {}),
     "lsgd": (lambda r: wagrad.lsgd(_SGD, 4), {}, {}),
     "wasgd": (lambda r: wagrad.wasgd(_SGD, 4), {}, {}),
     "wpsgd": (lambda r: wagrad.wpsgd(_SGD, 4, weighting="samples"), {}, {}),

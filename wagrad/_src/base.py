@@ -260,6 +260,15 @@ def tree_copy(tree):
   return jax.tree_util.tree_map(lambda x: jnp.array(x, copy=True), tree)
 
 
+def pure(tree):
+  """Flax NNX containers replaced by plain pytrees: an ``nnx.State`` by its pure dict, a
+  variable (``nnx.Param``, optimizer state) by its array; anything else unchanged."""
+  is_var = lambda v: hasattr(v, "to_pure_dict") or hasattr(v, "get_value")  # noqa: E731
+  return jax.tree_util.tree_map(
+      lambda v: v.to_pure_dict() if hasattr(v, "to_pure_dict") else
+      v.get_value() if hasattr(v, "get_value") else v, tree, is_leaf=is_var)
+
+
 def tree_zeros_like(tree):
   return jax.tree_util.tree_map(jnp.zeros_like, tree)
 
@@ -278,7 +287,13 @@ def apply_updates(params: PyTree, updates: PyTree, opt_state: PyTree) -> PyTree:
   non-finite EASGD / LSGD worker at an exchange (center, leader), a learner of
   staleness-aware SGD that pulled the server's parameters.
   """
-  new = optax.apply_updates(params, updates)
+  return take_assigned(optax.apply_updates(params, updates), opt_state)
+
+
+def take_assigned(new: PyTree, opt_state: PyTree) -> PyTree:
+  """The parameters ``new`` (after ``params + updates``) with the rule's exact values
+  taken where ``opt_state`` assigns: ``shared.target`` on assigning steps, the shared
+  value of the rule for a worker whose state says ``reset`` (see :func:`apply_updates`)."""
   for sh in _nodes(opt_state, lambda n: is_shared(n) and hasattr(n, "assign")):
     if getattr(sh, "target", None) is not None:
       new = _take(sh.assign, sh.target, new)

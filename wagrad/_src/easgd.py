@@ -21,7 +21,9 @@ moving rate and ``beta = p * alpha`` (p workers). Symbols: ``alpha``, ``beta``,
       v_i <- delta v_i - eta g_i(x_i + delta v_i)
       x_i <- x_i + v_i - alpha (x_i - x~)        (exchange steps; x~ as above)
 
-  The user's loop evaluates the gradient at :func:`eamsgd_lookahead`.
+  The user's loop evaluates the gradient at :func:`eamsgd_lookahead`. In code it is
+  EASGD with ``inner = chain(optax.sgd(eta), lookahead_momentum(delta))``: the inner step
+  ``u_i = v_i`` takes EASGD's exchange unchanged.
 
 The model the paper evaluates is the center: :func:`easgd_center` returns it
 (``state.shared.center``; also the root of tree EASGD and DOWNPOUR's master).
@@ -46,12 +48,10 @@ References:
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 from jax import lax
 
@@ -300,8 +300,9 @@ def easgd(inner: optax.GradientTransformation, sync_period=1, *, alpha: float | 
         warmup_end=lambda x0: with_center(base.tree_cast_like(x0, sh.center),
                                           distance=jnp.zeros([], jnp.float32)),
         opt_state=(opt_state_sync, inner, inner_state))
-    upd = periodic.updates_to(x_new, params)
-    return upd, EASGDState(inner_state, new_shared, (idx == periodic.EXCHANGE) & ~finite)
+    reset = (idx == periodic.EXCHANGE) & ~finite
+    inner_state = periodic.reset_inner_where(reset, inner, inner_state, x_new)
+    return periodic.updates_to(x_new, params), EASGDState(inner_state, new_shared, reset)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
@@ -309,112 +310,74 @@ def easgd(inner: optax.GradientTransformation, sync_period=1, *, alpha: float | 
 # ----------------------------------------------------------------------------- EAMSGD
 
 
-@base.shared_state
-class EAMSGDShared:
-  count: jax.Array          # the global step: alone decides exchanges
-  last_exchange: jax.Array  # the count right after the last exchange (or warm-up end)
-  num_exchanges: jax.Array  # exchanges (and warm-up ends) so far
-  assign: jax.Array         # this step assigns `target` exactly (wagrad.apply_updates)
-  target: Any               # always None (EAMSGD never assigns)
-  center: Any               # the center variable x~
-  distance: jax.Array       # mean_i ||x_i - x~||^2 (finite workers) at the last exchange
+class LookaheadMomentumState(NamedTuple):
+  velocity: Any             # v_i, per worker
   momentum: jax.Array       # delta (constant; read by eamsgd_lookahead)
 
 
-class EAMSGDState(NamedTuple):
-  velocity: Any             # v_i, per worker
-  shared: EAMSGDShared
+def lookahead_momentum(momentum: float) -> optax.GradientTransformation:
+  """EAMSGD's momentum on an inner step ``u`` (``-eta g`` for ``optax.sgd(eta)``, ``g``
+  taken at the look-ahead point :func:`eamsgd_lookahead`): ``v <- delta v + u``,
+  returns ``v``. As ``optax.trace(momentum)``, with ``delta`` kept for the look-ahead."""
+  def init_fn(params):
+    return LookaheadMomentumState(_tmap(jnp.zeros_like, params), jnp.float32(momentum))
+
+  def update_fn(updates, state, params=None):
+    del params
+    v = _tmap(lambda v, u: (state.momentum * _f32(v) + _f32(u)).astype(v.dtype),
+              state.velocity, updates)
+    return v, LookaheadMomentumState(v, state.momentum)
+
+  return optax.GradientTransformation(init_fn, update_fn)
 
 
-def eamsgd(learning_rate, sync_period=1, *, momentum: float = 0.99,
-           alpha: float | None = None, beta: float = 0.9, axis_name="workers"
-           ) -> optax.GradientTransformationExtraArgs:
+def eamsgd(inner: optax.GradientTransformation, sync_period=1, *, momentum: float = 0.99,
+           alpha: float | None = None, beta: float = 0.9, axis_name="workers",
+           warmup_steps: int = 0) -> optax.GradientTransformationExtraArgs:
   """Elastic averaging momentum SGD (EAMSGD), synchronous.
 
-  The gradient passed to ``update`` must be taken at the look-ahead point
-  ``x_i + delta v_i`` returned by :func:`eamsgd_lookahead` (optax's Nesterov cannot
-  express it). Every step::
+  :func:`easgd` whose local step is momentum with the gradient taken at the look-ahead
+  point ``x_i + delta v_i`` (:func:`eamsgd_lookahead`; optax's Nesterov cannot express
+  it). With ``inner = optax.sgd(eta)``, every step::
 
       v_i <- delta v_i - eta g_i(x_i + delta v_i)
       x_i <- x_i + v_i                              (local steps)
       x_i <- x_i + v_i - alpha (x_i - x~)           (exchange steps, every tau)
       x~  <- x~ + alpha sum_i (x_i - x~)            (exchange steps)
 
-  the elastic terms from the pre-step ``x_i`` and ``x~``. ``momentum=0`` is
-  :func:`easgd` with ``optax.sgd(learning_rate)``.
+  the elastic terms from the pre-step ``x_i`` and ``x~``. Another ``inner`` replaces
+  ``-eta g``. ``momentum=0`` is :func:`easgd` with the same ``inner``. A non-finite
+  worker takes the new center and a zero velocity.
 
   Args:
-    learning_rate: eta > 0, or an optax schedule of the global step.
+    inner: the local optimizer on the look-ahead gradient (``optax.sgd(eta)`` is the
+      paper's; the momentum is EAMSGD's own, below).
     sync_period: tau >= 1 or a schedule ``step -> period``.
     momentum: delta in [0, 1); the authors' launch script uses 0.99 with eta = 0.01.
     alpha: moving rate in (0, 1); default ``beta / p``.
     beta: in (0, 1], used when ``alpha`` is None.
     axis_name: the worker axis.
+    warmup_steps: synchronous SGD first, as in :func:`easgd`.
 
   Returns:
-    A ``GradientTransformationExtraArgs`` whose state is ``EAMSGDState``.
+    A ``GradientTransformationExtraArgs`` whose state is :func:`easgd`'s, with
+    ``(inner state, LookaheadMomentumState)`` as its inner state.
 
   Example:
-    >>> import wagrad
-    >>> tx = wagrad.eamsgd(0.01, sync_period=10, momentum=0.99)
+    >>> import optax, wagrad
+    >>> tx = wagrad.eamsgd(optax.sgd(0.01), sync_period=10, momentum=0.99)
     >>> # in the step: x_look = wagrad.eamsgd_lookahead(params, state)
     >>> #              grads = jax.grad(loss)(x_look, batch)
 
   References:
     Zhang, Choromanska, LeCun, 2015, arXiv 1412.6651, Algorithm 2.
   """
-  if callable(learning_rate):
-    lr_fn = learning_rate
-  else:
-    base.check_range("learning_rate", learning_rate, 0.0, np.inf, lo_open=True)
-    lr_fn = lambda count: learning_rate  # noqa: E731
+  if not isinstance(inner, optax.GradientTransformation):
+    raise TypeError(f"eamsgd takes an inner optimizer as easgd does, got {inner!r}: "
+                    f"wagrad.eamsgd(optax.sgd(learning_rate), sync_period, momentum=...).")
   base.check_range("momentum", momentum, 0.0, 1.0, hi_open=True)
-  _check_alpha_beta(alpha, beta)
-  if not isinstance(axis_name, (str, tuple)):
-    raise TypeError(f"`axis_name` must be a string or a tuple of strings, got {axis_name!r}.")
-  period_fn = base.make_period_fn("sync_period", sync_period)
-  delta = float(momentum)
-
-  def init_fn(params):
-    return EAMSGDState(_tmap(jnp.zeros_like, params), EAMSGDShared(
-        **base.clock(0), target=None,
-        center=base.tree_copy(params), distance=jnp.zeros([], jnp.float32),
-        momentum=jnp.float32(delta)))
-
-  def update_fn(grads, state, params=None, **extra):
-    del extra
-    if params is None:
-      raise TypeError("eamsgd needs `params`: tx.update(grads, state, params).")
-    base.check_axis_name(axis_name)
-    base.check_same_structure("grads", grads, "params", params)
-    a = _moving_rate(alpha, beta, axis_name)
-    sh = state.shared
-    eta = jnp.asarray(lr_fn(sh.count), jnp.float32)
-    v = _tmap(lambda v, g: (delta * _f32(v) - eta * _f32(g)).astype(v.dtype),
-              state.velocity, grads)
-    ex = base.is_exchange_step(sh.count, sh.last_exchange, 0, period_fn)
-    clock = periodic.next_clock(ex.astype(jnp.int32), sh, False)
-
-    # Only the shared state and each worker's finiteness go through the branch;
-    # the workers' elastic step is a select after it (as in easgd).
-    diff = _elastic_diff(params, v, sh.center)
-
-    def local(diff):
-      return dataclasses.replace(sh, **clock), jnp.bool_(True)
-
-    def exchange(diff):
-      finite, step, dist = _center_exchange(diff, a, axis_name)
-      center = _tmap(lambda c, s: (_f32(c) + s).astype(c.dtype), sh.center, step)
-      return (dataclasses.replace(sh, **clock, center=center,
-                           distance=jnp.asarray(dist, jnp.float32)), finite)
-
-    new_shared, finite = lax.cond(ex, exchange, local, diff)
-    to_center = ex & ~finite
-    upd = _worker_moves(v, params, diff, new_shared.center, a, ex, to_center)
-    v = _tmap(lambda vv: jnp.where(to_center, jnp.zeros_like(vv), vv), v)
-    return upd, EAMSGDState(v, new_shared)
-
-  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+  return easgd(optax.chain(inner, lookahead_momentum(float(momentum))), sync_period,
+               alpha=alpha, beta=beta, axis_name=axis_name, warmup_steps=warmup_steps)
 
 
 def eamsgd_lookahead(params, opt_state):
@@ -426,24 +389,18 @@ def eamsgd_lookahead(params, opt_state):
       loss, grads = jax.value_and_grad(loss_fn)(x_look, batch)
       updates, state = tx.update(grads, state, params)
 
-  ``opt_state`` is an ``EAMSGDState`` or a state containing one (e.g. an
-  ``optax.chain`` state).
+  ``opt_state`` is :func:`eamsgd`'s state or a state containing one (e.g. an
+  ``optax.chain`` state, a Flax ``nnx.Optimizer``'s ``opt_state``; ``params`` may then
+  be ``nnx.state(model, nnx.Param)`` and the result is its pure dict).
   """
   found = [n for n in jax.tree_util.tree_leaves(
-      opt_state, is_leaf=lambda n: isinstance(n, EAMSGDState)) if isinstance(n, EAMSGDState)]
+      opt_state, is_leaf=lambda n: isinstance(n, LookaheadMomentumState))
+      if isinstance(n, LookaheadMomentumState)]
+  found = [base.pure(n) for n in found]
+  params = base.pure(params)
   if not found:
-    raise TypeError("`opt_state` holds no EAMSGDState.")
+    raise TypeError("`opt_state` holds no EAMSGD state (LookaheadMomentumState): "
+                    "pass the state of wagrad.eamsgd(...).")
   st = found[0]
-  delta = st.shared.momentum
-  return _tmap(lambda x, v: (_f32(x) + delta * _f32(v)).astype(x.dtype), params, st.velocity)
-
-
-# ----------------------------------------------------------------------------- async EASGD
-
-
-# ----------------------------------------------------------------------------- tree EASGD
-
-
-# ----------------------------------------------------------------------------- DOWNPOUR
-
-
+  return _tmap(lambda x, v: (_f32(x) + st.momentum * _f32(v)).astype(x.dtype),
+               params, st.velocity)

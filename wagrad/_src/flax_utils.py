@@ -63,26 +63,18 @@ def sync_model_state(model_state, opt_state, axis_name="workers", rate=1.0):
 
 def nnx_update(optimizer, model, grads, **kwargs):
   """``optimizer.update(model, grads, **kwargs)`` for a ``flax.nnx.Optimizer`` whose
-  transform is a wagrad transform, then take the rule's target exactly on assigning
-  steps (nnx's own update applies ``params + updates``; see ``wagrad.apply_updates``).
+  transform is a wagrad transform, then take the rule's values exactly where it assigns:
+  the target on assigning steps, the center / leader / server for a worker reset this
+  step (nnx's own update applies ``params + updates``; see ``wagrad.apply_updates``).
   """
   from flax import nnx
 
   optimizer.update(model, grads, **kwargs)
-  sh = base.find_shared(optimizer.opt_state, "assign")
-  if sh is None or getattr(sh, "target", None) is None:
+  opt_state = base.pure(optimizer.opt_state)
+  if base.find_shared(opt_state, "assign") is None:
     return
-  value = lambda v: v.get_value() if hasattr(v, "get_value") else getattr(v, "value", v)
-  assign = value(sh.assign)
   params = nnx.state(model, optimizer.wrt)
-  target = sh.target
-  if isinstance(target, nnx.State):
-    target = nnx.to_pure_dict(target)
-  target = jax.tree_util.tree_map(value, target, is_leaf=lambda v: isinstance(v, nnx.Variable))
-  current = nnx.to_pure_dict(params)
-  new = jax.tree_util.tree_map(
-      lambda p, t: jnp.where(assign, jnp.asarray(t).astype(p.dtype), p), current, target)
-  nnx.replace_by_pure_dict(params, new)
+  nnx.replace_by_pure_dict(params, base.take_assigned(nnx.to_pure_dict(params), opt_state))
   nnx.update(model, params)
 
 

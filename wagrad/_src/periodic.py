@@ -95,6 +95,15 @@ def sync_opt_state(policy, inner, inner_state, new_params, axis_name):
       inner_state)
 
 
+def reset_inner_where(flag, inner, inner_state, params):
+  """The inner state re-initialised at ``params`` where ``flag`` (per worker): a
+  non-finite worker reset to the rule's value restarts its optimizer, whose momentum
+  may be non-finite too."""
+  fresh = inner.init(params)
+  return jax.tree_util.tree_map(
+      lambda f, o: jnp.where(flag, jnp.asarray(f).astype(o.dtype), o), fresh, inner_state)
+
+
 def updates_to(target, params):
   """``target - params`` per leaf, in the params' dtype (use with wagrad.apply_updates)."""
   return jax.tree_util.tree_map(lambda t, p: (t.astype(p.dtype) - p), target, params)
