@@ -2,6 +2,9 @@
 import numpy as np
 import jax
 import jax.numpy as jnp
+import optax
+
+import wagrad
 
 # (backend, num_workers): every algorithm is checked on all of them; the last one has
 # K=16 workers on 8 devices (2 vmapped workers per device).
@@ -52,3 +55,46 @@ def digits(seed=0):
   idx = rng.permutation(len(X))
   X, y = X[idx], y[idx].astype(np.int32)
   return (X[:1400], y[:1400]), (X[1400:], y[1400:])
+
+
+# Every public transform with small settings (K = 4 workers, tau = 2) for tests that run
+# them all: ALL_STEPS steps (odd: the last step is a local one, where workers differ).
+ALL_STEPS, ALL_K = 7, 4
+_ACTIVE = wagrad.speed_schedule(ALL_K, 16, wagrad.straggler_speeds(ALL_K, 0.5, 2.0), seed=0)
+_ANYX = wagrad.async_easgd_schedule(_ACTIVE, 2)[1]
+_SOFT = wagrad.softsync_schedule(ALL_K, 2, 16, arrival="random", seed=0)
+_act = lambda t: {"active": _ACTIVE[t]}  # noqa: E731
+
+# name -> (transform of the runner, per-step arguments of step t, runner groups)
+ALL_TRANSFORMS = {
+    "sync_sgd": (lambda r: wagrad.sync_sgd(optax.sgd(0.1), axis_name=r.axis_name), None, None),
+    "model_averaging": (lambda r: wagrad.model_averaging(
+        optax.sgd(0.1), 2, warmup_steps=2, axis_name=r.axis_name), None, None),
+    "diloco": (lambda r: wagrad.diloco(0.01, sync_period=2, axis_name=r.axis_name), None, None),
+    "downpour": (lambda r: wagrad.downpour(0.1, 2, axis_name=r.axis_name), None, None),
+    "easgd": (lambda r: wagrad.easgd(optax.sgd(0.1), 2, axis_name=r.axis_name), None, None),
+    "eamsgd": (lambda r: wagrad.eamsgd(optax.sgd(0.05), 2, momentum=0.5,
+                                       axis_name=r.axis_name), None, None),
+    "async_easgd": (lambda r: wagrad.async_easgd(optax.sgd(0.1), 2, axis_name=r.axis_name),
+                    lambda t: {"active": _ACTIVE[t], "any_exchange": wagrad.Shared(_ANYX[t])},
+                    None),
+    "tree_easgd": (lambda r: wagrad.tree_easgd(optax.sgd(0.1), group_axis=r.group_axis,
+                                               global_axis=r.global_axis, sync_period=(1, 2)),
+                   None, 2),
+    "lsgd": (lambda r: wagrad.lsgd(optax.sgd(0.1), 2, axis_name=r.axis_name), None, None),
+    "async_lsgd": (lambda r: wagrad.async_lsgd(optax.sgd(0.1), 2, axis_name=r.axis_name),
+                   _act, None),
+    "multi_leader_lsgd": (lambda r: wagrad.multi_leader_lsgd(
+        optax.sgd(0.1), group_axis=r.group_axis, global_axis=r.global_axis,
+        local_period=2, global_period=4), None, 2),
+    "wasgd": (lambda r: wagrad.wasgd(optax.sgd(0.1), 2, axis_name=r.axis_name), None, None),
+    "wasgd_plus": (lambda r: wagrad.wasgd_plus(optax.sgd(0.1), 2, loss_source="exchange_batch",
+                                               axis_name=r.axis_name), None, None),
+    "wpsgd": (lambda r: wagrad.wpsgd(optax.sgd(0.1), 2, weighting="samples",
+                                     axis_name=r.axis_name), _act, None),
+    "staleness_aware_sgd": (lambda r: wagrad.staleness_aware_sgd(
+        optax.sgd(0.1), axis_name=r.axis_name),
+        lambda t: dict(zip(("push", "staleness", "apply"), _SOFT.row(t))), None),
+}
+
+

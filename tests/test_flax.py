@@ -9,7 +9,7 @@ import flax.linen as nn
 from flax import nnx
 
 import wagrad
-from _util import BACKENDS, BACKEND_IDS
+from _util import ALL_K as _K, ALL_STEPS as _T, ALL_TRANSFORMS as NNX_TRANSFORMS, BACKENDS, BACKEND_IDS
 
 
 class BNNet(nn.Module):
@@ -201,45 +201,6 @@ def test_linen_batchnorm_stats_follow_lsgd_rule(backend, K):
   for a, b in zip(jax.tree_util.tree_leaves(st), jax.tree_util.tree_leaves(fresh)):
     a, b = np.asarray(a), np.asarray(b)
     np.testing.assert_allclose(a, (1 - c) * b + c * b[lead], rtol=1e-5, atol=1e-6)
-
-
-_T, _K = 7, 4  # odd: the last step is a local one, where workers differ
-_ACTIVE = wagrad.speed_schedule(_K, _T, wagrad.straggler_speeds(_K, 0.5, 2.0), seed=0)
-_ANYX = wagrad.async_easgd_schedule(_ACTIVE, 2)[1]
-_SOFT = wagrad.softsync_schedule(_K, 2, _T, arrival="random", seed=0)
-_act = lambda t: {"active": _ACTIVE[t]}  # noqa: E731
-
-# name -> (transform of the runner, per-step arguments of step t, runner groups)
-NNX_TRANSFORMS = {
-    "sync_sgd": (lambda r: wagrad.sync_sgd(optax.sgd(0.1), axis_name=r.axis_name), None, None),
-    "model_averaging": (lambda r: wagrad.model_averaging(
-        optax.sgd(0.1), 2, warmup_steps=2, axis_name=r.axis_name), None, None),
-    "diloco": (lambda r: wagrad.diloco(0.01, sync_period=2, axis_name=r.axis_name), None, None),
-    "downpour": (lambda r: wagrad.downpour(0.1, 2, axis_name=r.axis_name), None, None),
-    "easgd": (lambda r: wagrad.easgd(optax.sgd(0.1), 2, axis_name=r.axis_name), None, None),
-    "eamsgd": (lambda r: wagrad.eamsgd(optax.sgd(0.05), 2, momentum=0.5,
-                                       axis_name=r.axis_name), None, None),
-    "async_easgd": (lambda r: wagrad.async_easgd(optax.sgd(0.1), 2, axis_name=r.axis_name),
-                    lambda t: {"active": _ACTIVE[t], "any_exchange": wagrad.Shared(_ANYX[t])},
-                    None),
-    "tree_easgd": (lambda r: wagrad.tree_easgd(optax.sgd(0.1), group_axis=r.group_axis,
-                                               global_axis=r.global_axis, sync_period=(1, 2)),
-                   None, 2),
-    "lsgd": (lambda r: wagrad.lsgd(optax.sgd(0.1), 2, axis_name=r.axis_name), None, None),
-    "async_lsgd": (lambda r: wagrad.async_lsgd(optax.sgd(0.1), 2, axis_name=r.axis_name),
-                   _act, None),
-    "multi_leader_lsgd": (lambda r: wagrad.multi_leader_lsgd(
-        optax.sgd(0.1), group_axis=r.group_axis, global_axis=r.global_axis,
-        local_period=2, global_period=4), None, 2),
-    "wasgd": (lambda r: wagrad.wasgd(optax.sgd(0.1), 2, axis_name=r.axis_name), None, None),
-    "wasgd_plus": (lambda r: wagrad.wasgd_plus(optax.sgd(0.1), 2, loss_source="exchange_batch",
-                                               axis_name=r.axis_name), None, None),
-    "wpsgd": (lambda r: wagrad.wpsgd(optax.sgd(0.1), 2, weighting="samples",
-                                     axis_name=r.axis_name), _act, None),
-    "staleness_aware_sgd": (lambda r: wagrad.staleness_aware_sgd(
-        optax.sgd(0.1), axis_name=r.axis_name),
-        lambda t: dict(zip(("push", "staleness", "apply"), _SOFT.row(t))), None),
-}
 
 
 def test_nnx_transforms_cover_the_public_transforms():

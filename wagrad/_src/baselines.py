@@ -57,7 +57,11 @@ def sync_sgd(inner: optax.GradientTransformation, *, axis_name="workers"
              ) -> optax.GradientTransformationExtraArgs:
   """Synchronous all-reduce SGD: gradients averaged over workers every step.
 
-  ``x <- x + inner(mean_i g_i)``. Workers that start equal stay equal.
+  ``x <- x + inner(mean_i g_i)``. Workers that start equal stay equal. There is no
+  parameter exchange, so nothing heals a worker whose parameters went non-finite: its
+  gradient makes the mean non-finite on every worker (put ``optax.apply_if_finite``
+  inside as ``inner`` to skip such steps everywhere, or use :func:`model_averaging`,
+  which leaves a non-finite worker out and resets it).
 
   Args:
     inner: the local optimizer (any optax transform).
@@ -219,22 +223,22 @@ def model_averaging(inner: optax.GradientTransformation, sync_period=1, *,
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
-def diloco(inner_learning_rate=4e-4, outer_learning_rate=0.7, sync_period=500, *,
+def diloco(inner_learning_rate=4e-4, outer_learning_rate=0.7, sync_period=50, *,
            outer_momentum=0.9, inner_weight_decay=0.1, axis_name="workers",
            warmup_steps: int = 0, inner: optax.GradientTransformation | None = None
            ) -> optax.GradientTransformationExtraArgs:
   """DiLoCo: inner AdamW, outer SGD with Nesterov momentum on the pseudo-gradient.
 
   ``model_averaging(adamw(inner_lr, weight_decay), sync_period=H,
-  outer_optimizer=sgd(outer_lr, momentum, nesterov=True))``. Defaults are the
-  DiLoCo paper's (H=500, outer lr 0.7, momentum 0.9). H = 500 suits the paper's runs of
-  tens of thousands of steps: a run shorter than H steps never exchanges at all (the
-  workers never meet). Pick H as a small fraction of the run, e.g. ``sync_period=50``
-  for a few thousand steps.
+  outer_optimizer=sgd(outer_lr, momentum, nesterov=True))``. The learning rates and
+  momentum are the DiLoCo paper's (inner AdamW 4e-4, outer lr 0.7, momentum 0.9); its
+  H = 500 suits runs of tens of thousands of steps, and a run shorter than H steps would
+  never exchange (the workers would never meet), so the default here is H = 50, which
+  exchanges in a run of a few hundred steps. Pass ``sync_period=500`` for the paper's.
 
   Example:
     >>> import wagrad
-    >>> tx = wagrad.diloco(inner_learning_rate=1e-3, sync_period=50)
+    >>> tx = wagrad.diloco(inner_learning_rate=1e-3, sync_period=500)  # the paper's H
 
   References:
     Douillard et al., "DiLoCo", arXiv 2311.08455.

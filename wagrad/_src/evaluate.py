@@ -30,8 +30,12 @@ def _weighted(params, weights):
   if w.sum() <= 0:
     w = finite.astype(np.float64)
   w = w / max(w.sum(), 1e-300)
-  return jax.tree_util.tree_map(
-      lambda x: jnp.asarray(np.tensordot(w, np.asarray(x, np.float64), 1), x.dtype), params)
+
+  def combine(x):  # a non-finite worker's rows are zeroed: 0 * NaN would be NaN
+    x = np.asarray(x, np.float64)
+    x = np.where(finite.reshape((-1,) + (1,) * (x.ndim - 1)), x, 0.0)
+    return jnp.asarray(np.tensordot(w, x, 1), x.dtype)
+  return jax.tree_util.tree_map(combine, params)
 
 
 def _plain(tree):

@@ -97,10 +97,10 @@ def _check_shared_equal(out):
         raise RuntimeError(
             f"shared leaf {name} differs between devices after this step (device "
             f"{shards[0].device.id}: {vals[0].ravel()[:4]}, device {shards[bad[0]].device.id}: "
-            f"{vals[bad[0]].ravel()[:4]}). Shared state must be computed the same way on "
-            f"every worker: a per-worker skip around a wagrad transform "
-            f"(optax.apply_if_finite, optax.MultiSteps) desynchronises its clock and "
-            f"deadlocks the next exchange; keep the wagrad transform outermost.")
+            f"{vals[bad[0]].ravel()[:4]}). Shared state must be the same on every worker "
+            f"or the next exchange deadlocks: pass every wagrad.Shared input with the "
+            f"same value on every device and process, and keep the wagrad transform "
+            f"outermost.")
 
 
 class Runner:
@@ -117,10 +117,11 @@ class Runner:
       GPU/TPU.
     debug: after every step of :meth:`map`, check that each shared leaf of the result
       (step count, center, leader copy...) is the same on every device, and raise
-      naming the first leaf that differs. A per-worker skip around a wagrad transform
-      (``optax.apply_if_finite``, ``optax.MultiSteps``) desynchronises the shared clock
-      and deadlocks the next exchange; this catches it one step earlier. Costs a
-      device-to-host copy of the shared state per step.
+      naming the first leaf that differs (e.g. a shared input that differs between
+      the processes of a multi-host run: the next exchange would deadlock). A shared
+      output computed from per-worker values (a transform inside
+      ``optax.apply_if_finite``) is refused when the step is traced, debug or not.
+      Costs a device-to-host copy of the shared state per step.
   """
 
   def __init__(self, backend: str = "vmap", num_workers: int = 8, *, groups: int | None = None,
@@ -313,8 +314,9 @@ class Runner:
       if jnp.ndim(leaf) == 0 or jnp.shape(leaf)[0] != K:
         raise ValueError(
             f"argument leaf {jax.tree_util.keystr(path)} has shape {jnp.shape(leaf)}: "
-            f"per-worker leaves need a leading dimension of {K} workers (wrap values "
-            f"shared by all workers in wagrad.Shared).")
+            f"per-worker leaves need a leading dimension of {K} workers (split a data "
+            f"set with runner.shard(X, y) -> ({K}, n // {K}, ...); wrap values shared by "
+            f"all workers in wagrad.Shared).")
 
   # ------------------------------------------------------------------ mapping
 
@@ -343,7 +345,39 @@ class Runner:
     levels = [_Level(l.name, l.size, "vmap") for l in self.levels]
     shaped = self._reshape_stacked(args, [l.size for l in levels])
     out = jax.eval_shape(self._nest_vmap(fn, levels, tuple(in_axes), 0), *shaped)
+    self._check_shared_outputs(fn, levels, shaped, tuple(in_axes), out)
     return out
+
+  def _check_shared_outputs(self, fn, levels, shaped, in_axes, out):
+    """At trace time, on every backend: a shared output (unstacked) must be the same on
+    every worker, i.e. unbatched when every level is a vmap. Raises naming the first
+    shared leaf computed from per-worker values."""
+    def varies(out_axes):
+      try:
+        jax.eval_shape(self._nest_vmap(fn, levels, in_axes, out_axes), *shaped)
+        return False
+      except ValueError as e:
+        if "out_axes is None" not in str(e):
+          raise
+        return True
+
+    if not varies(base.worker_axes(out)):
+      return
+    full = jax.tree_util.tree_map(  # -1 at shared leaves, 0 at stacked ones
+        lambda n: jax.tree_util.tree_map(lambda _: -1 if base.is_shared(n) else 0, n),
+        out, is_leaf=base.is_shared)
+    flat, treedef = jax.tree_util.tree_flatten_with_path(full)
+    for i, (path, v) in enumerate(flat):
+      axes = [None if j == i else 0 for j in range(len(flat))]
+      if v == -1 and varies(jax.tree_util.tree_unflatten(treedef, axes)):
+        raise ValueError(
+            f"shared output {jax.tree_util.keystr(path)} of the step differs between "
+            f"workers (it is computed from per-worker values), so it cannot stay "
+            f"unstacked. A per-worker skip around a wagrad transform "
+            f"(optax.apply_if_finite, optax.MultiSteps) does this to its clock: put the "
+            f"wrapper inside, as the inner optimizer, e.g. wagrad.model_averaging("
+            f"optax.apply_if_finite(optax.sgd(0.1), 5), ...). A value you return wrapped "
+            f"in wagrad.Shared must be the same on every worker.")
 
   def map(self, fn: Callable, *, jit: bool = True, donate_argnums=()) -> Callable:
     """Return ``g(*args)`` running ``fn`` on every worker (args stacked, see module doc).
