@@ -193,10 +193,6 @@ def test_debug_runner_names_a_desynchronised_shared_leaf():
 
 
 _NOT_HEALED = {  # name -> why (strict expected failures: fixing one makes its test pass)
-    "async_easgd": "the asynchronous elastic exchange does not reset a non-finite worker",
-    "tree_easgd": "the two-level elastic exchange does not reset a non-finite worker",
-    "async_lsgd": "a non-finite worker is not pulled to the leader",
-    "multi_leader_lsgd": "a non-finite worker is not pulled to its leader",
 }
 
 

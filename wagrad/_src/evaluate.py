@@ -64,7 +64,8 @@ def evaluated_params(params, opt_state):
     ``x_global``, the outer model;
   * EASGD, EAMSGD, asynchronous EASGD, DOWNPOUR: the center (the root for tree EASGD);
   * LSGD, asynchronous LSGD, multi-leader LSGD: the current parameters of the last
-    (global) leader; the mean before any election;
+    (global) leader (the copy kept at its election if they went non-finite since); the
+    mean before any election;
   * WASGD / WASGD+: ``sum_k w_k x_k`` with the last exchange's weights;
   * WP-SGD: ``sum_k s(t_k) x_k / sum_k s(t_k)`` over the local steps since the last
     combination (as :func:`wagrad.wpsgd_combine`);
@@ -88,7 +89,16 @@ def evaluated_params(params, opt_state):
     return sh.server
   if isinstance(sh, (LSGDShared, AsyncLSGDShared, MultiLeaderShared)):
     leader = int(np.asarray(sh.leader))
-    return mean() if leader < 0 else _at(params, leader)
+    if leader < 0:
+      return mean()
+    x = _at(params, leader)
+    if all(np.isfinite(np.asarray(v)).all() for v in jax.tree_util.tree_leaves(x)):
+      return x
+    # the leader worker went non-finite since its election: the copy kept at election
+    for copy in (getattr(sh, k, None) for k in ("leader_params", "global_leader_params")):
+      if copy is not None:
+        return copy
+    return mean()
   if isinstance(sh, WASGDShared):
     w = np.asarray(sh.weights)
     return _weighted(params, w if w.shape == (K,) else np.ones(K))

@@ -20,6 +20,10 @@ along ``global_axis``. On a 2-D mesh ``(nodes, devices)`` or nested vmaps.
 
 The elastic and leader pieces are those of :mod:`wagrad._src.easgd` and
 :mod:`wagrad._src.lsgd`.
+
+A non-finite worker is left out of the centers' updates and the elections, and is reset
+at the next exchange to the shared model (the root; the global leader copy) exactly,
+through the state's ``reset`` flag and :func:`wagrad.apply_updates`.
 """
 
 from __future__ import annotations
@@ -60,6 +64,8 @@ class TreeEASGDState(NamedTuple):
   inner: Any                # inner optimizer state, per worker
   group_center: Any         # z_g of this worker's group (equal within a group), per worker
   shared: TreeEASGDShared
+  reset: Any                # per worker: non-finite at this group-level exchange, so it
+                            # takes the root (exactly, through wagrad.apply_updates)
 
 
 def _pair(name, value, check):
@@ -84,7 +90,11 @@ def tree_easgd(inner: optax.GradientTransformation, *, group_axis, global_axis,
   ``r <- r + alpha_high sum_g (z_g - r)``; when both happen in one step, ``z_g``
   takes both increments, computed from the pre-step values. The group center is
   per-worker state (identical within a group, computed by collectives over
-  ``group_axis``); the root is shared (:func:`easgd_center`). Use with
+  ``group_axis``); the root is shared (:func:`easgd_center`). A worker whose
+  parameters or local step are non-finite at a group-level exchange is left out of its
+  group center's update and reset to the new root, exactly with
+  :func:`wagrad.apply_updates` (the state's ``reset`` flag; the group center is
+  per-worker state, which it cannot assign), and its inner state restarts. Use with
   ``wagrad.Runner(backend, K, groups=G)``: ``group_axis=runner.group_axis``,
   ``global_axis=runner.global_axis``.
 
@@ -132,7 +142,7 @@ def tree_easgd(inner: optax.GradientTransformation, *, group_axis, global_axis,
     return TreeEASGDState(inner.init(params), p, TreeEASGDShared(
         **base.clock(0), num_root_exchanges=zero,
         last_root_exchange=zero, target=None, center=p, distance=jnp.zeros([], jnp.float32),
-        root_distance=jnp.zeros([], jnp.float32)))
+        root_distance=jnp.zeros([], jnp.float32)), jnp.bool_(False))
 
   def update_fn(grads, state, params=None, **extra):
     if params is None:
@@ -158,8 +168,9 @@ def tree_easgd(inner: optax.GradientTransformation, *, group_axis, global_axis,
 
     def make(do_low, do_high):
       def fn(u):
+        finite = jnp.bool_(True)
         if not (do_low or do_high):
-          return u, z, dataclasses.replace(sh, **clock, **root_clock)
+          return u, z, dataclasses.replace(sh, **clock, **root_clock), finite
         r = sh.center
         upd, z_new, r_new = u, _tmap(_f32, z), r
         dist, rdist = sh.distance, sh.root_distance
@@ -180,16 +191,20 @@ def tree_easgd(inner: optax.GradientTransformation, *, group_axis, global_axis,
           z_new = _tmap(lambda zn, d: zn - a_high * d, z_new, dz)
           r_new = _tmap(lambda rr, t: (_f32(rr) + a_high * t).astype(rr.dtype), r, tot)
         z_new = _tmap(lambda zn, zz: zn.astype(zz.dtype), z_new, z)
-        if do_low:
-          upd = _reset_nonfinite(upd, finite, z_new, params)
+        if do_low:  # a non-finite worker moves to the new root
+          upd = _reset_nonfinite(upd, finite, r_new, params)
         return upd, z_new, dataclasses.replace(
             sh, **clock, **root_clock, center=r_new,
-            distance=jnp.asarray(dist, jnp.float32), root_distance=jnp.asarray(rdist, jnp.float32))
+            distance=jnp.asarray(dist, jnp.float32),
+            root_distance=jnp.asarray(rdist, jnp.float32)), finite
       return fn
 
-    upd, z_new, new_shared = lax.switch(
+    upd, z_new, new_shared, finite = lax.switch(
         branch, [make(False, False), make(True, False), make(False, True), make(True, True)], u)
-    return upd, TreeEASGDState(inner_state, z_new, new_shared)
+    reset = ~finite  # only a group-level exchange finds a worker non-finite
+    inner_state = periodic.reset_inner_where(
+        reset, inner, inner_state, base.tree_cast_like(new_shared.center, params))
+    return upd, TreeEASGDState(inner_state, z_new, new_shared, reset)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
@@ -249,6 +264,8 @@ class MultiLeaderState(NamedTuple):
   group_leader: jax.Array           # its worker index (per worker; -1 before any)
   group_leader_loss: jax.Array
   shared: MultiLeaderShared
+  reset: Any                        # per worker: non-finite at this round, so it takes
+                                    # the global leader copy (wagrad.apply_updates)
 
 
 def _check_multi_leader_args(inner, group_axis, global_axis, local_period, global_period,
@@ -292,14 +309,22 @@ def _round_index(sh, warmup_steps, period_fn, global_fn):
 
 def _group_round(x, run_loss, Ll_old, state, group_axis, group_start, c1):
   """A group round: ``l_g = argmin_{j in g} r_j`` (finite), ``L_g <- x_l``,
-  ``x_i <- x_i - c1 (x_i - L_g)``. Returns ``(x, L_g, leader index, its loss)``; a group
-  without a finite worker keeps its last leader."""
-  ld = C.elect_leader(run_loss, group_axis, eligible=C.tree_is_finite(x))
+  ``x_i <- x_i - c1 (x_i - L_g)``. Returns ``(x, L_g, leader index, its loss, whether
+  x_i is finite)``; a group without a finite worker keeps its last leader."""
+  finite = C.tree_is_finite(x)
+  ld = C.elect_leader(run_loss, group_axis, eligible=finite)
   Ll = base.tree_where(ld.ok, C.broadcast_from(x, ld.index, group_axis), Ll_old)
   if c1 > 0:
     x = base.tree_where(ld.ok, Ll if c1 == 1.0 else _pull(x, Ll, c1), x)
   return (x, Ll, jnp.where(ld.ok, group_start + ld.index, state.group_leader),
-          jnp.where(ld.ok, ld.loss, state.group_leader_loss))
+          jnp.where(ld.ok, ld.loss, state.group_leader_loss), finite)
+
+
+def _reset_to_global_leader(reset, shared, x, inner, inner_state):
+  """A worker found non-finite at a round takes the global leader copy (exactly with
+  wagrad.apply_updates, through the state's ``reset``) and restarts its inner state."""
+  x = base.tree_where(reset, base.tree_cast_like(shared.global_leader_params, x), x)
+  return x, periodic.reset_inner_where(reset, inner, inner_state, x)
 
 
 def multi_leader_lsgd(inner: optax.GradientTransformation, *, group_axis, global_axis,
@@ -327,6 +352,12 @@ def multi_leader_lsgd(inner: optax.GradientTransformation, *, group_axis, global
   ``local_pull = local_proximal = 0`` switches the group level off (the authors' one
   group: only the global pull), which is :func:`lsgd` with
   ``sync_period=global_period``.
+
+  A worker whose parameters or local step are non-finite is never elected; at a round
+  (a global one only, with the group level off) it takes the global leader copy: the
+  new one at a global round, else the last one. It takes it exactly with
+  :func:`wagrad.apply_updates` (the state's ``reset`` flag; the group leader copy is
+  per-worker state, which it cannot assign), and its inner state restarts.
 
   Args:
     inner: the local optimizer.
@@ -374,7 +405,7 @@ def multi_leader_lsgd(inner: optax.GradientTransformation, *, group_axis, global
     return MultiLeaderState(
         inner=inner.init(params), losses=jnp.zeros([avg_size], jnp.float32),
         num_losses=zero, group_leader_params=p, group_leader=jnp.int32(-1),
-        group_leader_loss=jnp.float32(jnp.inf),
+        group_leader_loss=jnp.float32(jnp.inf), reset=jnp.bool_(False),
         shared=MultiLeaderShared(
             **base.clock(0),
             num_global_exchanges=zero, last_global_exchange=zero, global_leader_params=p,
@@ -428,21 +459,22 @@ def multi_leader_lsgd(inner: optax.GradientTransformation, *, group_axis, global
 
     def group_round(x):
       if not use_local:
-        return x, Ll_old, state.group_leader, state.group_leader_loss
+        return x, Ll_old, state.group_leader, state.group_leader_loss, jnp.bool_(True)
       return _group_round(x, run_loss, Ll_old, state, group_axis, group_start, c1)
 
     def none(x, inner_state):
       return (x, inner_state, Ll_old, state.group_leader, state.group_leader_loss,
-              shared_after(False))
+              shared_after(False), jnp.bool_(True))
 
     def local_round(x, inner_state):
-      x, Ll, gi, gl = group_round(x)
+      x, Ll, gi, gl, finite = group_round(x)
       if opt_state_sync == "reset":
         inner_state = periodic.sync_opt_state("reset", inner, inner_state, x, full_axis)
-      return (x, inner_state, Ll, gi, gl, shared_after(False))
+      return (x, inner_state, Ll, gi, gl, shared_after(False), finite)
 
     def global_round(x, inner_state):
-      x, Ll, gi, gl = group_round(x)
+      x, Ll, gi, gl, _ = group_round(x)
+      finite = C.tree_is_finite(x)
       Lg_prev = base.tree_cast_like(sh.global_leader_params, params)  # read here: see lsgd
       ld, dist = _elect_with_drift(run_loss, x, Lg_prev, full_axis)
       Lg = C.broadcast_from(x, ld.index, full_axis)
@@ -456,22 +488,24 @@ def multi_leader_lsgd(inner: optax.GradientTransformation, *, group_axis, global
           pull_distance=jnp.asarray(dist, jnp.float32))
       # no finite worker: nothing is elected
       return (x, inner_state, Ll, gi, gl,
-              base.tree_where(ld.ok, elected, shared_after(False)))
+              base.tree_where(ld.ok, elected, shared_after(False)), finite)
 
     def warmup_end(x, inner_state):
       t = base.tree_cast_like(periodic.warmup_target(x, full_axis), params)
       return (t, inner_state, t, jnp.int32(0), state.group_leader_loss,
               shared_after(True, True, 0,
                            global_leader_params=base.tree_cast_like(t, sh.global_leader_params),
-                           pull_distance=jnp.zeros([], jnp.float32)))
+                           pull_distance=jnp.zeros([], jnp.float32)), jnp.bool_(True))
 
     branches = (none, local_round, global_round) + ((warmup_end,) if warmup_steps > 0 else ())
-    x_new, inner_state, Ll, gi, gl, new_shared = lax.switch(
+    x_new, inner_state, Ll, gi, gl, new_shared, finite = lax.switch(
         idx, branches, x, inner_state)
+    reset = ~finite
+    x_new, inner_state = _reset_to_global_leader(reset, new_shared, x_new, inner, inner_state)
     updates = periodic.updates_to(x_new, params)
     return updates, MultiLeaderState(
         inner_state, losses, num_losses,
         base.tree_cast_like(Ll, state.group_leader_params), gi.astype(jnp.int32),
-        gl.astype(jnp.float32), new_shared)
+        gl.astype(jnp.float32), new_shared, reset)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)

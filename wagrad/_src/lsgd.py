@@ -347,14 +347,3 @@ def lsgd(inner: optax.GradientTransformation, sync_period=4, *, pull: float = 0.
     return updates, LSGDState(inner_state, losses, num_losses, new_shared, reset)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
-
-
-# ----------------------------------------------------------------------------- multi-leader
-
-
-# ----------------------------------------------------------------------------- async LSGD
-
-
-                              # the master's leader before their report
-
-

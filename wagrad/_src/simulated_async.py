@@ -21,6 +21,11 @@ collectives on the steps where anyone exchanges (architecture, decision 1).
   parameters and running loss; the master's leader is replaced when the report's loss
   is lower; the reporting worker is pulled toward the master's leader.
 
+Non-finite workers: as in synchronous EASGD / LSGD, a worker whose parameters are
+non-finite when it exchanges (reports) is left out of the center's update (never
+elected) and takes the new center (the master's leader) exactly through its state's
+``reset`` flag and :func:`wagrad.apply_updates`, with a fresh inner state.
+
 For staleness-aware n-softsync SGD see :mod:`wagrad._src.staleness`.
 """
 
@@ -87,6 +92,8 @@ class AsyncEASGDState(NamedTuple):
   inner: Any                # inner optimizer state, per worker
   clock: jax.Array          # t_i: this worker's own active steps, per worker
   shared: AsyncEASGDShared
+  reset: Any                # per worker: non-finite at its exchange, so it takes the
+                            # new center (exactly, through wagrad.apply_updates)
   due: Any = None           # with a period schedule: the clock of the next exchange
 
 
@@ -109,7 +116,10 @@ def async_easgd(inner: optax.GradientTransformation, sync_period=1, *,
   ``order="sequential"`` (default) applies them in ascending worker index, each
   seeing the center left by the previous one; ``"simultaneous"`` lets all see the
   same ``x~`` (the center moves by ``alpha sum e``). An inactive worker returns zero
-  updates and keeps its inner state and clock.
+  updates and keeps its inner state and clock. A worker whose parameters or local
+  step are non-finite at its exchange is left out of the center's update and takes
+  the new center (exactly, with :func:`wagrad.apply_updates`) with a fresh inner
+  state.
 
   Communication: the exchange (an all-gather of the exchanging workers' parameters
   for ``"sequential"``, a sum for ``"simultaneous"``) runs only on steps where
@@ -152,7 +162,7 @@ def async_easgd(inner: optax.GradientTransformation, sync_period=1, *,
     return AsyncEASGDState(inner.init(params), zero, AsyncEASGDShared(
         **base.clock(0), target=None,
         center=base.tree_copy(params), distance=jnp.zeros([], jnp.float32),
-        num_exchanging=zero), due=zero if scheduled else None)
+        num_exchanging=zero), jnp.bool_(False), due=zero if scheduled else None)
 
   def update_fn(grads, state, params=None, *, active=True, any_exchange=None, **extra):
     if params is None:
@@ -186,7 +196,7 @@ def async_easgd(inner: optax.GradientTransformation, sync_period=1, *,
                           **changes)
 
     def local(u):
-      return u, shared_after(jnp.zeros([], jnp.int32))
+      return u, shared_after(jnp.zeros([], jnp.int32)), jnp.bool_(False)
 
     def exchange(u):
       finite = C.tree_is_finite(params) & C.tree_is_finite(u)
@@ -226,15 +236,19 @@ def async_easgd(inner: optax.GradientTransformation, sync_period=1, *,
       upd = _tmap(lambda uu, d, x: jnp.where(ex, _f32(uu) - a * d, _f32(uu)).astype(x.dtype),
                   u, diff, params)
       # a non-finite exchanging worker is left out of the master and reset to it
-      upd = _tmap(lambda v, cc, x: jnp.where(me & ~finite, cc.astype(x.dtype) - x, v),
+      reset = me & ~finite
+      upd = _tmap(lambda v, cc, x: jnp.where(reset, cc.astype(x.dtype) - x, v),
                   upd, new_c, params)
       dist = lax.psum(jnp.where(ex, _sqnorm(diff), 0.0), axis_name) / jnp.maximum(
           m.astype(jnp.float32), 1.0)
-      return upd, shared_after(n_me, center=new_c, distance=jnp.asarray(dist, jnp.float32))
+      return upd, shared_after(n_me, center=new_c,
+                               distance=jnp.asarray(dist, jnp.float32)), reset
 
-    upd, new_shared = lax.cond(pred, exchange, local, u)
+    upd, new_shared, reset = lax.cond(pred, exchange, local, u)
+    inner_state = periodic.reset_inner_where(
+        reset, inner, inner_state, base.tree_cast_like(new_shared.center, params))
     clock = state.clock + act.astype(jnp.int32)
-    return upd, AsyncEASGDState(inner_state, clock, new_shared, due)
+    return upd, AsyncEASGDState(inner_state, clock, new_shared, reset, due)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
@@ -246,11 +260,16 @@ class AsyncLSGDShared:
   num_exchanges: jax.Array  # exchanges (and warm-up ends) so far
   assign: jax.Array         # this step assigns `target` exactly (wagrad.apply_updates)
   num_replacements: jax.Array # times the master's leader was replaced
-  target: Any                 # None: pulls are per worker, nothing is assigned
-  leader_params: Any          # the master's leader
+  leader_params: Any          # the master's leader (also `target`: what a reset
+                              # worker takes; `assign` stays False)
   leader: jax.Array           # worker that sent it (-1: the initial parameters)
   leader_loss: jax.Array      # its running loss when it was sent (+inf initially)
   pull_distance: jax.Array    # mean over reporting workers of ||x_i - leader||^2,
+                              # the master's leader before their report
+
+  @property
+  def target(self):
+    return self.leader_params
 
 
 class AsyncLSGDState(NamedTuple):
@@ -259,6 +278,8 @@ class AsyncLSGDState(NamedTuple):
   num_losses: jax.Array
   local_count: jax.Array      # this worker's own local steps (its clock)
   shared: AsyncLSGDShared
+  reset: Any                  # per worker: non-finite at its report, so it takes the
+                              # master's leader (exactly, through wagrad.apply_updates)
   due: Any = None             # with a period schedule: the local count of the next report
 
 
@@ -281,7 +302,9 @@ def async_lsgd(inner: optax.GradientTransformation, sync_period=4, *,
   default a ``pmax`` of the per-worker flag (one scalar all-reduce every step); pass
   the precomputed shared flag (``any_report=``, a row of :func:`async_report_steps`)
   to avoid even that. Inactive workers keep their state unchanged and are neither
-  elected nor pulled. This rule is reconstructed from the paper's description (its
+  elected nor pulled. A reporting worker whose parameters are non-finite is never
+  elected and takes the master's new ``L`` (exactly, with :func:`wagrad.apply_updates`)
+  with a fresh inner state. This rule is reconstructed from the paper's description (its
   full text and code for this variant were not available); the authors' public code
   instead runs blocking rounds after uneven local steps (:func:`uneven_round_steps`).
 
@@ -326,11 +349,11 @@ def async_lsgd(inner: optax.GradientTransformation, sync_period=4, *,
     zero = jnp.zeros([], jnp.int32)
     return AsyncLSGDState(
         inner=inner.init(params), losses=jnp.zeros([avg_size], jnp.float32),
-        num_losses=zero, local_count=zero,
+        num_losses=zero, local_count=zero, reset=jnp.bool_(False),
         due=period_fn(zero) if scheduled else None,
         shared=AsyncLSGDShared(
             **base.clock(0), num_replacements=zero,
-            target=None, leader_params=base.tree_copy(params),
+            leader_params=base.tree_copy(params),
             leader=jnp.int32(-1), leader_loss=jnp.float32(jnp.inf),
             pull_distance=jnp.zeros([], jnp.float32)))
 
@@ -362,10 +385,10 @@ def async_lsgd(inner: optax.GradientTransformation, sync_period=4, *,
       anyone = jnp.asarray(any_report, jnp.bool_)
     clock = periodic.next_clock(anyone.astype(jnp.int32), sh, False)
 
-    # Only the shared state goes through the branch; the reporting workers' pull is a
-    # select after it.
+    # Only the shared state and a finiteness flag go through the branch; the reporting
+    # workers' pull is a select after it.
     def quiet(x):
-      return dataclasses.replace(sh, **clock)
+      return dataclasses.replace(sh, **clock), jnp.bool_(True)
 
     def report(x):
       L_old = base.tree_cast_like(sh.leader_params, params)
@@ -377,14 +400,16 @@ def async_lsgd(inner: optax.GradientTransformation, sync_period=4, *,
           leader_params=base.tree_cast_like(L, sh.leader_params),
           leader=jnp.where(better, ld.index, sh.leader).astype(jnp.int32),
           leader_loss=jnp.where(better, ld.loss, sh.leader_loss).astype(jnp.float32),
-          pull_distance=jnp.asarray(dist, jnp.float32))
+          pull_distance=jnp.asarray(dist, jnp.float32)), C.tree_is_finite(x)
 
-    new_shared = lax.cond(anyone, report, quiet, x)
+    new_shared, finite = lax.cond(anyone, report, quiet, x)
     L = base.tree_cast_like(new_shared.leader_params, params)
     x_new = base.tree_where(anyone & reports, L if pull == 1.0 else _pull(x, L, pull), x)
     updates = periodic.updates_to(x_new, params)
+    reset = anyone & reports & ~finite
+    inner_state = periodic.reset_inner_where(reset, inner, inner_state, L)
     return updates, AsyncLSGDState(inner_state, losses, num_losses, local_count, new_shared,
-                                   due)
+                                   reset, due)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
