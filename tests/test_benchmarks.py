@@ -97,3 +97,16 @@ def test_scaling_benchmark_measures_one_program(backend):
   import wagrad
   row = scaling.measure(wagrad.Runner(backend, 8), 4, steps=2, reps=1, batch=4, hidden=8)
   assert row["median_ms"] > 0 and row["num_traces"] == 1
+
+
+@pytest.mark.slow
+def test_async_stragglers_benchmark_tiny(tmp_path, monkeypatch):
+  """Both variants run across real processes and log the center's accuracy."""
+  import common
+  monkeypatch.setattr(common, "OUT", str(tmp_path))
+  import async_stragglers
+  res = async_stragglers.main(["--steps", "16", "--step-ms", "1", "--deadline", "240"])
+  for variant in ("async", "lockstep"):
+    tl = res[variant]["timeline"]
+    assert tl and all(0.0 <= acc <= 1.0 for _, acc in tl), variant
+  assert (tmp_path / "async_stragglers.png").exists()

@@ -1,0 +1,72 @@
+"""One process of the asynchronous multi-process tests (tests/test_async_processes.py).
+
+argv: port, number of processes, process id, output prefix, sync period, alpha, mode.
+Process 0 is the master; process i >= 1 is worker i - 1, stepping on the active steps
+of a seeded speed schedule. Mode "order": the master serves in the simulation's order.
+Mode "kill": the master serves what arrives, and worker 1 kills itself (SIGKILL) at its
+third step.
+"""
+import os
+import signal
+import sys
+
+os.environ["JAX_PLATFORMS"] = "cpu"
+os.environ.pop("XLA_FLAGS", None)
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+import optax  # noqa: E402
+
+import wagrad  # noqa: E402
+from wagrad import async_  # noqa: E402
+
+STEPS, ETA = 12, 0.05
+
+
+def problem(K):
+  rng = np.random.default_rng(0)
+  A = rng.normal(size=(K, 6, 3)).astype(np.float32)
+  b = rng.normal(size=(K, 6)).astype(np.float32)
+  w0 = rng.normal(size=3).astype(np.float32)
+  active = wagrad.speed_schedule(K, STEPS, wagrad.straggler_speeds(K, 0.5, 2.0), seed=1)
+  return A, b, w0, active
+
+
+def loss(p, A, b):
+  return jax.numpy.mean((A @ p["w"] - b) ** 2)
+
+
+def main():
+  port, n, pid, out, tau, alpha, mode = sys.argv[1:8]
+  n, pid, tau, alpha = int(n), int(pid), int(tau), float(alpha)
+  jax.config.update("jax_enable_recoverability", True)  # a killed worker stops no one
+  wagrad.initialize_distributed(f"127.0.0.1:{port}", n, pid, timeout_seconds=60,
+                                heartbeat_timeout_seconds=3)
+  K = n - 1
+  A, b, w0, active = problem(K)
+  p = {"w": w0}
+  if pid == 0:
+    exch, _ = wagrad.async_easgd_schedule(active, tau)
+    order = [i for t in range(STEPS) for i in range(K) if exch[t, i]]
+    center, served, gone = async_.serve_easgd(
+        p, K, alpha=alpha, order=order if mode == "order" else None, timeout_s=60,
+        check_s=1.0)
+    np.savez(f"{out}_master.npz", center=center["w"], served=served, gone=np.array(gone))
+    return
+  i = pid - 1
+  worker = async_.EASGDWorker(i, tau, timeout_s=60)
+  sgd = optax.sgd(ETA)
+  s = sgd.init(p)
+  grad = jax.jit(jax.grad(loss))
+  for t in range(STEPS):
+    if mode == "kill" and i == 1 and worker.clock == 2:
+      os.kill(os.getpid(), signal.SIGKILL)
+    if active[t, i]:
+      u, s = sgd.update(grad(p, A[i], b[i]), s, p)
+      p = worker.apply_updates(p, u)
+  worker.close()
+  np.savez(f"{out}_worker{i}.npz", w=np.asarray(p["w"]), exchanges=worker.exchanges)
+
+
+if __name__ == "__main__":
+  main()

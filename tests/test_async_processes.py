@@ -1,0 +1,99 @@
+"""Asynchronous EASGD across real processes (wagrad.async_): a master process and three
+worker processes over JAX's coordination service, each worker stepping only on its
+active steps; under the simulation's serving order the run equals the simulated
+``wagrad.async_easgd`` (order="sequential"). Every child is killed (SIGKILL) at a
+deadline, so a hang fails the test instead of CI."""
+import os
+import socket
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import wagrad
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+from async_worker import ETA, STEPS, loss, problem  # noqa: E402
+
+DEADLINE = 180
+
+
+def _free_port():
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def _run(n, out, tau, alpha, mode="order"):
+  port = str(_free_port())
+  procs = [subprocess.Popen([sys.executable, os.path.join(HERE, "async_worker.py"), port,
+                             str(n), str(i), out, str(tau), str(alpha), mode],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+           for i in range(n)]
+  outs = []
+  try:
+    for p in procs:
+      outs.append(p.communicate(timeout=DEADLINE)[0])
+  except subprocess.TimeoutExpired:
+    pytest.fail(f"asynchronous run did not finish within {DEADLINE}s (killed)")
+  finally:
+    for p in procs:
+      if p.poll() is None:
+        p.kill()
+  killed = {2} if mode == "kill" else set()  # process 2 = worker 1 kills itself
+  assert all((p.returncode == -9) if i in killed else (p.returncode == 0)
+             for i, p in enumerate(procs)), "\n".join(o[-2000:] for o in outs)
+
+
+def _simulated(K, tau, alpha):
+  A, b, w0, active = problem(K)
+  r = wagrad.Runner("vmap", K)
+  tx = wagrad.async_easgd(optax.sgd(ETA), tau, alpha=alpha, order="sequential",
+                          axis_name=r.axis_name)
+  _, anyx = wagrad.async_easgd_schedule(active, tau)
+
+  def step(p, s, A, b, act, flag):
+    u, s = tx.update(jax.grad(loss)(p, A, b), s, p, active=act, any_exchange=flag)
+    return wagrad.apply_updates(p, u, s), s
+  f = r.map(step)
+  p, s = r.replicate({"w": jnp.asarray(w0)}), r.init(tx, {"w": jnp.asarray(w0)})
+  for t in range(STEPS):
+    p, s = f(p, s, A, b, active[t], wagrad.Shared(jnp.asarray(anyx[t])))
+  return np.asarray(p["w"]), np.asarray(wagrad.easgd_center(s)["w"])
+
+
+@pytest.mark.slow
+def test_async_easgd_across_processes_equals_the_simulation(tmp_path):
+  K, tau, alpha = 3, 2, 0.3
+  out = str(tmp_path / "run")
+  _run(K + 1, out, tau, alpha)
+  x, c = _simulated(K, tau, alpha)
+  master = np.load(f"{out}_master.npz")
+  np.testing.assert_allclose(master["center"], c, rtol=1e-5, atol=1e-6)
+  for i in range(K):
+    w = np.load(f"{out}_worker{i}.npz")
+    np.testing.assert_allclose(w["w"], x[i], rtol=1e-5, atol=1e-6, err_msg=f"worker {i}")
+    assert int(w["exchanges"]) == int(master["served"][i]) > 0
+  assert not np.allclose(x[0], x[1])  # the workers differ: a real test of each one
+
+
+@pytest.mark.slow
+def test_a_killed_worker_stops_no_one(tmp_path):
+  """Worker 1 is killed (SIGKILL) after its first exchange: the master finds it gone,
+  keeps serving the others to the end and keeps every exchange it served."""
+  K, tau, alpha = 3, 2, 0.3
+  out = str(tmp_path / "run")
+  _run(K + 1, out, tau, alpha, mode="kill")
+  master = np.load(f"{out}_master.npz")
+  assert list(master["gone"]) == [1]
+  assert int(master["served"][1]) == 1                      # its one exchange is kept
+  for i in (0, 2):
+    w = np.load(f"{out}_worker{i}.npz")
+    assert int(w["exchanges"]) == int(master["served"][i]) > 1
+    assert np.isfinite(w["w"]).all()
+  assert np.isfinite(master["center"]).all()

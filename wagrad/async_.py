@@ -1,0 +1,12 @@
+"""Asynchronous training across processes: every worker a JAX process of its own,
+stepping at its own pace, exchanging with a master process through JAX's runtime (no
+lockstep). The simulated versions (``wagrad.async_easgd``, ...) run the same rules
+inside one SPMD program; these run them for real.
+
+* asynchronous EASGD: :class:`EASGDWorker` in worker processes, :func:`serve_easgd` in
+  process 0 (the master keeping the center).
+"""
+
+from wagrad._src.async_processes import EASGDWorker, master_exchange, serve_easgd
+
+__all__ = ["EASGDWorker", "master_exchange", "serve_easgd"]
