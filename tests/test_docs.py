@@ -33,3 +33,16 @@ def test_ruff_passes():
   p = subprocess.run([sys.executable, "-m", "ruff", "check", "wagrad", "tests", "benchmarks",
                       "examples", "docs"], cwd=root, capture_output=True, text=True, timeout=300)
   assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+
+
+def test_declared_minimums_are_the_ones_ci_tests():
+  """pyproject.toml's lower bounds for jax, flax, optax and chex are exactly the pins
+  of .ci/minimum.txt, which CI runs the whole suite with."""
+  root = os.path.dirname(os.path.dirname(DOCS))
+  with open(os.path.join(root, ".ci", "minimum.txt")) as f:
+    pins = dict(re.findall(r"^([a-z]+)==([\d.]+)$", f.read(), re.M))
+  with open(os.path.join(root, "pyproject.toml")) as f:
+    floors = dict(re.findall(r'"([a-z]+)>=([\d.]+)"', f.read()))
+  for name in ("jax", "flax", "optax", "chex"):
+    assert floors[name] == pins[name], name
+  assert pins["jaxlib"] == pins["jax"]
