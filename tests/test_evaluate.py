@@ -109,3 +109,16 @@ def test_evaluated_params_reads_a_flax_nnx_state(name):
   got = wagrad.evaluated_params(nnx.state(models, nnx.Param), opt.opt_state)
   want = wagrad.evaluated_params(p, s)
   np.testing.assert_allclose(np.asarray(got["kernel"]), np.asarray(want["kernel"]), rtol=1e-5, atol=1e-6)
+
+
+def test_weighted_model_keeps_the_parameters_dtype_without_warnings():
+  """The evaluated mean is computed in float64 and returned in the parameters' dtype
+  (float32 here), without JAX's float64 warning."""
+  import warnings
+  p = {"w": jnp.stack([jnp.ones(3), jnp.full(3, jnp.nan), 3 * jnp.ones(3)])}
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")
+    out = wagrad.evaluated_params(p, wagrad.Runner("vmap", 3).init(
+        wagrad.sync_sgd(optax.sgd(0.1)), {"w": jnp.ones(3)}))
+  assert out["w"].dtype == jnp.float32
+  np.testing.assert_allclose(np.asarray(out["w"]), 2.0)  # the NaN worker left out

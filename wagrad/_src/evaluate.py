@@ -32,9 +32,9 @@ def _weighted(params, weights):
   w = w / max(w.sum(), 1e-300)
 
   def combine(x):  # a non-finite worker's rows are zeroed: 0 * NaN would be NaN
-    x = np.asarray(x, np.float64)
-    x = np.where(finite.reshape((-1,) + (1,) * (x.ndim - 1)), x, 0.0)
-    return jnp.asarray(np.tensordot(w, x, 1), x.dtype)
+    x64 = np.asarray(x, np.float64)
+    x64 = np.where(finite.reshape((-1,) + (1,) * (x64.ndim - 1)), x64, 0.0)
+    return jnp.asarray(np.tensordot(w, x64, 1), x.dtype)
   return jax.tree_util.tree_map(combine, params)
 
 
