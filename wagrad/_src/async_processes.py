@@ -29,6 +29,7 @@ import time
 
 import jax
 import numpy as np
+import optax
 
 from wagrad._src import kvstore
 
@@ -91,7 +92,7 @@ class EASGDWorker:
     """``params + updates``, minus the elastic difference on exchange steps."""
     if not self.due():
       self.clock += 1
-      return jax.tree_util.tree_map(lambda x, u: x + u.astype(x.dtype), params, updates)
+      return optax.apply_updates(params, updates)
     host = jax.device_get(params)
     kvstore.put(_key("req", self.worker, self.exchanges), kvstore.pack(host))
     answer = _key("resp", self.worker, self.exchanges)

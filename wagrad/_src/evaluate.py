@@ -38,13 +38,6 @@ def _weighted(params, weights):
   return jax.tree_util.tree_map(combine, params)
 
 
-def _plain(tree):
-  """Flax NNX variables (``nnx.Param``, optimizer state) replaced by their arrays."""
-  is_var = lambda v: hasattr(v, "get_value") and hasattr(v, "set_value")  # noqa: E731
-  return jax.tree_util.tree_map(lambda v: v.get_value() if is_var(v) else v, tree,
-                                is_leaf=is_var)
-
-
 def _at(params, k):
   return jax.tree_util.tree_map(lambda x: x[k], params)
 
@@ -75,7 +68,7 @@ def evaluated_params(params, opt_state):
     >>> # after training with runner.map(step): params, opt_state = ...
     >>> # model = wagrad.evaluated_params(params, opt_state)
   """
-  params, opt_state = _plain(params), _plain(opt_state)
+  params, opt_state = base.pure(params), base.pure(opt_state)
   K = jax.tree_util.tree_leaves(params)[0].shape[0]
   sh = base.find_shared(opt_state, "count")
   if sh is not None and np.ndim(sh.count) == 1:  # a Flax NNX state stacks shared leaves too
