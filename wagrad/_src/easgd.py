@@ -301,7 +301,8 @@ def easgd(inner: optax.GradientTransformation, sync_period=1, *, alpha: float | 
                                           distance=jnp.zeros([], jnp.float32)),
         opt_state=(opt_state_sync, inner, inner_state))
     reset = (idx == periodic.EXCHANGE) & ~finite
-    inner_state = periodic.reset_inner_where(reset, inner, inner_state, x_new)
+    inner_state = periodic.reset_inner_where(reset, inner, inner_state, x_new,
+                                             idx == periodic.EXCHANGE)
     return periodic.updates_to(x_new, params), EASGDState(inner_state, new_shared, reset)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)

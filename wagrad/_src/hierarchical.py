@@ -203,7 +203,7 @@ def tree_easgd(inner: optax.GradientTransformation, *, group_axis, global_axis,
         branch, [make(False, False), make(True, False), make(False, True), make(True, True)], u)
     reset = ~finite  # only a group-level exchange finds a worker non-finite
     inner_state = periodic.reset_inner_where(
-        reset, inner, inner_state, base.tree_cast_like(new_shared.center, params))
+        reset, inner, inner_state, base.tree_cast_like(new_shared.center, params), low)
     return upd, TreeEASGDState(inner_state, z_new, new_shared, reset)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
@@ -320,11 +320,12 @@ def _group_round(x, run_loss, Ll_old, state, group_axis, group_start, c1):
           jnp.where(ld.ok, ld.loss, state.group_leader_loss), finite)
 
 
-def _reset_to_global_leader(reset, shared, x, inner, inner_state):
-  """A worker found non-finite at a round takes the global leader copy (exactly with
-  wagrad.apply_updates, through the state's ``reset``) and restarts its inner state."""
-  x = base.tree_where(reset, base.tree_cast_like(shared.global_leader_params, x), x)
-  return x, periodic.reset_inner_where(reset, inner, inner_state, x)
+def _heal(finite, leader, x, inner, inner_state):
+  """Inside a round: a worker found non-finite takes the global leader copy ``leader``
+  (exactly with wagrad.apply_updates, through the state's ``reset``) and restarts its
+  inner state."""
+  x = base.tree_where(finite, x, base.tree_cast_like(leader, x))
+  return x, periodic.reset_inner_where(~finite, inner, inner_state, x)
 
 
 def multi_leader_lsgd(inner: optax.GradientTransformation, *, group_axis, global_axis,
@@ -470,6 +471,7 @@ def multi_leader_lsgd(inner: optax.GradientTransformation, *, group_axis, global
       x, Ll, gi, gl, finite = group_round(x)
       if opt_state_sync == "reset":
         inner_state = periodic.sync_opt_state("reset", inner, inner_state, x, full_axis)
+      x, inner_state = _heal(finite, sh.global_leader_params, x, inner, inner_state)
       return (x, inner_state, Ll, gi, gl, shared_after(False), finite)
 
     def global_round(x, inner_state):
@@ -486,9 +488,9 @@ def multi_leader_lsgd(inner: optax.GradientTransformation, *, group_axis, global
           global_leader_params=base.tree_cast_like(Lg, sh.global_leader_params),
           leader_loss=jnp.asarray(ld.loss, jnp.float32),
           pull_distance=jnp.asarray(dist, jnp.float32))
-      # no finite worker: nothing is elected
-      return (x, inner_state, Ll, gi, gl,
-              base.tree_where(ld.ok, elected, shared_after(False)), finite)
+      new_shared = base.tree_where(ld.ok, elected, shared_after(False))  # none finite: none
+      x, inner_state = _heal(finite, new_shared.global_leader_params, x, inner, inner_state)
+      return (x, inner_state, Ll, gi, gl, new_shared, finite)
 
     def warmup_end(x, inner_state):
       t = base.tree_cast_like(periodic.warmup_target(x, full_axis), params)
@@ -500,8 +502,7 @@ def multi_leader_lsgd(inner: optax.GradientTransformation, *, group_axis, global
     branches = (none, local_round, global_round) + ((warmup_end,) if warmup_steps > 0 else ())
     x_new, inner_state, Ll, gi, gl, new_shared, finite = lax.switch(
         idx, branches, x, inner_state)
-    reset = ~finite
-    x_new, inner_state = _reset_to_global_leader(reset, new_shared, x_new, inner, inner_state)
+    reset = ~finite  # set only by a round (inside the switch, where it was healed)
     updates = periodic.updates_to(x_new, params)
     return updates, MultiLeaderState(
         inner_state, losses, num_losses,

@@ -343,7 +343,8 @@ def lsgd(inner: optax.GradientTransformation, sync_period=4, *, pull: float = 0.
         opt_state=(opt_state_sync, inner, inner_state))
     updates = periodic.updates_to(x_new, params)
     reset = (idx == periodic.EXCHANGE) & new_shared.exchanged & ~finite
-    inner_state = periodic.reset_inner_where(reset, inner, inner_state, x_new)
+    inner_state = periodic.reset_inner_where(reset, inner, inner_state, x_new,
+                                             (idx == periodic.EXCHANGE) & new_shared.exchanged)
     return updates, LSGDState(inner_state, losses, num_losses, new_shared, reset)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)

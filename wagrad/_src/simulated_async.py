@@ -246,7 +246,7 @@ def async_easgd(inner: optax.GradientTransformation, sync_period=1, *,
 
     upd, new_shared, reset = lax.cond(pred, exchange, local, u)
     inner_state = periodic.reset_inner_where(
-        reset, inner, inner_state, base.tree_cast_like(new_shared.center, params))
+        reset, inner, inner_state, base.tree_cast_like(new_shared.center, params), pred)
     clock = state.clock + act.astype(jnp.int32)
     return upd, AsyncEASGDState(inner_state, clock, new_shared, reset, due)
 
@@ -407,7 +407,7 @@ def async_lsgd(inner: optax.GradientTransformation, sync_period=4, *,
     x_new = base.tree_where(anyone & reports, L if pull == 1.0 else _pull(x, L, pull), x)
     updates = periodic.updates_to(x_new, params)
     reset = anyone & reports & ~finite
-    inner_state = periodic.reset_inner_where(reset, inner, inner_state, L)
+    inner_state = periodic.reset_inner_where(reset, inner, inner_state, L, anyone)
     return updates, AsyncLSGDState(inner_state, losses, num_losses, local_count, new_shared,
                                    reset, due)
 
