@@ -97,3 +97,17 @@ def test_a_killed_worker_stops_no_one(tmp_path):
     assert int(w["exchanges"]) == int(master["served"][i]) > 1
     assert np.isfinite(w["w"]).all()
   assert np.isfinite(master["center"]).all()
+
+
+def test_bad_arguments_and_a_missing_runtime_are_named():
+  """Checked in this process, no distributed runtime: each error names its fix."""
+  from wagrad import async_
+  with pytest.raises(ValueError, match="sync_period"):
+    async_.EASGDWorker(0, 0)
+  with pytest.raises(ValueError, match="worker"):
+    async_.EASGDWorker(-1, 2)
+  with pytest.raises(ValueError, match="alpha"):
+    async_.serve_easgd({"w": np.zeros(2)}, 2, alpha=1.5)
+  worker = async_.EASGDWorker(0, 2)  # the first step exchanges: it needs the store
+  with pytest.raises(RuntimeError, match="initialize_distributed"):
+    worker.apply_updates({"w": jnp.zeros(2)}, {"w": jnp.ones(2)})

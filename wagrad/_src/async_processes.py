@@ -79,8 +79,10 @@ class EASGDWorker:
   def __init__(self, worker: int, sync_period: int, *, timeout_s: float = 120.0):
     if not isinstance(sync_period, int) or sync_period < 1:
       raise ValueError(f"`sync_period` must be an integer >= 1, got {sync_period!r}.")
+    if not isinstance(worker, int) or worker < 0:
+      raise ValueError(f"`worker` must be an integer >= 0 (process index - 1), got {worker!r}.")
     _join_backend()
-    self.worker, self.tau, self.timeout_s = int(worker), sync_period, timeout_s
+    self.worker, self.tau, self.timeout_s = worker, sync_period, timeout_s
     self.clock = 0      # this worker's own steps
     self.exchanges = 0  # exchanges done
 
