@@ -40,4 +40,6 @@ def run_algorithms(names, steps=7):
     for _ in range(steps):
       p, s = f(p, s, A, b)
     res[name] = np.asarray(multihost_utils.process_allgather(p["w"], tiled=True))
+    # every process calls it; the workers' rows are gathered across processes
+    res[name + "_evaluated"] = np.asarray(wagrad.evaluated_params(p, s)["w"])
   return res

@@ -46,3 +46,53 @@ def test_declared_minimums_are_the_ones_ci_tests():
   for name in ("jax", "flax", "optax", "chex"):
     assert floors[name] == pins[name], name
   assert pins["jaxlib"] == pins["jax"]
+
+
+ROOT = os.path.dirname(os.path.dirname(DOCS))
+
+
+def test_mypy_passes():
+  """The type hints hold ([tool.mypy] in pyproject.toml: the package, optax's and
+  orbax's missing markers ignored)."""
+  p = subprocess.run([sys.executable, "-m", "mypy"], cwd=ROOT, capture_output=True, text=True,
+                     timeout=600)
+  assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+
+
+def test_wheel_builds_without_warnings_and_installs(tmp_path):
+  """A non-editable wheel: built offline with the installed setuptools, free of
+  warnings, carrying ``py.typed`` and the one version; installed into a fresh
+  virtualenv it imports from there (the test environment's packages serve as its
+  dependencies through PYTHONPATH, which does not see the editable install)."""
+  import shutil
+  import sysconfig
+  import venv
+  import zipfile
+  src = tmp_path / "src"  # a copy: the build writes build/ and egg-info beside the sources
+  shutil.copytree(os.path.join(ROOT, "wagrad"), src / "wagrad",
+                  ignore=shutil.ignore_patterns("__pycache__"))
+  for name in ("pyproject.toml", "README.md"):
+    shutil.copy(os.path.join(ROOT, name), src / name)
+  p = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation",
+                      "-w", str(tmp_path / "dist"), str(src)], capture_output=True, text=True,
+                     timeout=600)
+  assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+  assert "warning" not in (p.stdout + p.stderr).lower(), p.stdout[-3000:] + p.stderr[-3000:]
+  (wheel,) = (tmp_path / "dist").glob("wagrad-*.whl")
+  assert wheel.name.startswith(f"wagrad-{wagrad.__version__}-")
+  names = zipfile.ZipFile(wheel).namelist()
+  assert "wagrad/py.typed" in names and "wagrad/async_.py" in names
+  assert not any(n.startswith(("tests/", "benchmarks/", "examples/")) for n in names)
+  env_dir = tmp_path / "venv"
+  venv.EnvBuilder(with_pip=False).create(env_dir)
+  py = str(env_dir / "bin" / "python")
+  p = subprocess.run([sys.executable, "-m", "pip", "--python", py, "install", "--no-deps",
+                      "--no-index", str(wheel)], capture_output=True, text=True, timeout=600)
+  assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+  env = dict(os.environ, PYTHONPATH=sysconfig.get_paths()["purelib"], JAX_PLATFORMS="cpu")
+  p = subprocess.run([py, "-c", "import wagrad, wagrad.async_; print(wagrad.__file__); "
+                      "print(wagrad.__version__)"], cwd=tmp_path, env=env, capture_output=True,
+                     text=True, timeout=300)
+  assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+  where, version = p.stdout.split()
+  assert where.startswith(str(env_dir)) and version == wagrad.__version__

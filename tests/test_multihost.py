@@ -57,6 +57,8 @@ def test_two_processes_equal_one_process(tmp_path):
     # gloo sums in another order than the in-process all-reduce: rounding only
     np.testing.assert_allclose(multi[name], single[name], rtol=1e-5, atol=1e-6, err_msg=name)
     assert np.isfinite(multi[name]).all()
+    np.testing.assert_allclose(multi[name + "_evaluated"], single[name + "_evaluated"],
+                               rtol=1e-5, atol=1e-6, err_msg=name)
 
 
 def test_unreachable_coordinator_is_a_clear_error():

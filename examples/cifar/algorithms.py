@@ -1,12 +1,10 @@
 """The registry of wagrad algorithms this example can train with.
 
 ``ALGORITHMS`` maps a command-line name to an :class:`Algorithm`, whose ``build(args,
-runner)`` returns ``(tx, rule)``: the wagrad transform (wrapping the local optimizer
-that ``--optimizer/--lr/--momentum/--weight-decay`` describe) and the *evaluated-model
-rule*, a function ``rule(params, batch_stats, opt_state, axis_name) -> (params,
-batch_stats)`` run inside the mapped evaluation that returns, on every worker, the
-model the algorithm's paper evaluates (the average of the workers for most; the
-center variable for EASGD; the server's parameters for staleness-aware SGD).
+runner)`` returns the wagrad transform (wrapping the local optimizer that
+``--optimizer/--lr/--momentum/--weight-decay`` describe). The model evaluated is the
+one the algorithm's paper evaluates, read by ``wagrad.evaluated_params`` (see
+``train.evaluate``).
 
 Adding a family is a few lines: a ``build`` function and an entry guarded by
 ``hasattr(wagrad, ...)``, so the script runs with whichever families the installed
@@ -48,29 +46,9 @@ def inner_optimizer(args, total_steps: int) -> optax.GradientTransformation:
   return optax.chain(*parts)
 
 
-def flat_mean(tree, weight, axis_name):
-  """``wagrad.weighted_mean(tree, weight).value`` as one all-reduce of the raveled tree
-  (one collective instead of one per leaf: compiles and runs faster).
-  A worker with a non-finite leaf gets weight 0, as in ``weighted_mean``."""
-  from jax.flatten_util import ravel_pytree
-  flat, unravel = ravel_pytree(tree)
-  return unravel(wagrad.weighted_mean(flat, weight, axis_name).value)
-
-
-def average(params, batch_stats, opt_state, axis_name):
-  """The workers' mean (finite workers), parameters and BatchNorm statistics alike."""
-  del opt_state
-  return flat_mean((params, batch_stats), 1.0, axis_name)
-
-
-def _cast_like(tree, like):
-  import jax
-  return jax.tree_util.tree_map(lambda a, b: a.astype(b.dtype), tree, like)
-
-
 @dataclasses.dataclass(frozen=True)
 class Algorithm:
-  build: Callable[[Any, Any], tuple]   # (args, runner) -> (tx, rule)
+  build: Callable[[Any, Any], Any]     # (args, runner) -> tx
   description: str
   speeds: str = "mask"                 # "active" | "mask" | "none"
   # (args, runner, num_steps) -> (t -> dict of extra tx.update arguments: per-worker
@@ -90,14 +68,14 @@ def _outer(args):
 
 def _sync_sgd(args, runner):
   return wagrad.sync_sgd(inner_optimizer(args, args.total_steps),
-                         axis_name=runner.axis_name), average
+                         axis_name=runner.axis_name)
 
 
 def _model_averaging(args, runner):
   return wagrad.model_averaging(
       inner_optimizer(args, args.total_steps), args.sync_period, axis_name=runner.axis_name,
       warmup_steps=args.warmup_steps, outer_optimizer=_outer(args),
-      opt_state_sync=args.opt_state_sync), average
+      opt_state_sync=args.opt_state_sync)
 
 
 def _diloco(args, runner):
@@ -105,7 +83,7 @@ def _diloco(args, runner):
       inner=inner_optimizer(args, args.total_steps),
       outer_learning_rate=0.7 if args.outer_lr is None else args.outer_lr,
       outer_momentum=args.outer_momentum, sync_period=args.sync_period,
-      warmup_steps=args.warmup_steps, axis_name=runner.axis_name), average
+      warmup_steps=args.warmup_steps, axis_name=runner.axis_name)
 
 
 ALGORITHMS: dict[str, Algorithm] = {
@@ -123,14 +101,9 @@ ALGORITHMS: dict[str, Algorithm] = {
 
 if hasattr(wagrad, "easgd"):
   def _easgd(args, runner):
-    tx = wagrad.easgd(inner_optimizer(args, args.total_steps), args.sync_period,
-                      alpha=args.alpha, beta=args.beta, axis_name=runner.axis_name,
-                      warmup_steps=args.warmup_steps, opt_state_sync=args.opt_state_sync)
-
-    def center(params, batch_stats, opt_state, axis_name):
-      c = _cast_like(wagrad.easgd_center(opt_state), params)
-      return c, flat_mean(batch_stats, 1.0, axis_name)
-    return tx, center
+    return wagrad.easgd(inner_optimizer(args, args.total_steps), args.sync_period,
+                        alpha=args.alpha, beta=args.beta, axis_name=runner.axis_name,
+                        warmup_steps=args.warmup_steps, opt_state_sync=args.opt_state_sync)
 
   ALGORITHMS["easgd"] = Algorithm(_easgd, "elastic averaging SGD, evaluates the center "
                                   "(--alpha or --beta, --sync-period)")
@@ -140,9 +113,9 @@ if hasattr(wagrad, "lsgd"):
     return wagrad.lsgd(inner_optimizer(args, args.total_steps), args.sync_period,
                        pull=args.pull, proximal=args.proximal, axis_name=runner.axis_name,
                        warmup_steps=args.warmup_steps, opt_state_sync=args.opt_state_sync,
-                       num_workers=runner.num_workers), average
+                       num_workers=runner.num_workers)
 
-  ALGORITHMS["lsgd"] = Algorithm(_lsgd, "leader SGD, evaluates the workers' average "
+  ALGORITHMS["lsgd"] = Algorithm(_lsgd, "leader SGD, evaluates the leader "
                                  "(--pull, --proximal, --sync-period)", speeds="active")
 
 if hasattr(wagrad, "wasgd"):
@@ -151,7 +124,7 @@ if hasattr(wagrad, "wasgd"):
                         temperature=args.temperature, moving_rate=args.moving_rate,
                         weight_fn=args.weight_fn, axis_name=runner.axis_name,
                         warmup_steps=args.warmup_steps, opt_state_sync=args.opt_state_sync,
-                        num_workers=runner.num_workers), average
+                        num_workers=runner.num_workers)
 
   ALGORITHMS["wasgd"] = Algorithm(_wasgd, "loss-weighted model combination "
                                   "(--temperature, --moving-rate, --weight-fn)")
@@ -162,28 +135,18 @@ if hasattr(wagrad, "wpsgd"):
     kw = dict(weighting=args.weighting,
               learning_rate=args.lr if contraction else None,
               strong_convexity=args.strong_convexity if contraction else None)
-    tx = wagrad.wpsgd(inner_optimizer(args, args.total_steps), args.sync_period,
-                      axis_name=runner.axis_name, warmup_steps=args.warmup_steps,
-                      opt_state_sync=args.opt_state_sync, num_workers=runner.num_workers,
-                      **kw)
-
-    def combined(params, batch_stats, opt_state, axis_name):
-      w = wagrad.wpsgd_combine(params, opt_state, axis_name)
-      return w.value, flat_mean(batch_stats, w.weight, axis_name)
-    return tx, combined
+    return wagrad.wpsgd(inner_optimizer(args, args.total_steps), args.sync_period,
+                        axis_name=runner.axis_name, warmup_steps=args.warmup_steps,
+                        opt_state_sync=args.opt_state_sync, num_workers=runner.num_workers,
+                        **kw)
 
   ALGORITHMS["wpsgd"] = Algorithm(_wpsgd, "WP-SGD weighted combination of workers of "
                                   "different speeds (--weighting)", speeds="active")
 
 if hasattr(wagrad, "staleness_aware_sgd"):
   def _staleness(args, runner):
-    tx = wagrad.staleness_aware_sgd(inner_optimizer(args, args.total_steps),
-                                    alpha0=args.alpha0, axis_name=runner.axis_name)
-
-    def server(params, batch_stats, opt_state, axis_name):
-      theta = wagrad.find_shared(opt_state, "server").server
-      return _cast_like(theta, params), flat_mean(batch_stats, 1.0, axis_name)
-    return tx, server
+    return wagrad.staleness_aware_sgd(inner_optimizer(args, args.total_steps),
+                                      alpha0=args.alpha0, axis_name=runner.axis_name)
 
   def _softsync_rows(args, runner, num_steps):
     sched = wagrad.softsync_schedule(runner.num_workers, args.softsync_n, num_steps,

@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from jax import lax
+from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 import wagrad
@@ -45,7 +46,7 @@ class Experiment:
   start_step: int
   total_steps: int
   step_fn: Callable
-  eval_model_fn: Callable
+  eval_model_fn: Callable          # (params, loss_sum) -> (consensus distance, mean loss)
   eval_step_fn: Callable
   step_args: Callable              # t -> dict of extra per-step arguments
   manager: Any                     # orbax CheckpointManager or None
@@ -134,7 +135,7 @@ def _where_workers(pred, new, old):
       new, old, is_leaf=wagrad.is_shared)
 
 
-def make_steps(model, tx, rule, algo, axis_name):
+def make_steps(model, tx, algo, axis_name):
   """The per-worker training step and evaluation functions (not yet mapped)."""
 
   def train_step(params, batch_stats, opt_state, images, labels, extra):
@@ -163,22 +164,19 @@ def make_steps(model, tx, rule, algo, axis_name):
       new_bs = _where_workers(take, new_bs, batch_stats)
     return new_params, new_bs, new_state, loss
 
-  def eval_model(params, batch_stats, opt_state, loss_sum):
-    pe, bse = rule(params, batch_stats, opt_state, axis_name)
+  def run_stats(params, loss_sum):
     flat = jax.flatten_util.ravel_pytree(params)[0]  # one collective, not one per leaf
-    return (pe, bse, wagrad.consensus_distance(flat, axis_name),
-            lax.pmean(loss_sum, axis_name))
+    return wagrad.consensus_distance(flat, axis_name), lax.pmean(loss_sum, axis_name)
 
-  def eval_step(params, batch_stats, images, labels, mask):
-    logits = model.apply({"params": params, "batch_stats": batch_stats},
-                         input_pipeline.normalize(images), train=False)
+  def eval_step(variables, images, labels, mask):  # variables: wagrad.Shared, one model
+    logits = model.apply(variables.value, input_pipeline.normalize(images), train=False)
     loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
     correct = (jnp.argmax(logits, -1) == labels).astype(jnp.float32)
     return (lax.psum(jnp.sum(correct * mask), axis_name),
             lax.psum(jnp.sum(loss * mask), axis_name),
             lax.psum(jnp.sum(mask), axis_name))
 
-  return train_step, eval_model, eval_step
+  return train_step, run_stats, eval_step
 
 
 # ----------------------------------------------------------------------------- set-up
@@ -241,12 +239,12 @@ def prepare(args) -> Experiment:
     args.eval_every = batches.steps_per_epoch
 
   variables = _init_variables(args.model, data.num_classes, args.width_multiplier, args.seed)
-  tx, rule = algo.build(args, runner)
+  tx = algo.build(args, runner)
   state = {"params": variables["params"], "batch_stats": variables["batch_stats"],
            "opt_state": tx.init(variables["params"])}
   state = runner.put(_replicate_on_host(state, args.workers))
 
-  train_step, eval_model, eval_step = make_steps(model, tx, rule, algo, runner.axis_name)
+  train_step, run_stats, eval_step = make_steps(model, tx, algo, runner.axis_name)
   active = None if speeds is None else schedules.speed_schedule(
       args.workers, total, speeds, seed=args.seed)
   protocol = None if algo.step_args is None else algo.step_args(args, runner, total)
@@ -272,7 +270,7 @@ def prepare(args) -> Experiment:
       state = runner.put(restored)  # shard_map needs its inputs placed as in_specs say
       start = int(latest)
   return Experiment(args, runner, algo, data, batches, local, state, start, total,
-                    runner.map(train_step), runner.map(eval_model),
+                    runner.map(train_step), runner.map(run_stats),
                     _mapped_eval_step(runner, model, eval_step),
                     step_args, manager)
 
@@ -280,16 +278,31 @@ def prepare(args) -> Experiment:
 # ----------------------------------------------------------------------------- loop
 
 
+def _finite_mean(x) -> np.ndarray:
+  """The mean over workers of a stacked leaf (every worker's rows gathered to each
+  process in a multi-host run), leaving out workers with a non-finite value."""
+  if not x.is_fully_addressable:
+    x = multihost_utils.process_allgather(x, tiled=True)
+  x = np.asarray(x)
+  ok = np.isfinite(x.reshape(len(x), -1)).all(1)
+  return x[ok].mean(0) if ok.any() else x.mean(0)
+
+
 def evaluate(exp: Experiment, loss_sum) -> dict:
-  """Test metrics of the evaluated model; ``loss_sum``: per-worker summed train losses."""
+  """Test metrics of the model the algorithm's paper evaluates
+  (``wagrad.evaluated_params``: the average, center, leader, weighted combination or
+  server) with the workers' mean BatchNorm statistics; ``loss_sum``: per-worker summed
+  train losses. Every process calls it (it gathers across processes)."""
   s = exp.state
-  pe, bse, dist, train_loss = exp.eval_model_fn(s["params"], s["batch_stats"],
-                                                s["opt_state"], loss_sum)
+  model = {"params": wagrad.evaluated_params(s["params"], s["opt_state"]),
+           "batch_stats": jax.tree_util.tree_map(_finite_mean, s["batch_stats"])}
+  dist, train_loss = exp.eval_model_fn(s["params"], loss_sum)
   correct = loss = count = 0.0
   for x, y, m in input_pipeline.eval_batches(exp.data.test_images, exp.data.test_labels,
                                              exp.args.workers, exp.args.eval_batch_size,
                                              exp.local_workers):
-    c, l, n = exp.eval_step_fn(pe, bse, *_globalize(exp.runner, exp.local_workers, (x, y, m)))
+    c, l, n = exp.eval_step_fn(wagrad.Shared(model),
+                               *_globalize(exp.runner, exp.local_workers, (x, y, m)))
     correct, loss, count = correct + _first(c), loss + _first(l), count + _first(n)
   return {"train_loss_sum": _first(train_loss), "test_accuracy": correct / count,
           "test_loss": loss / count, "consensus_distance": _first(dist)}

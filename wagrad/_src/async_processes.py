@@ -26,17 +26,19 @@ an :class:`EASGDWorker`.
 from __future__ import annotations
 
 import time
+from typing import Any, Callable, Sequence
 
 import jax
 import numpy as np
 import optax
 
 from wagrad._src import kvstore
+from wagrad._src.base import PyTree
 
 PREFIX = "wagrad/easgd"
 
 
-def master_exchange(center, x, alpha):
+def master_exchange(center: PyTree, x: PyTree, alpha: float) -> tuple[PyTree, PyTree]:
   """The master's side of one asynchronous elastic exchange: ``e = alpha (x - c)``,
   ``c <- c + e``. NumPy trees in, ``(new_center, e)`` out (float32 arithmetic)."""
   e = jax.tree_util.tree_map(
@@ -116,9 +118,11 @@ class EASGDWorker:
     return kvstore.get(f"{PREFIX}/center", self.timeout_s)
 
 
-def serve_easgd(params0, num_workers: int, *, alpha: float, order=None,
-                timeout_s: float = 120.0, poll_s: float = 0.001, check_s: float = 2.0,
-                callback=None):
+def serve_easgd(params0: PyTree, num_workers: int, *, alpha: float,
+                order: Sequence[int] | None = None, timeout_s: float = 120.0,
+                poll_s: float = 0.001, check_s: float = 2.0,
+                callback: Callable[[PyTree, np.ndarray], Any] | None = None
+                ) -> tuple[PyTree, np.ndarray, list[int]]:
   """Run the master of asynchronous EASGD in this process until every worker has closed.
 
   Args:
@@ -164,7 +168,9 @@ def serve_easgd(params0, num_workers: int, *, alpha: float, order=None,
       data = kvstore.get(key, timeout_s)
       kvstore.delete(key)
       serve(int(i), data)
-  done, gone, idle_since = set(), set(), time.monotonic()
+  done: set[int] = set()
+  gone: set[int] = set()
+  idle_since = time.monotonic()
   while len(done | gone) < num_workers:
     pending = kvstore.listing(f"{PREFIX}/req/")
     for key, data in pending:

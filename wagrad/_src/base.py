@@ -21,6 +21,7 @@ moving to the leader with strength 1, the end of the warm-up) ``assign`` is true
 from __future__ import annotations
 
 import dataclasses
+import typing
 from typing import Any, Callable, Union
 
 import jax
@@ -29,13 +30,17 @@ import numpy as np
 import optax
 
 PyTree = Any
-AxisName = Union[str, tuple]
+# A named worker axis: a name, or a tuple of names ordered outer to inner
+# (what check_axis_name accepts).
+AxisName = Union[str, tuple[str, ...]]
+# A period: an integer >= 1, or a schedule ``step -> period`` (see make_period_fn).
 Period = Union[int, Callable[[Any], Any]]
 
 _SHARED_FLAG = "__wagrad_shared__"
 
 
-def shared_state(cls):
+@typing.dataclass_transform(frozen_default=True)
+def shared_state(cls: type[Any]) -> type[Any]:
   """Class decorator: a frozen dataclass pytree whose leaves are shared by all workers.
 
   The fields are plain pytrees (``state.shared.center`` is the center tree itself);
@@ -48,7 +53,7 @@ def shared_state(cls):
       cls, data_fields=[f.name for f in dataclasses.fields(cls)], meta_fields=[])
 
 
-def is_shared(node) -> bool:
+def is_shared(node: Any) -> bool:
   """True for a node created by a :func:`shared_state` class (or :class:`Shared`)."""
   return getattr(type(node), _SHARED_FLAG, False)
 
@@ -85,7 +90,7 @@ def worker_axes(tree: PyTree, stacked=0, shared=None) -> PyTree:
       lambda node: shared if is_shared(node) else stacked, tree, is_leaf=is_shared)
 
 
-def find_shared(tree: PyTree, attr: str = "count"):
+def find_shared(tree: PyTree, attr: str = "count") -> Any | None:
   """First shared node in ``tree`` that has attribute ``attr`` (depth-first), or None."""
   nodes = jax.tree_util.tree_leaves(
       tree, is_leaf=lambda n: is_shared(n) and hasattr(n, attr))
@@ -300,7 +305,8 @@ def take_assigned(new: PyTree, opt_state: PyTree) -> PyTree:
   # a worker reset this step takes the rule's shared value exactly, per worker: EASGD's
   # center or LSGD's leader for a worker whose parameters went non-finite (no additive
   # update can repair them), the server for a learner that pulled it (staleness-aware)
-  for st in _nodes(opt_state, lambda n: hasattr(n, "reset") and hasattr(n, "shared")):
+  for st in _nodes(opt_state, lambda n: getattr(n, "reset", None) is not None
+                   and hasattr(n, "shared")):
     sh = st.shared
     value = next(v for v in (getattr(sh, k, None) for k in ("target", "center", "server"))
                  if v is not None)
@@ -313,9 +319,14 @@ def _nodes(tree, pred):
 
 
 def _take(pred, value, new):
-  """``value`` where ``pred``, else ``new``, leaf by leaf in ``new``'s dtypes; leaves of
+  """``value`` where ``pred`` (one flag, or a tree of flags like ``value``), else
+  ``new``, leaf by leaf in ``new``'s dtypes; leaves of
   ``value`` masked by ``optax.multi_transform`` (other labels) keep ``new``."""
   masked = lambda x: isinstance(x, optax.MaskedNode)  # noqa: E731
+  if not isinstance(pred, (bool, np.generic, np.ndarray, jax.Array)):  # a flag per leaf
+    return jax.tree_util.tree_map(
+        lambda t, n, p: n if masked(t) else jnp.where(p, t.astype(n.dtype), n),
+        value, new, pred, is_leaf=masked)
   return jax.tree_util.tree_map(
       lambda t, n: n if masked(t) else jnp.where(pred, t.astype(n.dtype), n),
       value, new, is_leaf=masked)

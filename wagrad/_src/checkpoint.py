@@ -13,8 +13,10 @@ import os
 import jax
 import numpy as np
 
+from wagrad._src.base import PyTree
 
-def save_checkpoint(path: str, tree, *, force: bool = True) -> str:
+
+def save_checkpoint(path: str, tree: PyTree, *, force: bool = True) -> str:
   """Save ``tree`` under the directory ``path`` (absolute or relative) with orbax."""
   import orbax.checkpoint as ocp
 
@@ -26,7 +28,7 @@ def save_checkpoint(path: str, tree, *, force: bool = True) -> str:
   return path
 
 
-def restore_checkpoint(path: str, like):
+def restore_checkpoint(path: str, like: PyTree) -> PyTree:
   """Restore a tree saved by :func:`save_checkpoint`, with the structure of ``like``."""
   import orbax.checkpoint as ocp
 

@@ -19,10 +19,12 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 from jax import lax
+from jax.typing import ArrayLike
 
 from wagrad._src import base
 
 AxisName = base.AxisName
+PyTree = base.PyTree
 
 
 def _acc_dtype(dtype):
@@ -146,8 +148,8 @@ class Weighted(NamedTuple):
   ok: jax.Array
 
 
-def weighted_mean(tree, weight, axis_name: AxisName, *, exclude_nonfinite=True,
-                  fallback=None) -> Weighted:
+def weighted_mean(tree: PyTree, weight: ArrayLike, axis_name: AxisName, *,
+                  exclude_nonfinite: bool = True, fallback: PyTree | None = None) -> Weighted:
   """Weighted mean ``sum_j w_j x_j / sum_j w_j`` of a pytree over workers.
 
   Args:
@@ -236,12 +238,13 @@ def softmax_weights(loss, axis_name: AxisName, temperature=1.0):
 
 class Leader(NamedTuple):
   """Result of :func:`elect_leader`."""
-  index: jax.Array   # worker index of the leader (int32); -1 when no loss is finite
+  # worker index of the leader (int32); -1 when no loss is finite
+  index: jax.Array  # type: ignore[assignment]  # shadows tuple.index
   loss: jax.Array    # the leader's loss
   ok: jax.Array      # False when every loss is non-finite
 
 
-def elect_leader(loss, axis_name: AxisName, eligible=True) -> Leader:
+def elect_leader(loss: ArrayLike, axis_name: AxisName, eligible: ArrayLike = True) -> Leader:
   """Arg-min of the workers' losses; ties go to the lowest index.
 
   Workers with a non-finite loss (or ``eligible=False``) are never elected. One
@@ -276,7 +279,7 @@ def elect_leader_and_mean(loss, value, axis_name: AxisName, eligible=True):
   return Leader(jnp.where(ok, leader, -1).astype(jnp.int32), lmin, ok), mean
 
 
-def broadcast_from(tree, index, axis_name: AxisName):
+def broadcast_from(tree: PyTree, index: ArrayLike, axis_name: AxisName) -> PyTree:
   """Every worker receives worker ``index``'s pytree (exactly, bit for bit).
 
   lax has no one-to-all broadcast: this is a parameter-sized all-reduce of a one-hot
@@ -292,7 +295,8 @@ def broadcast_from(tree, index, axis_name: AxisName):
   return send(masked, lambda v: lax.psum(v, axis_name))
 
 
-def elastic_step(x, center, alpha, axis_name: AxisName):
+def elastic_step(x: PyTree, center: PyTree, alpha: ArrayLike, axis_name: AxisName
+                 ) -> tuple[PyTree, PyTree]:
   """One synchronous elastic-averaging exchange (EASGD eq. 5-6, simultaneous).
 
   ``x_i <- x_i - alpha (x_i - c)`` and ``c <- c + alpha * sum_i (x_i - c)``, both
@@ -310,7 +314,8 @@ def elastic_step(x, center, alpha, axis_name: AxisName):
   return new_x, new_c
 
 
-def consensus_distance(tree, axis_name: AxisName, mean=None):
+def consensus_distance(tree: PyTree, axis_name: AxisName, mean: PyTree | None = None
+                       ) -> jax.Array:
   """Mean over workers of ``||x_i - mean_j x_j||^2`` (a scalar, same on all workers).
 
   Pass ``mean`` when the workers' mean is already known (e.g. inside an averaging

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import socket
 import time
+from typing import Any
 
 import jax
 
@@ -30,7 +31,8 @@ def _wait_for_coordinator(address: str, timeout_seconds: float) -> bool:
 
 
 def initialize(coordinator_address: str, num_processes: int, process_id: int, *,
-               timeout_seconds: int = 60, cpu_collectives: str = "gloo", **kwargs):
+               timeout_seconds: int = 60, cpu_collectives: str = "gloo", **kwargs: Any
+               ) -> None:
   """``jax.distributed.initialize`` with argument checks and a clear error.
 
   Args:
@@ -53,7 +55,7 @@ def initialize(coordinator_address: str, num_processes: int, process_id: int, *,
     raise ValueError(f"`num_processes` must be an integer >= 1, got {num_processes!r}.")
   if not isinstance(process_id, int) or not 0 <= process_id < num_processes:
     raise ValueError(f"`process_id` must be in [0, {num_processes}), got {process_id!r}.")
-  if cpu_collectives and jax.config.jax_platforms in (None, "", "cpu"):
+  if cpu_collectives and getattr(jax.config, "jax_platforms") in (None, "", "cpu"):
     try:
       jax.config.update("jax_cpu_collectives_implementation", cpu_collectives)
     except Exception:  # pragma: no cover - option absent in some jax versions

@@ -58,6 +58,7 @@ from jax import lax
 from wagrad._src import base
 from wagrad._src import collectives as C
 from wagrad._src import periodic
+from wagrad._src.base import AxisName, Period, PyTree
 
 ORDERS = ("sequential", "simultaneous")
 
@@ -168,7 +169,7 @@ def _worker_moves(u, params, diff, c_new, a, exchanged, to_center):
   return _tmap(move, u, params, diff, c_new)
 
 
-def easgd_center(opt_state):
+def easgd_center(opt_state: PyTree) -> PyTree:
   """The center variable the paper evaluates (shared, identical on every worker).
 
   Works for the states of :func:`easgd`, :func:`eamsgd`, :func:`async_easgd`,
@@ -204,9 +205,9 @@ class EASGDState(NamedTuple):
                             # center (exactly, through wagrad.apply_updates)
 
 
-def easgd(inner: optax.GradientTransformation, sync_period=1, *, alpha: float | None = None,
-          beta: float = 0.9, axis_name="workers", warmup_steps: int = 0,
-          opt_state_sync: str = "local",
+def easgd(inner: optax.GradientTransformation, sync_period: Period = 1, *,
+          alpha: float | None = None, beta: float = 0.9, axis_name: AxisName = "workers",
+          warmup_steps: int = 0, opt_state_sync: str = "local",
           outer_optimizer: optax.GradientTransformation | None = None
           ) -> optax.GradientTransformationExtraArgs:
   """Synchronous elastic averaging SGD (EASGD).
@@ -332,9 +333,10 @@ def lookahead_momentum(momentum: float) -> optax.GradientTransformation:
   return optax.GradientTransformation(init_fn, update_fn)
 
 
-def eamsgd(inner: optax.GradientTransformation, sync_period=1, *, momentum: float = 0.99,
-           alpha: float | None = None, beta: float = 0.9, axis_name="workers",
-           warmup_steps: int = 0) -> optax.GradientTransformationExtraArgs:
+def eamsgd(inner: optax.GradientTransformation, sync_period: Period = 1, *,
+           momentum: float = 0.99, alpha: float | None = None, beta: float = 0.9,
+           axis_name: AxisName = "workers", warmup_steps: int = 0
+           ) -> optax.GradientTransformationExtraArgs:
   """Elastic averaging momentum SGD (EAMSGD), synchronous.
 
   :func:`easgd` whose local step is momentum with the gradient taken at the look-ahead
@@ -381,7 +383,7 @@ def eamsgd(inner: optax.GradientTransformation, sync_period=1, *, momentum: floa
                alpha=alpha, beta=beta, axis_name=axis_name, warmup_steps=warmup_steps)
 
 
-def eamsgd_lookahead(params, opt_state):
+def eamsgd_lookahead(params: PyTree, opt_state: PyTree) -> PyTree:
   """The point ``x_i + delta v_i`` at which EAMSGD's gradient must be evaluated.
 
   Call it in the per-worker step before computing the gradient::

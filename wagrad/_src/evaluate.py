@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from wagrad._src import base
+from wagrad._src.base import PyTree
 from wagrad._src.baselines import AveragingShared, SyncShared
 from wagrad._src.hierarchical import MultiLeaderShared
 from wagrad._src.lsgd import LSGDShared
@@ -38,19 +39,33 @@ def _weighted(params, weights):
   return jax.tree_util.tree_map(combine, params)
 
 
+def _on_host(tree):
+  """Leaves spread over several processes (a multi-host run) brought whole to this
+  process: every process must call this (``process_allgather`` is a collective)."""
+  def get(x):
+    if not isinstance(x, jax.Array) or x.is_fully_addressable:
+      return x
+    if x.is_fully_replicated:
+      return np.asarray(x.addressable_data(0))
+    from jax.experimental import multihost_utils
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+  return jax.tree_util.tree_map(get, tree)
+
+
 def _at(params, k):
   return jax.tree_util.tree_map(lambda x: x[k], params)
 
 
-def evaluated_params(params, opt_state):
+def evaluated_params(params: PyTree, opt_state: PyTree) -> PyTree:
   """The model the transform's paper evaluates, outside the mapped step.
 
   ``params``: the workers' parameters, stacked (leading dimension K, as
   ``runner.replicate`` / the mapped step return them); ``opt_state``: the transform's
   state as the runner holds it (also nested in an ``optax.chain``). With Flax NNX pass
   ``nnx.state(model, nnx.Param)`` and ``optimizer.opt_state`` of the stacked model and
-  optimizer (``nnx.merge(graphdef, state)`` outside the mapped step). Returns one
-  unstacked parameter tree of plain arrays:
+  optimizer (``nnx.merge(graphdef, state)`` outside the mapped step). In a multi-host
+  run every process calls it and gets the whole model (the workers' rows are gathered
+  across processes). Returns one unstacked parameter tree of plain arrays:
 
   * model averaging, one-shot averaging, synchronous SGD: the mean of the finite
     workers (after an exchange every worker holds it); with DiLoCo's outer optimizer
@@ -68,7 +83,7 @@ def evaluated_params(params, opt_state):
     >>> # after training with runner.map(step): params, opt_state = ...
     >>> # model = wagrad.evaluated_params(params, opt_state)
   """
-  params, opt_state = base.pure(params), base.pure(opt_state)
+  params, opt_state = _on_host(base.pure(params)), _on_host(base.pure(opt_state))
   K = jax.tree_util.tree_leaves(params)[0].shape[0]
   sh = base.find_shared(opt_state, "count")
   if sh is not None and np.ndim(sh.count) == 1:  # a Flax NNX state stacks shared leaves too

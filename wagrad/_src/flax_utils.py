@@ -11,15 +11,22 @@ exposes ``mix_weights``), and leaves it untouched on every other step.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping
+
 import jax
 import jax.numpy as jnp
 from jax import lax
 
 from wagrad._src import base
 from wagrad._src import collectives as C
+from wagrad._src.base import AxisName, PyTree
+
+if TYPE_CHECKING:
+  from flax import nnx
 
 
-def sync_model_state(model_state, opt_state, axis_name="workers", rate=1.0):
+def sync_model_state(model_state: PyTree, opt_state: PyTree, axis_name: AxisName = "workers",
+                     rate: float = 1.0) -> PyTree:
   """Apply the exchange rule of the wagrad transform in ``opt_state`` to ``model_state``.
 
   Reads the transform's shared state: ``exchanged`` (or ``assign``) says whether this
@@ -61,7 +68,8 @@ def sync_model_state(model_state, opt_state, axis_name="workers", rate=1.0):
   return lax.cond(pred, mix, lambda s: s, model_state)
 
 
-def nnx_update(optimizer, model, grads, **kwargs):
+def nnx_update(optimizer: nnx.Optimizer, model: nnx.Module, grads: PyTree, **kwargs: Any
+               ) -> None:
   """``optimizer.update(model, grads, **kwargs)`` for a ``flax.nnx.Optimizer`` whose
   transform is a wagrad transform, then take the rule's values exactly where it assigns:
   the target on assigning steps, the center / leader / server for a worker reset this
@@ -78,7 +86,9 @@ def nnx_update(optimizer, model, grads, **kwargs):
   nnx.update(model, params)
 
 
-def reestimate_batch_stats(apply_fn, variables, batches, *, collection="batch_stats"):
+def reestimate_batch_stats(apply_fn: Callable[[Mapping[str, PyTree], Any], tuple[Any, Any]],
+                           variables: Mapping[str, PyTree], batches: Iterable[Any], *,
+                           collection: str = "batch_stats") -> PyTree:
   """Re-estimate BatchNorm statistics of ``variables`` on training batches (the LSGD
   authors' evaluation rule for the averaged model): the mean over ``batches`` of each
   batch's own statistics ("precise BN").

@@ -34,12 +34,14 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+import numpy.typing as npt
 import optax
 from jax import lax
 
 from wagrad._src import base
 from wagrad._src import collectives as C
 from wagrad._src import periodic
+from wagrad._src.base import AxisName, Period
 from wagrad._src.easgd import (_axes_tuple, _elastic_exchange, _f32, _moving_rate,
                                _reset_nonfinite, _sqnorm, _tmap)
 from wagrad._src.lsgd import (_as_tuple, _check_avg_size, _check_num_workers, _check_proximal, _check_pull,
@@ -75,8 +77,10 @@ def _pair(name, value, check):
   return tuple(check(f"{name}[{lvl}]", v) for v, lvl in zip(value, ("low", "high")))
 
 
-def tree_easgd(inner: optax.GradientTransformation, *, group_axis, global_axis,
-               sync_period=(1, 4), alpha=None, beta: float = 0.9
+def tree_easgd(inner: optax.GradientTransformation, *, group_axis: AxisName,
+               global_axis: AxisName,
+               sync_period: tuple[Period, Period] | list[Period] = (1, 4),
+               alpha: tuple[float, float] | list[float] | None = None, beta: float = 0.9
                ) -> optax.GradientTransformationExtraArgs:
   """Two-level (tree) EASGD: workers elastic to their group center, group centers
   elastic to a root. [reconstruction of the thesis' topology]
@@ -209,7 +213,7 @@ def tree_easgd(inner: optax.GradientTransformation, *, group_axis, global_axis,
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
-def uneven_round_steps(active, l_comm: int) -> np.ndarray:
+def uneven_round_steps(active: npt.ArrayLike, l_comm: int) -> np.ndarray:
   """The authors' "uneven local steps" rounds as a per-step table (NumPy).
 
   Their scheduler counts the local steps of *all* workers and starts a blocking round
@@ -328,9 +332,10 @@ def _heal(finite, leader, x, inner, inner_state):
   return x, periodic.reset_inner_where(~finite, inner, inner_state, x)
 
 
-def multi_leader_lsgd(inner: optax.GradientTransformation, *, group_axis, global_axis,
-                      local_period, global_period, local_pull: float = 0.1,
-                      global_pull: float = 0.1, local_proximal: float = 0.1,
+def multi_leader_lsgd(inner: optax.GradientTransformation, *, group_axis: AxisName,
+                      global_axis: AxisName, local_period: Period, global_period: Period,
+                      local_pull: float = 0.1, global_pull: float = 0.1,
+                      local_proximal: float = 0.1,
                       global_proximal: float = 0.1, avg_size: int | None = None,
                       warmup_steps: int = 0, opt_state_sync: str = "local",
                       num_workers: int | None = None) -> optax.GradientTransformationExtraArgs:

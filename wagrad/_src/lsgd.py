@@ -204,9 +204,10 @@ class LSGDState(NamedTuple):
                             # leader (exactly, through wagrad.apply_updates)
 
 
-def lsgd(inner: optax.GradientTransformation, sync_period=4, *, pull: float = 0.1,
-         proximal: float = 0.1, avg_size: int | None = None,
-         axis_name="workers", warmup_steps: int = 0, opt_state_sync: str = "local",
+def lsgd(inner: optax.GradientTransformation, sync_period: base.Period = 4, *,
+         pull: float = 0.1, proximal: float = 0.1, avg_size: int | None = None,
+         axis_name: base.AxisName = "workers", warmup_steps: int = 0,
+         opt_state_sync: str = "local",
          num_workers: int | None = None) -> optax.GradientTransformationExtraArgs:
   """Leader SGD: workers are pulled toward the one with the lowest running loss.
 

@@ -53,14 +53,14 @@ def _names(levels):
   return names[0] if len(names) == 1 else names
 
 
-def stack_workers(trees: Sequence[Any]):
+def stack_workers(trees: Sequence[Any]) -> base.PyTree:
   """Stack a list of per-worker pytrees (same structure) along a new leading axis."""
   if not trees:
     raise ValueError("`trees` must hold at least one worker's pytree.")
   s0 = jax.tree_util.tree_structure(trees[0], is_leaf=base.is_shared)
   for i, t in enumerate(trees[1:], 1):
     si = jax.tree_util.tree_structure(t, is_leaf=base.is_shared)
-    if si != s0:
+    if si != s0:  # type: ignore[operator]  # PyTreeDef compares, its stub says no
       raise TypeError(f"pytree mismatch between workers: worker {i} has {si}, worker 0 has {s0}.")
   leaves = [jax.tree_util.tree_leaves(t) for t in trees]
   for i, lv in enumerate(leaves[1:], 1):
@@ -72,7 +72,7 @@ def stack_workers(trees: Sequence[Any]):
   return jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *trees)
 
 
-def unstack_worker(tree, index: int):
+def unstack_worker(tree: base.PyTree, index: int) -> base.PyTree:
   """Worker ``index``'s slice of a stacked tree (shared nodes are returned as they are)."""
   return jax.tree_util.tree_map(
       lambda n: n if base.is_shared(n) else jax.tree_util.tree_map(lambda x: x[index], n),
@@ -166,7 +166,8 @@ class Runner:
         # would reduce over the devices only (groups of K/D workers that never meet);
         # unbound, it raises and names runner.axis_name (architecture, decision 10)
         levels = [_Level("workers_devices", D, "mesh"), _Level("workers_local", K // D, "vmap")]
-      group_names = global_names = None
+      group_names: list[str] = []
+      global_names: list[str] = []
     else:
       W = K // G
       if backend == "vmap":
@@ -191,27 +192,25 @@ class Runner:
           group_names.append("local_vmap")
       else:
         raise ValueError(f"`groups`={G} and the number of devices {D} must divide one another.")
-      group_names, global_names = tuple(group_names), tuple(global_names)
     self.levels = tuple(levels)
     self.axis_name = _names(levels)
     self.group_axis = None if G is None else (
-        group_names[0] if len(group_names) == 1 else group_names)
+        group_names[0] if len(group_names) == 1 else tuple(group_names))
     self.global_axis = None if G is None else (
-        global_names[0] if len(global_names) == 1 else global_names)
+        global_names[0] if len(global_names) == 1 else tuple(global_names))
     mesh_levels = [l for l in levels if l.kind == "mesh"]
     self._mesh_levels = mesh_levels
     self._vmap_levels = [l for l in levels if l.kind == "vmap"]
+    self.mesh: Mesh | None = None
     if backend in ("shard_map", "pmap"):  # pmap: the mesh only places inputs as outputs come
       self.mesh = Mesh(np.asarray(self.devices).reshape([l.size for l in mesh_levels]),
                        tuple(l.name for l in mesh_levels))
-    else:
-      self.mesh = None
     if wait is None:
       platform = (self.devices or jax.devices())[0].platform
       wait = backend != "vmap" and platform == "cpu"
     self.wait = bool(wait)
     self.debug = bool(debug)
-    self._stacked = {}  # id -> weak reference of the arrays replicate() stacked
+    self._stacked: dict = {}  # id -> weak reference of the arrays replicate() stacked
 
   def __repr__(self):
     return (f"Runner(backend={self.backend!r}, num_workers={self.num_workers}, "
@@ -417,7 +416,7 @@ class Runner:
       return runner._flatten_stacked(pm(*sh), 2)
 
     plain = jax.jit(mapped, donate_argnums=donate_argnums) if jit else mapped
-    by_structure = {}
+    by_structure: dict = {}
 
     def placed_jit(args):
       """shard_map: a jit per argument structure whose in_shardings place the inputs,
@@ -461,8 +460,8 @@ class Runner:
         return placed_jit(args).lower(*args)
       return (plain if jit else jax.jit(mapped)).lower(*args)
 
-    call.lower = lower
-    call.num_traces = lambda: traces[0]
+    call.lower = lower  # type: ignore[attr-defined]
+    call.num_traces = lambda: traces[0]  # type: ignore[attr-defined]
     return call
 
   def _inner(self, fn, in_axes, out_axes):

@@ -12,11 +12,14 @@ Everything here is deterministic for a given seed.
 
 from __future__ import annotations
 
+from typing import Sequence
+
 import numpy as np
+import numpy.typing as npt
 
 
-def speed_schedule(num_workers: int, num_steps: int, speeds=None, *, seed: int = 0,
-                   jitter: float = 0.0) -> np.ndarray:
+def speed_schedule(num_workers: int, num_steps: int, speeds: npt.ArrayLike | None = None, *,
+                   seed: int = 0, jitter: float = 0.0) -> np.ndarray:
   """Activity masks ``[num_steps, num_workers]`` for workers of relative speeds.
 
   Worker i with speed ``s_i`` in (0, 1] completes ``s_i`` local steps per global step
@@ -55,7 +58,8 @@ def speed_schedule(num_workers: int, num_steps: int, speeds=None, *, seed: int =
   return active
 
 
-def drop_workers(active: np.ndarray, worker, start: int, stop: int) -> np.ndarray:
+def drop_workers(active: np.ndarray, worker: int | Sequence[int] | np.ndarray, start: int,
+                 stop: int) -> np.ndarray:
   """Copy of ``active`` with ``worker`` (int or list) inactive for steps [start, stop)."""
   out = np.array(active, dtype=bool, copy=True)
   out[start:stop, worker] = False
@@ -67,7 +71,8 @@ def local_step_counts(active: np.ndarray) -> np.ndarray:
   return np.cumsum(np.asarray(active, dtype=np.int64), axis=0)
 
 
-def straggler_speeds(num_workers: int, slow_fraction: float = 0.25, slowdown: float = 4.0):
+def straggler_speeds(num_workers: int, slow_fraction: float = 0.25, slowdown: float = 4.0
+                     ) -> np.ndarray:
   """Speeds with the last ``round(K * slow_fraction)`` workers ``slowdown`` x slower."""
   if slowdown < 1:
     raise ValueError(f"`slowdown` must be >= 1, got {slowdown}.")

@@ -37,18 +37,21 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+import numpy.typing as npt
 import optax
 from jax import lax
 
 from wagrad._src import base
 from wagrad._src import collectives as C
 from wagrad._src import periodic
+from wagrad._src.base import AxisName, Period
 from wagrad._src.easgd import (ORDERS, _check_alpha_beta, _f32, _moving_rate, _sqnorm,
                                _tmap)
 from wagrad._src.lsgd import (_check_pull, _check_value, _elect_with_drift, _pull, _push_loss,
                               _running_mean)
 
-def async_easgd_schedule(active, sync_period):
+def async_easgd_schedule(active: npt.ArrayLike, sync_period: Period
+                         ) -> tuple[np.ndarray, np.ndarray]:
   """Which workers exchange at which global step in :func:`async_easgd` (NumPy).
 
   Worker i's clock ``t_i`` counts its own active steps; it exchanges at an active
@@ -97,9 +100,10 @@ class AsyncEASGDState(NamedTuple):
   due: Any = None           # with a period schedule: the clock of the next exchange
 
 
-def async_easgd(inner: optax.GradientTransformation, sync_period=1, *,
-                alpha: float | None = None, beta: float = 0.9, axis_name="workers",
-                order: str = "sequential") -> optax.GradientTransformationExtraArgs:
+def async_easgd(inner: optax.GradientTransformation, sync_period: Period = 1, *,
+                alpha: float | None = None, beta: float = 0.9,
+                axis_name: AxisName = "workers", order: str = "sequential"
+                ) -> optax.GradientTransformationExtraArgs:
   """Asynchronous EASGD (Algorithm 1), simulated with per-step activity masks.
 
   Call ``tx.update(grads, state, params, active=active_i, any_exchange=flag)``:
@@ -283,9 +287,9 @@ class AsyncLSGDState(NamedTuple):
   due: Any = None             # with a period schedule: the local count of the next report
 
 
-def async_lsgd(inner: optax.GradientTransformation, sync_period=4, *,
-               pull: float = 0.1, avg_size: int | None = None, axis_name="workers"
-               ) -> optax.GradientTransformationExtraArgs:
+def async_lsgd(inner: optax.GradientTransformation, sync_period: Period = 4, *,
+               pull: float = 0.1, avg_size: int | None = None,
+               axis_name: AxisName = "workers") -> optax.GradientTransformationExtraArgs:
   """Asynchronous LSGD with a master holding the leader [reconstruction].
 
   Workers run at their own speeds (``active=`` masks from :mod:`wagrad` schedules);
@@ -338,7 +342,7 @@ def async_lsgd(inner: optax.GradientTransformation, sync_period=4, *,
   if avg_size is None:
     if scheduled:
       raise ValueError("`avg_size` must be given when `sync_period` is a schedule.")
-    avg_size = sync_period
+    avg_size = sync_period  # type: ignore[assignment]  # an int: not `scheduled`
   base.check_positive_int("avg_size", avg_size)
   if not isinstance(axis_name, (str, tuple)):
     raise TypeError(f"`axis_name` must be a string or a tuple of strings, got {axis_name!r}.")
@@ -414,7 +418,8 @@ def async_lsgd(inner: optax.GradientTransformation, sync_period=4, *,
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
-def async_report_steps(active, sync_period):
+def async_report_steps(active: npt.ArrayLike, sync_period: Period
+                       ) -> tuple[np.ndarray, np.ndarray]:
   """Which workers report at each step of :func:`async_lsgd` (NumPy, from the schedule).
 
   Returns ``(reports, any_report)``: bool ``[T, K]`` (worker i is active at t and has

@@ -269,7 +269,7 @@ def _rate(tau, alpha0, modulation, zero_staleness):
 
 def staleness_aware_sgd(inner: optax.GradientTransformation, *, alpha0: float = 1.0,
                         modulation: str = "inverse", zero_staleness: str = "max1",
-                        staleness_bins: int = 64, axis_name="workers"
+                        staleness_bins: int = 64, axis_name: base.AxisName = "workers"
                         ) -> optax.GradientTransformationExtraArgs:
   """Staleness-aware asynchronous SGD with the n-softsync protocol (parameter server).
 

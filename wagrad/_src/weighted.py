@@ -60,10 +60,12 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from jax import lax
+from jax.typing import ArrayLike
 
 from wagrad._src import base
 from wagrad._src import collectives as C
 from wagrad._src import periodic
+from wagrad._src.base import AxisName, Period, PyTree
 
 WEIGHT_FNS = ("boltzmann", "rank", "uniform")
 LOSS_SOURCES = ("eval", "exchange_batch")
@@ -103,7 +105,8 @@ def _check_temperature(temperature):
   base.check_range("temperature", temperature, 0.0, math.inf)
 
 
-def loss_weights(loss, axis_name, weight_fn="boltzmann", temperature=1.0):
+def loss_weights(loss: ArrayLike, axis_name: AxisName, weight_fn: str = "boltzmann",
+                 temperature: float = 1.0) -> jax.Array:
   """This worker's (unnormalised) aggregation weight from the workers' losses.
 
   Reconstruction from the WASGD paper's abstract (arXiv 2004.03749); see the module
@@ -292,9 +295,10 @@ def _weighted_transform(name, inner, period_fn, *, temperature, moving_rate, wei
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
-def wasgd(inner: optax.GradientTransformation, sync_period=4, *, temperature: float = 1.0,
-          moving_rate: float = 1.0, weight_fn: str = "boltzmann", axis_name="workers",
-          warmup_steps: int = 0, opt_state_sync: str = "local",
+def wasgd(inner: optax.GradientTransformation, sync_period: Period = 4, *,
+          temperature: float = 1.0, moving_rate: float = 1.0, weight_fn: str = "boltzmann",
+          axis_name: AxisName = "workers", warmup_steps: int = 0,
+          opt_state_sync: str = "local",
           num_workers: int | None = None) -> optax.GradientTransformationExtraArgs:
   """WASGD: periodic, performance-weighted model combination (decentralised).
 
@@ -359,10 +363,11 @@ def wasgd(inner: optax.GradientTransformation, sync_period=4, *, temperature: fl
       opt_state_sync=opt_state_sync, num_workers=num_workers, loss_source="value")
 
 
-def wasgd_plus(inner: optax.GradientTransformation, sync_period=4, *,
+def wasgd_plus(inner: optax.GradientTransformation, sync_period: Period = 4, *,
                temperature: float = 1.0, moving_rate: float = 1.0,
                weight_fn: str = "boltzmann", loss_source: str = "eval",
-               axis_name="workers", warmup_steps: int = 0, opt_state_sync: str = "local",
+               axis_name: AxisName = "workers", warmup_steps: int = 0,
+               opt_state_sync: str = "local",
                num_workers: int | None = None) -> optax.GradientTransformationExtraArgs:
   """WASGD+: WASGD weighting a loss that is comparable across workers.
 
@@ -546,9 +551,9 @@ def _wpsgd_score(t, code, decay):
   return jnp.select([code == 0, code == 1], [contraction, t], jnp.float32(1.0))
 
 
-def wpsgd(inner: optax.GradientTransformation, sync_period=None, *,
+def wpsgd(inner: optax.GradientTransformation, sync_period: Period | None = None, *,
           weighting: str = "contraction", learning_rate: float | None = None,
-          strong_convexity: float | None = None, axis_name="workers",
+          strong_convexity: float | None = None, axis_name: AxisName = "workers",
           warmup_steps: int = 0, opt_state_sync: str = "local",
           num_workers: int | None = None) -> optax.GradientTransformationExtraArgs:
   """WP-SGD: weighted combination of workers that ran different numbers of steps.
@@ -678,7 +683,8 @@ def _find_wpsgd_state(opt_state):
   raise TypeError("`opt_state` holds no wpsgd state (WPSGDState).")
 
 
-def wpsgd_combine(params, opt_state, axis_name="workers", *, weighting: str | None = None,
+def wpsgd_combine(params: PyTree, opt_state: PyTree, axis_name: AxisName = "workers", *,
+                  weighting: str | None = None,
                   learning_rate: float | None = None,
                   strong_convexity: float | None = None) -> C.Weighted:
   """WP-SGD's output: the workers' models combined with the WP-SGD weights.
