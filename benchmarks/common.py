@@ -63,8 +63,8 @@ def time_steps(f, state, n):
 
 
 _DT = {"f32": 4, "f64": 8, "bf16": 2, "f16": 2, "s32": 4, "u32": 4, "pred": 1, "s64": 8, "u8": 1,
-       "s8": 1}
-_SHAPE = re.compile(r"(f32|f64|bf16|f16|s32|u32|pred|s64|u8|s8)\[([0-9,]*)\]")
+       "s8": 1, "u16": 2, "s16": 2, "u64": 8}
+_SHAPE = re.compile(r"\b(f32|f64|bf16|f16|s32|u32|pred|s64|u8|s8|u16|s16|u64)\[([0-9,]*)\]")
 
 
 def _bytes_of(shape_text):
@@ -75,6 +75,19 @@ def _bytes_of(shape_text):
       n *= int(d)
     total += n * _DT[dt]
   return total
+
+
+_WIRE = {"all-reduce": lambda K: 2 * (K - 1) / K, "all-gather": lambda K: (K - 1) / K,
+         "reduce-scatter": lambda K: K - 1, "all-to-all": lambda K: (K - 1) / K,
+         "collective-permute": lambda K: 1.0}
+
+
+def wire_bytes(by_kind, K):
+  """Bytes one of K workers sends for collectives whose results total ``by_kind``
+  ({kind: bytes}, as :func:`collective_bytes` reads them), with ring algorithms: an
+  all-reduce sends 2 (K-1)/K of its result, an all-gather or all-to-all (K-1)/K, a
+  reduce-scatter K-1 times its result."""
+  return sum(_WIRE[k](K) * b for k, b in by_kind.items())
 
 
 def collective_bytes(hlo_text):

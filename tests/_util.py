@@ -71,8 +71,12 @@ ALL_TRANSFORMS = {
     "model_averaging": (lambda r: wagrad.model_averaging(
         optax.sgd(0.1), 2, warmup_steps=2, axis_name=r.axis_name), None, None),
     "diloco": (lambda r: wagrad.diloco(0.01, sync_period=2, axis_name=r.axis_name), None, None),
+    "diloco_int8": (lambda r: wagrad.diloco(0.01, sync_period=2, compression="int8",
+                                            axis_name=r.axis_name), None, None),
     "downpour": (lambda r: wagrad.downpour(0.1, 2, axis_name=r.axis_name), None, None),
     "easgd": (lambda r: wagrad.easgd(optax.sgd(0.1), 2, axis_name=r.axis_name), None, None),
+    "easgd_bf16": (lambda r: wagrad.easgd(optax.sgd(0.1), 2, compression="bfloat16",
+                                          axis_name=r.axis_name), None, None),
     "eamsgd": (lambda r: wagrad.eamsgd(optax.sgd(0.05), 2, momentum=0.5,
                                        axis_name=r.axis_name), None, None),
     "async_easgd": (lambda r: wagrad.async_easgd(optax.sgd(0.1), 2, axis_name=r.axis_name),

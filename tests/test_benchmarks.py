@@ -110,3 +110,22 @@ def test_async_stragglers_benchmark_tiny(tmp_path, monkeypatch):
     tl = res[variant]["timeline"]
     assert tl and all(0.0 <= acc <= 1.0 for _, acc in tl), variant
   assert (tmp_path / "async_stragglers.png").exists()
+
+
+@pytest.mark.slow
+def test_exchange_benchmark_tiny(tmp_path, monkeypatch):
+  """benchmarks/exchange.py at a toy size: bytes read from the compiled programs (int8
+  fewer than float32 even with its padding at this size), paired step-time ratios."""
+  import common
+  monkeypatch.setattr(common, "OUT", str(tmp_path))
+  import overhead
+  import exchange
+  monkeypatch.setitem(overhead.SIZES, "test", 64)
+  data = exchange.main(["--parts", "bytes", "time", "--sizes", "test", "--taus", "3",
+                        "--steps", "1", "--rounds", "2", "--backends", "vmap", "--out", "ex"])
+  assert (tmp_path / "ex.json").exists() and (tmp_path / "ex.png").exists()
+  sent = {r["variant"]: r["x_fewer_than_float32"] for r in data["bytes"]}
+  assert sent["float32"] == 1.0 and sent["int8"] > sent["bfloat16"] > 1.5
+  rows = {r["variant"]: r for r in data["time"]}
+  assert rows["float32"]["x_float32_q25_q50_q75"] == [1.0, 1.0, 1.0]
+  assert set(rows) == {"float32", "bfloat16", "int8", "streaming F=3", "streaming F=3 + int8"}

@@ -208,7 +208,7 @@ def test_nnx_transforms_cover_the_public_transforms():
       "sync_sgd", "model_averaging", "diloco", "downpour", "easgd", "eamsgd", "async_easgd",
       "tree_easgd", "lsgd", "async_lsgd", "multi_leader_lsgd", "wasgd", "wasgd_plus",
       "wpsgd", "staleness_aware_sgd"}}
-  assert public == set(NNX_TRANSFORMS) and len(public) == 15
+  assert public <= set(NNX_TRANSFORMS) and len(public) == 15  # and option variants
 
 
 @pytest.mark.parametrize("name", list(NNX_TRANSFORMS))

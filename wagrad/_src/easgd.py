@@ -57,6 +57,7 @@ from jax import lax
 
 from wagrad._src import base
 from wagrad._src import collectives as C
+from wagrad._src import compression as compression_mod
 from wagrad._src import periodic
 from wagrad._src.base import AxisName, Period, PyTree
 
@@ -133,6 +134,19 @@ def _center_exchange(diff, a, axis_name, dist_axis=None):
   return finite, _tmap(lambda t: a * t, tot), dist
 
 
+def _compressed_center_exchange(diff, a, axis_name, mode, error):
+  """:func:`_center_exchange` with ``sum_i (x_i - c)`` exchanged compressed
+  (:func:`wagrad._src.compression.compressed_mean` times the finite workers' count).
+  Returns ``(finite, center_step, distance, new_error)``."""
+  sq = jnp.asarray(sum(jnp.sum(jnp.square(d)) for d in jax.tree_util.tree_leaves(diff)),
+                   jnp.float32)
+  finite = jnp.isfinite(sq)
+  mean, error, count = compression_mod.compressed_mean(diff, finite, axis_name, mode, error)
+  sq_sum = lax.psum(jnp.where(finite, sq, 0.0), axis_name)
+  return (finite, _tmap(lambda m: a * count * m, mean), sq_sum / jnp.maximum(count, 1.0),
+          error)
+
+
 def _elastic_update(u, diff, a, params):
   """The worker's side of the exchange: ``u - a (x - c)`` in the params' dtypes."""
   return _tmap(lambda uu, d, x: (_f32(uu) - a * d).astype(x.dtype), u, diff, params)
@@ -203,12 +217,15 @@ class EASGDState(NamedTuple):
   shared: EASGDShared
   reset: Any               # per worker: non-finite at this exchange, so it takes the
                             # center (exactly, through wagrad.apply_updates)
+  error: Any = None         # compression: this worker's error-feedback residual (a
+                            # float32 vector over the leaves in order)
 
 
 def easgd(inner: optax.GradientTransformation, sync_period: Period = 1, *,
           alpha: float | None = None, beta: float = 0.9, axis_name: AxisName = "workers",
           warmup_steps: int = 0, opt_state_sync: str = "local",
-          outer_optimizer: optax.GradientTransformation | None = None
+          outer_optimizer: optax.GradientTransformation | None = None,
+          compression: str | None = None, error_feedback: bool = True
           ) -> optax.GradientTransformationExtraArgs:
   """Synchronous elastic averaging SGD (EASGD).
 
@@ -223,7 +240,9 @@ def easgd(inner: optax.GradientTransformation, sync_period: Period = 1, *,
   non-finite worker is left out of the center's update and reset to the new center.
   With ``outer_optimizer`` the center moves by ``outer(-alpha sum_i (x_i - x~))``
   (``optax.sgd(1.0)`` is plain EASGD). The paper evaluates the center:
-  :func:`easgd_center` (``state.shared.center``).
+  :func:`easgd_center` (``state.shared.center``). With ``compression`` the sum
+  ``sum_i (x_i - x~)`` is exchanged in bfloat16 or int8 (with error feedback), as
+  :func:`model_averaging`'s; each worker's own elastic step stays exact.
 
   Args:
     inner: the local optimizer (any optax transform; ``optax.sgd(eta)`` is the paper's).
@@ -237,6 +256,9 @@ def easgd(inner: optax.GradientTransformation, sync_period: Period = 1, *,
     opt_state_sync: ``"local"``, ``"average"`` or ``"reset"`` the inner state at
       exchanges.
     outer_optimizer: optional optax transform applied to the center's pseudo-gradient.
+    compression: ``None`` (float32), ``"bfloat16"`` or ``"int8"``.
+    error_feedback: with ``compression``, carry each worker's quantization residual
+      (state field ``error``).
 
   Returns:
     A ``GradientTransformationExtraArgs`` whose state is ``EASGDState``.
@@ -253,11 +275,15 @@ def easgd(inner: optax.GradientTransformation, sync_period: Period = 1, *,
   _check_alpha_beta(alpha, beta)
   if outer_optimizer is not None:
     base.check_transform("outer_optimizer", outer_optimizer)
+  compression_mod.check_mode(compression)
+  feedback = compression is not None and bool(error_feedback)
   inner = periodic.inner_with_extra_args(inner)
 
   def init_fn(params):
     center = base.tree_copy(params)
-    return EASGDState(inner.init(params), reset=jnp.bool_(False), shared=EASGDShared(
+    return EASGDState(inner.init(params), reset=jnp.bool_(False),
+                      error=compression_mod.residual_like(params) if feedback else None,
+                      shared=EASGDShared(
         **base.clock(0),
         target=center if warmup_steps > 0 else None, center=center,
         distance=jnp.zeros([], jnp.float32),
@@ -274,9 +300,14 @@ def easgd(inner: optax.GradientTransformation, sync_period: Period = 1, *,
     idx = periodic.branch_index(sh.count, sh.last_exchange, warmup_steps, period_fn)
     diff = _elastic_diff(params, u, sh.center)  # x_i - x~, before the exchange
 
-    def exchange(diff):
+    def exchange(operand):
       """x~ <- x~ + alpha sum_i (x_i - x~) over the finite workers."""
-      finite, step, dist = _center_exchange(diff, a, axis_name)
+      diff, error = operand
+      if compression is None:
+        finite, step, dist = _center_exchange(diff, a, axis_name)
+      else:
+        finite, step, dist, error = _compressed_center_exchange(
+            diff, a, axis_name, compression, error)
       if outer_optimizer is None:
         center, outer_state = _tmap(lambda c, s: (_f32(c) + s).astype(c.dtype),
                                     sh.center, step), sh.outer
@@ -285,18 +316,19 @@ def easgd(inner: optax.GradientTransformation, sync_period: Period = 1, *,
         ou, outer_state = outer_optimizer.update(pseudo, sh.outer, sh.center)
         center = optax.apply_updates(sh.center, ou)
       return with_center(center, distance=jnp.asarray(dist, jnp.float32),
-                         outer=outer_state), finite
+                         outer=outer_state), (finite, error)
 
-    def move(x_half, shared, finite):
+    def move(x_half, shared, aux):
       """x_i <- x_i + u_i - alpha (x_i - x~); a non-finite worker takes the new x~."""
-      return _tmap(lambda x, d, c: jnp.where(finite, (_f32(x) - a * d).astype(x.dtype),
+      return _tmap(lambda x, d, c: jnp.where(aux[0], (_f32(x) - a * d).astype(x.dtype),
                                              c.astype(x.dtype)), x_half, diff, shared.center)
 
     def with_center(center, **changes):
       return dict(center=center, target=center if warmup_steps > 0 else None, **changes)
 
-    x_new, new_shared, inner_state, finite = periodic.exchange_step(
-        idx, sh, base.tree_add(params, u), exchange, move=move, operand=diff,
+    x_new, new_shared, inner_state, (finite, error) = periodic.exchange_step(
+        idx, sh, base.tree_add(params, u), exchange, move=move, operand=(diff, state.error),
+        local_aux=lambda operand: (jnp.bool_(True), operand[1]),
         warmup_steps=warmup_steps, axis_name=axis_name,
         warmup_end=lambda x0: with_center(base.tree_cast_like(x0, sh.center),
                                           distance=jnp.zeros([], jnp.float32)),
@@ -304,7 +336,8 @@ def easgd(inner: optax.GradientTransformation, sync_period: Period = 1, *,
     reset = (idx == periodic.EXCHANGE) & ~finite
     inner_state = periodic.reset_inner_where(reset, inner, inner_state, x_new,
                                              idx == periodic.EXCHANGE)
-    return periodic.updates_to(x_new, params), EASGDState(inner_state, new_shared, reset)
+    return (periodic.updates_to(x_new, params),
+            EASGDState(inner_state, new_shared, reset, error))
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
