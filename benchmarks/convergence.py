@@ -1,8 +1,17 @@
 """Convergence on real data (scikit-learn digits, no download), 8 workers, several seeds:
 every algorithm at the same sample budget (steps x workers x batch), test accuracy vs
-steps, and each paper's headline claim checked: holds / does not hold here.
+steps, and each paper's headline claim checked with honest statistics.
 
-    python benchmarks/convergence.py [--quick]
+A claim "A beats B" is run with the paper's data sampling (``whole``: every worker
+draws from the whole training set with its own random stream, as the EASGD, LSGD and
+staleness-aware papers' parameter servers and the LSGD authors' ``--random_sampler``;
+``shards``: disjoint shards; the WASGD / WP-SGD reconstructions do not know theirs and
+run both). Over seeds 0..S-1 (same data order and initial model for A and B in a seed)
+the per-seed differences acc(A) - acc(B) give a mean and a 95% bootstrap interval
+(10,000 resamples): the claim **holds** when the interval is above zero, **does not
+hold** when below, and is **not resolved** otherwise.
+
+    python benchmarks/convergence.py [--quick] [--seeds 5]
 """
 
 import argparse
@@ -16,20 +25,35 @@ import numpy as np  # noqa: E402
 
 from digits_lib import ALGORITHMS, train_digits  # noqa: E402
 
-# (claim, paper, better, worse, sync_period): "better reaches higher final test
-# accuracy than worse", mean over seeds.
+# (claim, paper, better, worse, sync_period, sampling modes): "better reaches higher
+# final test accuracy than worse".
 CLAIMS = [
-    ("EASGD beats DOWNPOUR at large tau", "arXiv 1412.6651", "easgd", "downpour", 32),
-    ("EAMSGD beats EASGD at large tau", "arXiv 1412.6651", "eamsgd", "easgd", 32),
-    ("LSGD beats EASGD", "arXiv 1905.10395", "lsgd", "easgd", 8),
+    ("EASGD beats DOWNPOUR at large tau", "arXiv 1412.6651", "easgd", "downpour", 32,
+     ("whole",)),
+    ("EAMSGD beats EASGD at large tau", "arXiv 1412.6651", "eamsgd", "easgd", 32, ("whole",)),
+    ("LSGD beats EASGD", "arXiv 1905.10395", "lsgd", "easgd", 8, ("whole",)),
     ("staleness-aware beats plain ASGD at high staleness (n = K)", "arXiv 1511.05950",
-     "staleness_aware", "asgd", 8),
+     "staleness_aware", "asgd", 8, ("whole",)),
     ("WASGD beats plain model averaging", "arXiv 2004.03749 (reconstruction)", "wasgd",
-     "model_averaging", 8),
-    ("WASGD+ beats WASGD", "arXiv 2004.03749 (reconstruction)", "wasgd_plus", "wasgd", 8),
+     "model_averaging", 8, ("shards", "whole")),
+    ("WASGD+ beats WASGD", "arXiv 2004.03749 (reconstruction)", "wasgd_plus", "wasgd", 8,
+     ("shards", "whole")),
     ("WP-SGD beats plain averaging under unbalanced load (half the workers 4x slower)",
-     "arXiv 1708.04801 (reconstruction)", "wpsgd", "averaging_unbalanced", 8),
+     "arXiv 1708.04801 (reconstruction)", "wpsgd", "averaging_unbalanced", 8,
+     ("shards", "whole")),
 ]
+
+
+def bootstrap_interval(diffs, resamples=10_000, seed=0):
+  """95% percentile bootstrap interval of the mean of ``diffs``."""
+  d = np.asarray(diffs, np.float64)
+  idx = np.random.default_rng(seed).integers(0, len(d), size=(resamples, len(d)))
+  means = d[idx].mean(1)
+  return float(np.quantile(means, 0.025)), float(np.quantile(means, 0.975))
+
+
+def verdict(lo, hi):
+  return "holds" if lo > 0 else ("does not hold" if hi < 0 else "not resolved")
 
 
 def main(argv=None):
@@ -38,41 +62,42 @@ def main(argv=None):
   ap.add_argument("--seeds", type=int, default=None)
   ap.add_argument("--steps", type=int, default=None)
   args = ap.parse_args(argv)
-  seeds = list(range(args.seeds or (2 if args.quick else 4)))
+  seeds = list(range(args.seeds or (2 if args.quick else 5)))
   steps = args.steps or (150 if args.quick else 400)
   batch, lr, K = 16, 0.1, 8
   names = list(ALGORITHMS)
   curves = {}
   final = {}
-  # 1) every algorithm at sync_period 8
+
+  def run(name, tau, sampling, seed, eval_every):
+    return train_digits([name], workers=K, steps=steps, batch=batch, lr=lr, sync_period=tau,
+                        eval_every=eval_every, seed=seed, progress=False,
+                        sampling=sampling)[0]
+
+  # 1) every algorithm at sync_period 8, disjoint shards
   for seed in seeds:
     for r in train_digits(names, workers=K, steps=steps, batch=batch, lr=lr, sync_period=8,
                           eval_every=max(steps // 10, 1), seed=seed, progress=False):
       curves.setdefault(r["algorithm"], []).append(r["curve_acc"])
-      final.setdefault((r["algorithm"], 8), []).append(r["test_acc"])
+      final.setdefault((r["algorithm"], 8, "shards"), []).append(r["test_acc"])
       steps_axis = r["curve_steps"]
     print(f"seed {seed}: all algorithms done", flush=True)
-  # 2) the claims that need another period
-  for _, _, a, b, tau in CLAIMS:
-    for name in (a, b):
-      if name not in ALGORITHMS or (name, tau) in final:
-        continue
-      for seed in seeds:
-        r = train_digits([name], workers=K, steps=steps, batch=batch, lr=lr, sync_period=tau,
-                         eval_every=steps, seed=seed, progress=False)[0]
-        final.setdefault((name, tau), []).append(r["test_acc"])
+  # 2) each claim in the paper's sampling mode and period
   table = []
-  for claim, paper, a, b, tau in CLAIMS:
-    if (a, tau) not in final or (b, tau) not in final:
-      table.append({"claim": claim, "paper": paper, "verdict": "not run (algorithm absent)"})
-      continue
-    ma, mb = float(np.mean(final[(a, tau)])), float(np.mean(final[(b, tau)]))
-    sa, sb = float(np.std(final[(a, tau)])), float(np.std(final[(b, tau)]))
-    verdict = "holds" if ma > mb + max(sa, sb) / np.sqrt(len(seeds)) else (
-        "does not hold" if ma < mb else "tie (within seed spread)")
-    table.append({"claim": claim, "paper": paper, "sync_period": tau, a: [ma, sa], b: [mb, sb],
-                  "verdict": verdict})
-    print(f"{claim:62s} {a} {ma:.3f}+-{sa:.3f} vs {b} {mb:.3f}+-{sb:.3f}: {verdict}")
+  for claim, paper, a, b, tau, modes in CLAIMS:
+    for sampling in modes:
+      for name in (a, b):
+        if (name, tau, sampling) not in final:
+          final[(name, tau, sampling)] = [run(name, tau, sampling, seed, steps)["test_acc"]
+                                          for seed in seeds]
+      acc_a, acc_b = final[(a, tau, sampling)], final[(b, tau, sampling)]
+      diffs = np.asarray(acc_a) - np.asarray(acc_b)
+      lo, hi = bootstrap_interval(diffs)
+      table.append({"claim": claim, "paper": paper, "sync_period": tau, "sampling": sampling,
+                    a: acc_a, b: acc_b, "mean_difference": float(diffs.mean()),
+                    "interval_95": [lo, hi], "verdict": verdict(lo, hi)})
+      print(f"{claim:62s} [{sampling}] {a} {np.mean(acc_a):.3f} vs {b} {np.mean(acc_b):.3f}: "
+            f"{diffs.mean():+.4f} [{lo:+.4f}, {hi:+.4f}] {verdict(lo, hi)}", flush=True)
   # 3) simulated wall-clock under a heterogeneous-speed schedule (half the workers 4x
   # slower): a synchronous algorithm waits for the slowest worker (4 time units per step);
   # wpsgd / averaging_unbalanced let every worker go at its own pace (1 unit per step,
@@ -90,8 +115,8 @@ def main(argv=None):
     wall[name] = {"time": t_axis, "acc_mean": np.mean(accs, 0).tolist(),
                   "final_mean": float(np.mean([a[-1] for a in accs]))}
     print(f"wall-clock budget {budget}: {name:22s} {wall[name]['final_mean']:.3f}", flush=True)
-  summary = {name: {"mean": float(np.mean(final[(name, 8)])), "std": float(np.std(final[(name, 8)]))}
-             for name in names}
+  summary = {name: {"mean": float(np.mean(final[(name, 8, "shards")])),
+                    "std": float(np.std(final[(name, 8, "shards")]))} for name in names}
   for name, v in summary.items():
     print(f"{name:18s} {v['mean']:.3f} +- {v['std']:.3f}")
   data = {"device": common.device_info(), "workers": K, "batch_per_worker": batch, "lr": lr,

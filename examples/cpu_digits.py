@@ -1,7 +1,8 @@
 """wagrad on a laptop: 8 workers train an MLP on scikit-learn's digits with each algorithm.
 
 No download: the digits data set (1797 8x8 images) ships with scikit-learn. Every
-algorithm gets the same model, data shards, seed and number of steps; the script prints
+algorithm gets the same model, data (``--sampling``: disjoint shards, or every worker
+drawing from the whole training set), seed and number of steps; the script prints
 a table of test accuracy (of the model each paper evaluates) and wall time, and saves a
 PNG of the test-accuracy curves and a JSON of the numbers.
 
@@ -39,6 +40,9 @@ def parse_args(argv=None):
   ap.add_argument("--softsync-n", type=int, default=None,
                   help="n of n-softsync for staleness_aware and asgd (default: workers, "
                        "fully asynchronous)")
+  ap.add_argument("--sampling", default="shards", choices=["shards", "whole"],
+                  help="each worker draws from its own disjoint shard (default), or from "
+                       "the whole training set with its own random stream (the papers')")
   ap.add_argument("--out", default="runs/cpu_digits", help="folder for the JSON and PNG")
   ap.add_argument("--no-plot", action="store_true")
   return ap.parse_args(argv)
@@ -73,13 +77,13 @@ def main(argv=None):
     results = train_digits(names, workers=args.workers, steps=args.steps, batch=args.batch,
                            lr=args.lr, sync_period=args.sync_period, eval_every=args.eval_every,
                            backend=args.backend, seed=args.seed, speeds=speeds,
-                           softsync_n=args.softsync_n)
+                           softsync_n=args.softsync_n, sampling=args.sampling)
   except ValueError as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
 
   print(f"\n{args.workers} workers, {args.steps} steps, batch {args.batch}/worker, "
-        f"sync_period {args.sync_period}, backend {args.backend}")
+        f"sync_period {args.sync_period}, backend {args.backend}, sampling {args.sampling}")
   print(f"{'algorithm':24s} {'evaluated model':18s} {'test acc':>8s} {'time (s)':>9s}")
   for r in results:
     print(f"{r['algorithm']:24s} {r['evaluated']:18s} {r['test_acc']:8.3f} {r['seconds']:9.1f}")

@@ -121,14 +121,23 @@ def _straggler_rows(K, T, seed, speeds=None):
 ALGORITHMS = _make_registry()
 
 
+SAMPLING = ("shards", "whole")
+
+
 def train_digits(names, *, workers=8, steps=300, batch=16, lr=0.1, sync_period=8,
                  eval_every=25, backend="vmap", seed=0, progress=True, speeds=None,
-                 softsync_n=None):
+                 softsync_n=None, sampling="shards"):
   """Train each algorithm in ``names``; return a list of result dicts.
 
   ``speeds`` (K values in (0, 1]) drives the unbalanced-load algorithms (wpsgd,
   averaging_unbalanced); ``softsync_n`` the n of n-softsync (staleness_aware, asgd).
+  ``sampling``: ``"shards"`` (each worker draws from its own disjoint shard of the
+  training set) or ``"whole"`` (each worker draws from the whole training set, its own
+  random stream: the setting of the EASGD, LSGD and staleness-aware papers' parameter
+  servers, and the LSGD authors' ``--random_sampler``).
   """
+  if sampling not in SAMPLING:
+    raise ValueError(f"unknown sampling {sampling!r}; choose one of {', '.join(SAMPLING)}")
   opts = {"speeds": speeds, "softsync_n": softsync_n}
   (Xtr, ytr), (Xte, yte) = load_digits(seed)
   runner = wagrad.Runner(backend, workers)
@@ -170,9 +179,13 @@ def train_digits(names, *, workers=8, steps=300, batch=16, lr=0.1, sync_period=8
       it = tqdm(it, desc=f"{name:18s}", leave=False, mininterval=0.5)
     t0 = time.perf_counter()
     for t in it:
-      idx = rng.integers(0, n_local, size=(workers, batch))
-      xb = np.take_along_axis(Xs, idx[:, :, None], axis=1)
-      yb = np.take_along_axis(ys, idx, axis=1)
+      if sampling == "whole":  # every worker its own draws from all of the training set
+        idx = rng.integers(0, len(Xtr), size=(workers, batch))
+        xb, yb = Xtr[idx], ytr[idx]
+      else:
+        idx = rng.integers(0, n_local, size=(workers, batch))
+        xb = np.take_along_axis(Xs, idx[:, :, None], axis=1)
+        yb = np.take_along_axis(ys, idx, axis=1)
       extra = algo.rows(t) if algo.rows else {}
       if algo.eval_loss:
         j = rng.integers(0, len(Xtr), size=64)

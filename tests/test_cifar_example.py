@@ -120,3 +120,32 @@ def test_algorithm_runs_end_to_end(name, tmp_path):
   assert np.isfinite(r["consensus_distance"])
   if name == "sync_sgd":  # one averaged gradient per step: the workers stay equal
     assert r["consensus_distance"] < 1e-9
+
+
+@pytest.mark.parametrize("sampling", ["shards", "whole"])
+def test_worker_batches_sampling_modes(sampling):
+  """shards: over an epoch the workers see disjoint examples, each once; whole: each
+  worker's pass covers the whole set in its own order. Batches are a pure function of
+  the step (a resumed run sees the same ones)."""
+  from examples.cifar import input_pipeline as ip
+  n, K, B = 64, 4, 4
+  images = np.zeros((n, 32, 32, 3), np.uint8)
+  labels = np.arange(n, dtype=np.int32)  # the label is the example's index
+  wb = ip.WorkerBatches(images, labels, K, B, seed=3, sampling=sampling)
+  assert wb.steps_per_epoch == n // K // B
+  seen = np.stack([wb(t)[1] for t in range(wb.pool_size // B)], 1).reshape(K, -1)
+  if sampling == "shards":
+    assert len(np.unique(seen)) == n  # disjoint shards, each example once per epoch
+  else:
+    assert all(sorted(row) == list(range(n)) for row in seen)  # a pass over all n
+    assert len({tuple(row) for row in seen}) == K               # in its own order
+  np.testing.assert_array_equal(wb(5)[1], ip.WorkerBatches(images, labels, K, B, seed=3,
+                                                          sampling=sampling)(5)[1])
+
+
+def test_whole_sampling_runs_end_to_end(tmp_path):
+  out = str(tmp_path / "out")
+  assert _run(TINY + ["--algorithm", "lsgd", "--sampling", "whole", "--steps", "2",
+                      "--eval-every", "2", "--out", out, "--no-plot"]) == 0
+  (r,) = _metrics(out)
+  assert r["step"] == 2 and math.isfinite(r["train_loss"])

@@ -37,3 +37,21 @@ def test_cpu_digits_bad_schedule_options_one_line(argv, needle, capsys, tmp_path
   assert cpu_digits.main(argv + ["--steps", "2", "--out", str(tmp_path), "--no-plot"]) == 2
   err = capsys.readouterr().err.strip().splitlines()
   assert len(err) == 1 and needle in err[0], err
+
+
+@pytest.mark.slow
+def test_cpu_digits_whole_training_set_sampling(tmp_path, monkeypatch):
+  """--sampling whole: every worker draws from all 1400 training images (the papers'
+  setting), and the run still learns."""
+  import json
+  import cpu_digits
+  import digits_lib
+  seen = []
+  real = digits_lib.np.take_along_axis
+  monkeypatch.setattr(digits_lib.np, "take_along_axis",
+                      lambda *a, **k: seen.append(1) or real(*a, **k))
+  rc = cpu_digits.main(["--algorithms", "model_averaging", "--steps", "120", "--sampling",
+                        "whole", "--eval-every", "60", "--out", str(tmp_path), "--no-plot"])
+  assert rc == 0 and not seen  # never indexed a worker's own shard
+  res = json.load(open(tmp_path / "results.json"))
+  assert res["args"]["sampling"] == "whole" and res["results"][0]["test_acc"] > 0.8

@@ -106,50 +106,69 @@ def augment(images: np.ndarray, rng: np.random.Generator, pad: int = 4) -> np.nd
   return padded[np.arange(b)[:, None, None], rows[:, :, None], cols[:, None, :]]
 
 
+SAMPLING = ("shards", "whole")
+
+
 class WorkerBatches:
   """Per-worker training batches as a pure function of the global step.
 
   Args:
-    images, labels: the training set.
-    num_workers: K; the set is cut into K shards of ``n // K`` examples.
-    batch_size: examples per worker per step (at most the shard size).
-    seed: seed of the shard split, the epoch orders and the augmentation.
+    images, labels: the training set (n examples).
+    num_workers: K.
+    batch_size: examples per worker per step.
+    seed: seed of the shard split, the orders and the augmentation.
     workers: the workers whose batches this process builds (default all).
+    sampling: ``"shards"``: the set is cut into K disjoint shards of ``n // K``
+      examples, each worker passes over its own; ``"whole"``: each worker passes over
+      the whole set in its own order (the LSGD authors' ``--random_sampler``, and the
+      parameter-server setting of the EASGD and staleness-aware papers).
+
+  An epoch is ``n // K // batch_size`` steps in both modes: the workers together
+  consume about n examples.
   """
 
-  def __init__(self, images, labels, num_workers, batch_size, seed=0, workers=None):
+  def __init__(self, images, labels, num_workers, batch_size, seed=0, workers=None,
+               sampling="shards"):
+    if sampling not in SAMPLING:
+      raise ValueError(f"unknown --sampling {sampling!r}; choose one of {', '.join(SAMPLING)}")
     n_local = len(images) // num_workers
-    if batch_size > n_local:
-      raise ValueError(f"--batch-size {batch_size} exceeds the {n_local} training examples "
-                       f"of each of the {num_workers} workers.")
-    perm = np.random.default_rng([seed, 0]).permutation(len(images))[:n_local * num_workers]
+    pool = n_local if sampling == "shards" else len(images)
+    if batch_size > pool:
+      raise ValueError(f"--batch-size {batch_size} exceeds the {pool} training examples "
+                       f"each of the {num_workers} workers draws from.")
     self.workers = list(range(num_workers)) if workers is None else list(workers)
-    shards = perm.reshape(num_workers, n_local)[self.workers]
-    self.images = images[shards]      # [k_local, n_local, 32, 32, 3]
-    self.labels = labels[shards]
+    if sampling == "shards":
+      perm = np.random.default_rng([seed, 0]).permutation(len(images))[:n_local * num_workers]
+      self.pools = perm.reshape(num_workers, n_local)[self.workers]  # [k_local, n_local]
+    else:
+      self.pools = None  # every worker: all of 0..n-1
+    self.images, self.labels = images, labels
+    self.pool_size = pool
     self.batch_size = batch_size
     self.seed = seed
     self.steps_per_epoch = n_local // batch_size
     self._orders = {}
 
-  def _order(self, j, epoch):
-    key = (j, epoch)
+  def _order(self, j, p):
+    """Worker j's order of its pool in its p-th pass over it (indices into the set)."""
+    key = (j, p)
     if key not in self._orders:
       if len(self._orders) > 4 * len(self.workers):
         self._orders.clear()
-      self._orders[key] = np.random.default_rng(
-          [self.seed, 1, self.workers[j], epoch]).permutation(self.images.shape[1])
+      order = np.random.default_rng([self.seed, 1, self.workers[j], p]).permutation(
+          self.pool_size)
+      self._orders[key] = order if self.pools is None else self.pools[j][order]
     return self._orders[key]
 
   def __call__(self, step: int):
     """``(images [k_local, B, 32, 32, 3] uint8, labels [k_local, B] int32)`` of ``step``."""
-    epoch, i = divmod(step, self.steps_per_epoch)
+    p, i = divmod(step, self.pool_size // self.batch_size)
     xs, ys = [], []
     for j, w in enumerate(self.workers):
-      idx = self._order(j, epoch)[i * self.batch_size:(i + 1) * self.batch_size]
+      idx = self._order(j, p)[i * self.batch_size:(i + 1) * self.batch_size]
       rng = np.random.default_rng([self.seed, 2, w, step])
-      xs.append(augment(self.images[j, idx], rng))
-      ys.append(self.labels[j, idx])
+      xs.append(augment(self.images[idx], rng))
+      ys.append(self.labels[idx])
     return np.stack(xs), np.stack(ys)
 
 

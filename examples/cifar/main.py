@@ -56,6 +56,9 @@ def parse_args(argv=None):
                  help='relative speeds in (0, 1], one per worker, e.g. "1,1,1,0.25" '
                       "(seeded activity schedule)")
   g.add_argument("--seed", type=int, default=0)
+  g.add_argument("--sampling", default="shards", choices=["shards", "whole"],
+                 help="each worker passes over its own disjoint shard (default), or over "
+                      "the whole training set in its own order (the papers' setting)")
   algos.add_arguments(ap)
   g = ap.add_argument_group("parallelism")
   g.add_argument("--backend", default="vmap", help="vmap, shard_map or pmap")

@@ -227,7 +227,8 @@ def prepare(args) -> Experiment:
 
   data = input_pipeline.load(args.dataset, args.data_dir, download=not args.no_download)
   batches = input_pipeline.WorkerBatches(data.train_images, data.train_labels, args.workers,
-                                         args.batch_size, seed=args.seed, workers=local)
+                                         args.batch_size, seed=args.seed, workers=local,
+                                         sampling=args.sampling)
   if args.steps is not None:
     total = args.steps
   else:
