@@ -1,10 +1,11 @@
 """One process of the asynchronous multi-process tests (tests/test_async_processes.py).
 
-argv: port, number of processes, process id, output prefix, sync period, alpha, mode.
+argv: port, number of processes, process id, output prefix, sync period, alpha (EASGD;
+DOWNPOUR: the master's momentum), mode, algorithm ("easgd" or "downpour").
 Process 0 is the master; process i >= 1 is worker i - 1, stepping on the active steps
-of a seeded speed schedule. Mode "order": the master serves in the simulation's order.
-Mode "kill": the master serves what arrives, and worker 1 kills itself (SIGKILL) at its
-third step.
+of a seeded speed schedule. Mode "order": the master serves in the simulation's order
+(by step, then worker index). Mode "kill": the master serves what arrives, and worker 1
+kills itself (SIGKILL) at its third step.
 """
 import os
 import signal
@@ -32,12 +33,19 @@ def problem(K):
   return A, b, w0, active
 
 
+def downpour_pushes(active, tau):
+  """[t, i]: worker i pushes at step t (after every tau-th of its own active steps)."""
+  own = np.cumsum(active, 0)
+  return active & (own % tau == 0)
+
+
 def loss(p, A, b):
   return jax.numpy.mean((A @ p["w"] - b) ** 2)
 
 
 def main():
   port, n, pid, out, tau, alpha, mode = sys.argv[1:8]
+  algo = sys.argv[8] if len(sys.argv) > 8 else "easgd"
   n, pid, tau, alpha = int(n), int(pid), int(tau), float(alpha)
   jax.config.update("jax_enable_recoverability", True)  # a killed worker stops no one
   wagrad.initialize_distributed(f"127.0.0.1:{port}", n, pid, timeout_seconds=60,
@@ -46,15 +54,23 @@ def main():
   A, b, w0, active = problem(K)
   p = {"w": w0}
   if pid == 0:
-    exch, _ = wagrad.async_easgd_schedule(active, tau)
-    order = [i for t in range(STEPS) for i in range(K) if exch[t, i]]
-    center, served, gone = async_.serve_easgd(
-        p, K, alpha=alpha, order=order if mode == "order" else None, timeout_s=60,
-        check_s=1.0)
+    if algo == "downpour":
+      exch = downpour_pushes(active, tau)
+      order = [i for t in range(STEPS) for i in range(K) if exch[t, i]]
+      center, served, gone = async_.serve_downpour(
+          p, K, momentum=alpha, order=order if mode == "order" else None, timeout_s=60,
+          check_s=1.0)
+    else:
+      exch, _ = wagrad.async_easgd_schedule(active, tau)
+      order = [i for t in range(STEPS) for i in range(K) if exch[t, i]]
+      center, served, gone = async_.serve_easgd(
+          p, K, alpha=alpha, order=order if mode == "order" else None, timeout_s=60,
+          check_s=1.0)
     np.savez(f"{out}_master.npz", center=center["w"], served=served, gone=np.array(gone))
     return
   i = pid - 1
-  worker = async_.EASGDWorker(i, tau, timeout_s=60)
+  make = async_.DownpourWorker if algo == "downpour" else async_.EASGDWorker
+  worker = make(i, tau, timeout_s=60)
   sgd = optax.sgd(ETA)
   s = sgd.init(p)
   grad = jax.jit(jax.grad(loss))

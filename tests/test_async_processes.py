@@ -18,7 +18,7 @@ import wagrad
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
-from async_worker import ETA, STEPS, loss, problem  # noqa: E402
+from async_worker import ETA, STEPS, downpour_pushes, loss, problem  # noqa: E402
 
 DEADLINE = 180
 
@@ -29,10 +29,10 @@ def _free_port():
     return s.getsockname()[1]
 
 
-def _run(n, out, tau, alpha, mode="order"):
+def _run(n, out, tau, alpha, mode="order", algo="easgd"):
   port = str(_free_port())
   procs = [subprocess.Popen([sys.executable, os.path.join(HERE, "async_worker.py"), port,
-                             str(n), str(i), out, str(tau), str(alpha), mode],
+                             str(n), str(i), out, str(tau), str(alpha), mode, algo],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
            for i in range(n)]
   outs = []
@@ -82,6 +82,44 @@ def test_async_easgd_across_processes_equals_the_simulation(tmp_path):
   assert not np.allclose(x[0], x[1])  # the workers differ: a real test of each one
 
 
+def np_async_downpour(K, tau, mu):
+  """NumPy: the workers' active steps taken in the serving order (by step, then worker
+  index); a push adds the worker's accumulated updates to the master through the
+  momentum m <- mu m + Delta and the worker takes the master's parameters."""
+  A, b, w0, active = problem(K)
+  x = np.repeat(w0[None].astype(np.float64), K, 0)
+  xm, m, acc = w0.astype(np.float64), np.zeros(3), np.zeros((K, 3))
+  push = downpour_pushes(active, tau)
+  for t in range(STEPS):
+    for i in range(K):
+      if not active[t, i]:
+        continue
+      u = -ETA * 2.0 * A[i].T.astype(np.float64) @ (A[i] @ x[i] - b[i]) / A[i].shape[0]
+      acc[i] += u
+      x[i] = x[i] + u
+      if push[t, i]:
+        m = mu * m + acc[i] if mu else acc[i]
+        xm = xm + m
+        x[i], acc[i] = xm, 0.0
+  return x, xm, push.sum(0)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mu", [0.0, 0.5])
+def test_async_downpour_across_processes_equals_numpy(tmp_path, mu):
+  K, tau = 3, 2
+  out = str(tmp_path / "run")
+  _run(K + 1, out, tau, mu, algo="downpour")
+  x, xm, pushes = np_async_downpour(K, tau, mu)
+  master = np.load(f"{out}_master.npz")
+  np.testing.assert_allclose(master["center"], xm, rtol=1e-5, atol=1e-6)
+  assert list(master["served"]) == list(pushes) and min(pushes) > 0
+  for i in range(K):
+    w = np.load(f"{out}_worker{i}.npz")
+    np.testing.assert_allclose(w["w"], x[i], rtol=1e-5, atol=1e-6, err_msg=f"worker {i}")
+  assert not np.allclose(x[0], x[1])
+
+
 @pytest.mark.slow
 def test_a_killed_worker_stops_no_one(tmp_path):
   """Worker 1 is killed (SIGKILL) after its first exchange: the master finds it gone,
@@ -108,6 +146,10 @@ def test_bad_arguments_and_a_missing_runtime_are_named():
     async_.EASGDWorker(-1, 2)
   with pytest.raises(ValueError, match="alpha"):
     async_.serve_easgd({"w": np.zeros(2)}, 2, alpha=1.5)
+  with pytest.raises(ValueError, match="momentum"):
+    async_.serve_downpour({"w": np.zeros(2)}, 2, momentum=1.0)
+  with pytest.raises(ValueError, match="sync_period"):
+    async_.DownpourWorker(0, 1.5)
   worker = async_.EASGDWorker(0, 2)  # the first step exchanges: it needs the store
   with pytest.raises(RuntimeError, match="initialize_distributed"):
     worker.apply_updates({"w": jnp.zeros(2)}, {"w": jnp.ones(2)})

@@ -4,9 +4,13 @@ lockstep). The simulated versions (``wagrad.async_easgd``, ...) run the same rul
 inside one SPMD program; these run them for real.
 
 * asynchronous EASGD: :class:`EASGDWorker` in worker processes, :func:`serve_easgd` in
-  process 0 (the master keeping the center).
+  process 0 (the master keeping the center);
+* asynchronous DOWNPOUR: :class:`DownpourWorker` in worker processes,
+  :func:`serve_downpour` in process 0 (the parameter server).
 """
 
-from wagrad._src.async_processes import EASGDWorker, master_exchange, serve_easgd
+from wagrad._src.async_processes import (DownpourWorker, EASGDWorker, master_exchange,
+                                         master_push, serve_downpour, serve_easgd)
 
-__all__ = ["EASGDWorker", "master_exchange", "serve_easgd"]
+__all__ = ["DownpourWorker", "EASGDWorker", "master_exchange", "master_push",
+           "serve_downpour", "serve_easgd"]

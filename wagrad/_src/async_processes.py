@@ -1,7 +1,8 @@
-"""Asynchronous EASGD across processes: each worker is its own JAX process stepping at
-its own pace; a master process keeps the center and answers each worker's elastic
-exchange when it arrives (arXiv 1412.6651, Algorithm 1). No lockstep: a slow worker
-delays no one but itself.
+"""Asynchronous EASGD and DOWNPOUR across processes: each worker is its own JAX process
+stepping at its own pace; a master process keeps the center (EASGD) or the parameter
+server's parameters (DOWNPOUR) and answers each worker's exchange when it arrives
+(arXiv 1412.6651, Algorithm 1; Dean et al. 2012). No lockstep: a slow worker delays no
+one but itself.
 
 Worker i, every step, with its own clock ``t_i`` and its local step ``u_i``::
 
@@ -18,9 +19,14 @@ under a forced serving order. Messages go through JAX's coordination-service sto
 (:mod:`wagrad._src.kvstore`): a worker writes its parameters under a key of its own and
 waits (with a timeout) for ``e`` under another; the master serves whatever has arrived.
 
-Start-up: every process calls ``wagrad.initialize_distributed``; process 0 runs
-:func:`serve_easgd` and workers ``1..N`` (worker index = process index - 1) step with
-an :class:`EASGDWorker`.
+DOWNPOUR: worker i accumulates its local steps, ``Delta_i += u_i``, and after every
+tau-th of its steps pushes ``Delta_i``; the master applies ``m <- mu m + Delta_i``,
+``x_M <- x_M + m`` (``m = Delta_i`` when mu = 0) and answers ``x_M``, which the worker
+takes (``Delta_i <- 0``): :class:`DownpourWorker`, :func:`serve_downpour`.
+
+Start-up: every process calls ``wagrad.initialize_distributed``; process 0 runs the
+master (:func:`serve_easgd`, :func:`serve_downpour`) and workers ``1..N`` (worker index
+= process index - 1) step with an :class:`EASGDWorker` or a :class:`DownpourWorker`.
 """
 
 from __future__ import annotations
@@ -36,6 +42,7 @@ from wagrad._src import kvstore
 from wagrad._src.base import PyTree
 
 PREFIX = "wagrad/easgd"
+DOWNPOUR_PREFIX = "wagrad/downpour"
 
 
 def master_exchange(center: PyTree, x: PyTree, alpha: float) -> tuple[PyTree, PyTree]:
@@ -55,8 +62,28 @@ def _join_backend():
   jax.devices()
 
 
-def _key(kind, worker, k=None):
-  return f"{PREFIX}/{kind}/{worker:05d}" + ("" if k is None else f"/{k:09d}")
+def _key(kind, worker, k=None, prefix=PREFIX):
+  return f"{prefix}/{kind}/{worker:05d}" + ("" if k is None else f"/{k:09d}")
+
+
+def _check_worker(worker, sync_period):
+  if not isinstance(sync_period, int) or sync_period < 1:
+    raise ValueError(f"`sync_period` must be an integer >= 1, got {sync_period!r}.")
+  if not isinstance(worker, int) or worker < 0:
+    raise ValueError(f"`worker` must be an integer >= 0 (process index - 1), got {worker!r}.")
+
+
+def _ask(prefix, worker, k, payload, like, timeout_s):
+  """Send exchange k's request and wait for the master's answer (a NumPy tree)."""
+  kvstore.put(_key("req", worker, k, prefix), kvstore.pack(payload))
+  answer = _key("resp", worker, k, prefix)
+  out = kvstore.unpack(kvstore.get(answer, timeout_s), like)
+  kvstore.delete(answer)
+  return out
+
+
+def _f32_zeros(tree):
+  return jax.tree_util.tree_map(lambda x: np.zeros(np.shape(x), np.float32), tree)
 
 
 class EASGDWorker:
@@ -79,10 +106,7 @@ class EASGDWorker:
   """
 
   def __init__(self, worker: int, sync_period: int, *, timeout_s: float = 120.0):
-    if not isinstance(sync_period, int) or sync_period < 1:
-      raise ValueError(f"`sync_period` must be an integer >= 1, got {sync_period!r}.")
-    if not isinstance(worker, int) or worker < 0:
-      raise ValueError(f"`worker` must be an integer >= 0 (process index - 1), got {worker!r}.")
+    _check_worker(worker, sync_period)
     _join_backend()
     self.worker, self.tau, self.timeout_s = worker, sync_period, timeout_s
     self.clock = 0      # this worker's own steps
@@ -98,11 +122,7 @@ class EASGDWorker:
       self.clock += 1
       return optax.apply_updates(params, updates)
     host = jax.device_get(params)
-    kvstore.put(_key("req", self.worker, self.exchanges), kvstore.pack(host))
-    answer = _key("resp", self.worker, self.exchanges)
-    e = kvstore.unpack(kvstore.get(answer, self.timeout_s),
-                       jax.tree_util.tree_map(lambda x: np.zeros(np.shape(x), np.float32), host))
-    kvstore.delete(answer)
+    e = _ask(PREFIX, self.worker, self.exchanges, host, _f32_zeros(host), self.timeout_s)
     self.clock += 1
     self.exchanges += 1
     return jax.tree_util.tree_map(
@@ -152,19 +172,32 @@ def serve_easgd(params0: PyTree, num_workers: int, *, alpha: float,
   _join_backend()
   center = jax.tree_util.tree_map(lambda x: np.array(x), jax.device_get(params0))
   like = jax.tree_util.tree_map(lambda x: np.zeros(np.shape(x), np.asarray(x).dtype), center)
+
+  def rule(state, x):
+    center, e = master_exchange(state[0], x, alpha)
+    return (center, None), e
+  return _serve(PREFIX, (center, None), like, rule, num_workers, order, timeout_s, poll_s,
+                check_s, callback)
+
+
+def _serve(prefix, state, like, rule, num_workers, order, timeout_s, poll_s, check_s,
+           callback):
+  """The master's loop: ``state, answer = rule(state, request)`` for each request
+  (``state = (params, extra)``), in
+  ``order`` first, then as they arrive, until every worker has closed or died."""
   served = np.zeros(num_workers, int)
 
   def serve(i, data):
-    nonlocal center
-    center, e = master_exchange(center, kvstore.unpack(data, like), alpha)
-    kvstore.put(_key("resp", i, served[i]), kvstore.pack(e))
+    nonlocal state
+    state, answer = rule(state, kvstore.unpack(data, like))
+    kvstore.put(_key("resp", i, served[i], prefix), kvstore.pack(answer))
     served[i] += 1
     if callback is not None:
-      callback(center, served)
+      callback(_params(state), served)
 
   if order is not None:
     for i in order:
-      key = _key("req", int(i), served[int(i)])
+      key = _key("req", int(i), served[int(i)], prefix)
       data = kvstore.get(key, timeout_s)
       kvstore.delete(key)
       serve(int(i), data)
@@ -172,12 +205,12 @@ def serve_easgd(params0: PyTree, num_workers: int, *, alpha: float,
   gone: set[int] = set()
   idle_since = time.monotonic()
   while len(done | gone) < num_workers:
-    pending = kvstore.listing(f"{PREFIX}/req/")
+    pending = kvstore.listing(f"{prefix}/req/")
     for key, data in pending:
       kvstore.delete(key)
       serve(int(key.split("/")[-2]), data)
     done |= {i for i in range(num_workers) if i not in done
-             and kvstore.try_get(_key("done", i)) is not None}
+             and kvstore.try_get(_key("done", i, prefix=prefix)) is not None}
     if pending:
       idle_since = time.monotonic()
     elif time.monotonic() - idle_since > timeout_s:
@@ -189,9 +222,108 @@ def serve_easgd(params0: PyTree, num_workers: int, *, alpha: float,
       idle_since = time.monotonic() - check_s / 2
     else:
       time.sleep(poll_s)
-  kvstore.put(f"{PREFIX}/center", kvstore.pack(center))
+  kvstore.put(f"{prefix}/center", kvstore.pack(_params(state)))
   _outlive_workers(num_workers, timeout_s)
-  return center, served, sorted(gone)
+  return _params(state), served, sorted(gone)
+
+
+def _params(state):
+  """The parameters in a master's state ``(params, extra)`` (DOWNPOUR's extra: the
+  momentum)."""
+  return state[0]
+
+
+def master_push(state: tuple, delta: PyTree, momentum: float) -> tuple[tuple, PyTree]:
+  """DOWNPOUR's master for one push: ``m <- mu m + Delta``, ``x_M <- x_M + m``; answers
+  ``x_M``. ``state = (x_M, m)`` (``m`` None when mu = 0); NumPy, float32 arithmetic."""
+  x, m = state
+  f32 = lambda v: np.asarray(v, np.float32)  # noqa: E731
+  step = delta if m is None else jax.tree_util.tree_map(
+      lambda mm, d: np.float32(momentum) * f32(mm) + f32(d), m, delta)
+  x = jax.tree_util.tree_map(lambda xx, s: (f32(xx) + f32(s)).astype(xx.dtype), x, step)
+  return (x, None if m is None else step), x
+
+
+class DownpourWorker:
+  """One worker process of asynchronous DOWNPOUR.
+
+  Use :meth:`apply_updates` in place of ``optax.apply_updates`` after the local step::
+
+      worker = wagrad.async_.DownpourWorker(jax.process_index() - 1, sync_period=4)
+      for batch in batches:
+        u, opt_state = inner.update(jax.grad(loss_fn)(params, batch), opt_state, params)
+        params = worker.apply_updates(params, u)
+      worker.close()
+
+  Every step accumulates ``Delta += u``; after every ``sync_period``-th of this worker's
+  steps it pushes ``Delta`` to the master (:func:`serve_downpour`) and takes the
+  master's parameters it gets back (``Delta <- 0``).
+
+  Args:
+    worker: this worker's index in ``[0, N)``.
+    sync_period: tau >= 1, in this worker's own steps.
+    timeout_s: longest wait for the master's answer (``TimeoutError`` after it).
+  """
+
+  def __init__(self, worker: int, sync_period: int, *, timeout_s: float = 120.0):
+    _check_worker(worker, sync_period)
+    _join_backend()
+    self.worker, self.tau, self.timeout_s = worker, sync_period, timeout_s
+    self.clock = 0
+    self.exchanges = 0
+    self.accumulated: Any = None
+
+  def due(self) -> bool:
+    """This step pushes (``(clock + 1) mod tau == 0``)."""
+    return (self.clock + 1) % self.tau == 0
+
+  def apply_updates(self, params, updates):
+    """``params + updates``; on a push step, the master's parameters."""
+    u = jax.tree_util.tree_map(lambda v: jax.numpy.asarray(v, jax.numpy.float32), updates)
+    acc = u if self.accumulated is None else jax.tree_util.tree_map(  # on the device
+        lambda a, b: a + b, self.accumulated, u)
+    if not self.due():
+      self.accumulated, self.clock = acc, self.clock + 1
+      return optax.apply_updates(params, updates)
+    like = jax.tree_util.tree_map(lambda x: np.zeros(np.shape(x), x.dtype), params)
+    x_m = _ask(DOWNPOUR_PREFIX, self.worker, self.exchanges, jax.device_get(acc), like,
+               self.timeout_s)
+    self.accumulated, self.clock, self.exchanges = None, self.clock + 1, self.exchanges + 1
+    return jax.tree_util.tree_map(lambda x, m: jax.numpy.asarray(m, x.dtype), params, x_m)
+
+  def close(self):
+    """Tell the master this worker has finished."""
+    kvstore.put(_key("done", self.worker, prefix=DOWNPOUR_PREFIX), b"1")
+
+
+def serve_downpour(params0: PyTree, num_workers: int, *, momentum: float = 0.0,
+                   order: Sequence[int] | None = None, timeout_s: float = 120.0,
+                   poll_s: float = 0.001, check_s: float = 2.0,
+                   callback: Callable[[PyTree, np.ndarray], Any] | None = None
+                   ) -> tuple[PyTree, np.ndarray, list[int]]:
+  """Run the master (parameter server) of asynchronous DOWNPOUR until every worker has
+  closed: each push ``Delta`` is applied as it arrives (:func:`master_push`) and
+  answered with the master's parameters.
+
+  Args:
+    params0: the initial parameters.
+    num_workers: N, the number of worker processes.
+    momentum: mu in [0, 1): MDOWNPOUR's momentum on the master's update [reconstruction].
+    order, timeout_s, poll_s, check_s, callback: as :func:`serve_easgd`.
+
+  Returns:
+    ``(params, served, gone)``: the master's final parameters (NumPy tree), the pushes
+    served per worker and the workers found dead.
+  """
+  if not 0.0 <= momentum < 1.0:
+    raise ValueError(f"`momentum` must be in [0, 1), got {momentum!r}.")
+  _join_backend()
+  x = jax.tree_util.tree_map(lambda v: np.array(v), jax.device_get(params0))
+  like = _f32_zeros(x)
+  state = (x, None if momentum == 0 else _f32_zeros(x))
+  return _serve(DOWNPOUR_PREFIX, state, like,
+                lambda st, delta: master_push(st, delta, momentum), num_workers, order,
+                timeout_s, poll_s, check_s, callback)
 
 
 def _outlive_workers(num_workers, timeout_s):
