@@ -1,7 +1,8 @@
 """One process of the asynchronous multi-process tests (tests/test_async_processes.py).
 
 argv: port, number of processes, process id, output prefix, sync period, alpha (EASGD;
-DOWNPOUR: the master's momentum), mode, algorithm ("easgd" or "downpour").
+DOWNPOUR: the master's momentum; softsync: alpha0), mode, algorithm ("easgd",
+"downpour" or "softsync", whose n is given as the sync period).
 Process 0 is the master; process i >= 1 is worker i - 1, stepping on the active steps
 of a seeded speed schedule. Mode "order": the master serves in the simulation's order
 (by step, then worker index). Mode "kill": the master serves what arrives, and worker 1
@@ -54,7 +55,12 @@ def main():
   A, b, w0, active = problem(K)
   p = {"w": w0}
   if pid == 0:
-    if algo == "downpour":
+    if algo == "softsync":
+      order = [i for t in range(STEPS) for i in range(K) if active[t, i]]
+      center, served, gone = async_.serve_softsync(
+          p, K, tau, alpha0=alpha, order=order if mode == "order" else None, timeout_s=60,
+          check_s=1.0)
+    elif algo == "downpour":
       exch = downpour_pushes(active, tau)
       order = [i for t in range(STEPS) for i in range(K) if exch[t, i]]
       center, served, gone = async_.serve_downpour(
@@ -69,6 +75,15 @@ def main():
     np.savez(f"{out}_master.npz", center=center["w"], served=served, gone=np.array(gone))
     return
   i = pid - 1
+  if algo == "softsync":
+    learner = async_.SoftsyncLearner(i, timeout_s=60)
+    grad = jax.jit(jax.grad(loss))
+    for t in range(STEPS):
+      if active[t, i]:
+        p = learner.push_pull(p, grad(p, A[i], b[i]))
+    learner.close()
+    np.savez(f"{out}_worker{i}.npz", w=np.asarray(p["w"]), exchanges=learner.exchanges)
+    return
   make = async_.DownpourWorker if algo == "downpour" else async_.EASGDWorker
   worker = make(i, tau, timeout_s=60)
   sgd = optax.sgd(ETA)

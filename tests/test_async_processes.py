@@ -120,6 +120,41 @@ def test_async_downpour_across_processes_equals_numpy(tmp_path, mu):
   assert not np.allclose(x[0], x[1])
 
 
+def np_softsync(K, n, alpha0):
+  """NumPy n-softsync: pushes served by step, then learner index; a gradient's staleness
+  is the server's version minus the version its parameters came from."""
+  A, b, w0, active = problem(K)
+  c = K // n
+  theta, V, buf = w0.astype(np.float64), 0, []
+  x, v = np.repeat(theta[None], K, 0), np.zeros(K, int)
+  for t in range(STEPS):
+    for i in range(K):
+      if not active[t, i]:
+        continue
+      g = 2.0 * A[i].T.astype(np.float64) @ (A[i] @ x[i] - b[i]) / A[i].shape[0]
+      buf.append(alpha0 / max(V - v[i], 1) * g)
+      if len(buf) == c:
+        theta, V, buf = theta - sum(buf) / c, V + 1, []
+      x[i], v[i] = theta, V
+  return x, theta
+
+
+@pytest.mark.slow
+def test_async_softsync_across_processes_equals_numpy(tmp_path):
+  """3 learners, 3-softsync (an update per gradient, staleness up to 2) with alpha0 / tau."""
+  K, n, alpha0 = 3, 3, 0.1
+  out = str(tmp_path / "run")
+  _run(K + 1, out, n, alpha0, algo="softsync")
+  x, theta = np_softsync(K, n, alpha0)
+  master = np.load(f"{out}_master.npz")
+  np.testing.assert_allclose(master["center"], theta, rtol=1e-5, atol=1e-6)
+  for i in range(K):
+    w = np.load(f"{out}_worker{i}.npz")
+    np.testing.assert_allclose(w["w"], x[i], rtol=1e-5, atol=1e-6, err_msg=f"learner {i}")
+  plain = np_softsync(K, n, alpha0 * 1e-9)[1]  # the test can tell an update from none
+  assert not np.allclose(plain, theta)
+
+
 @pytest.mark.slow
 def test_a_killed_worker_stops_no_one(tmp_path):
   """Worker 1 is killed (SIGKILL) after its first exchange: the master finds it gone,
@@ -150,6 +185,10 @@ def test_bad_arguments_and_a_missing_runtime_are_named():
     async_.serve_downpour({"w": np.zeros(2)}, 2, momentum=1.0)
   with pytest.raises(ValueError, match="sync_period"):
     async_.DownpourWorker(0, 1.5)
+  with pytest.raises(ValueError, match="dividing"):
+    async_.serve_softsync({"w": np.zeros(2)}, 4, 3, alpha0=0.1)
+  with pytest.raises(ValueError, match="modulation"):
+    async_.serve_softsync({"w": np.zeros(2)}, 4, 2, alpha0=0.1, modulation="sqrt")
   worker = async_.EASGDWorker(0, 2)  # the first step exchanges: it needs the store
   with pytest.raises(RuntimeError, match="initialize_distributed"):
     worker.apply_updates({"w": jnp.zeros(2)}, {"w": jnp.ones(2)})

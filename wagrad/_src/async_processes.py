@@ -24,9 +24,17 @@ tau-th of its steps pushes ``Delta_i``; the master applies ``m <- mu m + Delta_i
 ``x_M <- x_M + m`` (``m = Delta_i`` when mu = 0) and answers ``x_M``, which the worker
 takes (``Delta_i <- 0``): :class:`DownpourWorker`, :func:`serve_downpour`.
 
+Staleness-aware n-softsync SGD (arXiv 1511.05950): a learner pushes the gradient of
+the parameters it last pulled (server version ``v_l``) and pulls the server's current
+parameters; the server applies ``theta <- theta - (1/c) sum_l (alpha0 / tau_l) g_l``
+once it holds c = lambda / n gradients, ``tau_l = max(V - v_l, 1)`` the gradient's
+staleness in server updates (``alpha0`` alone with ``modulation="none"``, plain
+ASGD): :class:`SoftsyncLearner`, :func:`serve_softsync`.
+
 Start-up: every process calls ``wagrad.initialize_distributed``; process 0 runs the
-master (:func:`serve_easgd`, :func:`serve_downpour`) and workers ``1..N`` (worker index
-= process index - 1) step with an :class:`EASGDWorker` or a :class:`DownpourWorker`.
+master (:func:`serve_easgd`, :func:`serve_downpour`, :func:`serve_softsync`) and
+workers ``1..N`` (worker index = process index - 1) step with an :class:`EASGDWorker`,
+a :class:`DownpourWorker` or a :class:`SoftsyncLearner`.
 """
 
 from __future__ import annotations
@@ -43,6 +51,7 @@ from wagrad._src.base import PyTree
 
 PREFIX = "wagrad/easgd"
 DOWNPOUR_PREFIX = "wagrad/downpour"
+SOFTSYNC_PREFIX = "wagrad/softsync"
 
 
 def master_exchange(center: PyTree, x: PyTree, alpha: float) -> tuple[PyTree, PyTree]:
@@ -324,6 +333,96 @@ def serve_downpour(params0: PyTree, num_workers: int, *, momentum: float = 0.0,
   return _serve(DOWNPOUR_PREFIX, state, like,
                 lambda st, delta: master_push(st, delta, momentum), num_workers, order,
                 timeout_s, poll_s, check_s, callback)
+
+
+def master_softsync(state: tuple, push: tuple, alpha0: float, c: int,
+                    modulation: str = "inverse") -> tuple[tuple, tuple]:
+  """The n-softsync server for one push ``(g, v)``: the gradient joins the buffer with
+  staleness ``V - v``; with c gradients there, ``theta <- theta - (1/c) sum_l (alpha0 /
+  max(tau_l, 1)) g_l`` and ``V <- V + 1``. Answers ``(theta, V)``. ``state = (theta,
+  (V, buffer))``; NumPy, float32 arithmetic."""
+  theta, (version, buffer) = state
+  g, v = push
+  tau = max(version - int(np.asarray(v)), 1) if modulation == "inverse" else 1
+  buffer = buffer + [jax.tree_util.tree_map(lambda x: np.float32(alpha0 / tau) * x, g)]
+  if len(buffer) >= c:
+    step = jax.tree_util.tree_map(lambda *xs: sum(xs) / np.float32(c), *buffer)
+    theta = jax.tree_util.tree_map(
+        lambda t, d: (np.asarray(t, np.float32) - d).astype(np.asarray(t).dtype), theta, step)
+    version, buffer = version + 1, []
+  return (theta, (version, buffer)), (theta, np.int64(version))
+
+
+class SoftsyncLearner:
+  """One learner process of staleness-aware n-softsync SGD.
+
+  Each step, in place of the local update::
+
+      learner = wagrad.async_.SoftsyncLearner(jax.process_index() - 1)
+      for batch in batches:
+        params = learner.push_pull(params, jax.grad(loss_fn)(params, batch))
+      learner.close()
+
+  :meth:`push_pull` sends the gradient with the server version its parameters came
+  from and returns the server's current parameters (:func:`serve_softsync`).
+  """
+
+  def __init__(self, worker: int, *, timeout_s: float = 120.0):
+    _check_worker(worker, 1)
+    _join_backend()
+    self.worker, self.timeout_s = worker, timeout_s
+    self.version = 0     # the server version of the parameters last pulled
+    self.exchanges = 0
+
+  def push_pull(self, params, grads):
+    """Push ``grads`` (taken at ``params``); return the server's parameters."""
+    host = jax.device_get(grads)
+    like = (jax.tree_util.tree_map(lambda x: np.zeros(np.shape(x), x.dtype), params),
+            np.int64(0))
+    g32 = jax.tree_util.tree_map(lambda x: np.asarray(x, np.float32), host)
+    theta, version = _ask(SOFTSYNC_PREFIX, self.worker, self.exchanges,
+                          (g32, np.int64(self.version)), like, self.timeout_s)
+    self.version, self.exchanges = int(version), self.exchanges + 1
+    return jax.tree_util.tree_map(lambda x, t: jax.numpy.asarray(t, x.dtype), params, theta)
+
+  def close(self):
+    """Tell the server this learner has finished."""
+    kvstore.put(_key("done", self.worker, prefix=SOFTSYNC_PREFIX), b"1")
+
+
+def serve_softsync(params0: PyTree, num_learners: int, n: int, *, alpha0: float,
+                   modulation: str = "inverse", order: Sequence[int] | None = None,
+                   timeout_s: float = 120.0, poll_s: float = 0.001, check_s: float = 2.0,
+                   callback: Callable[[PyTree, np.ndarray], Any] | None = None
+                   ) -> tuple[PyTree, np.ndarray, list[int]]:
+  """Run the parameter server of staleness-aware n-softsync SGD until every learner has
+  closed (:func:`master_softsync` for each push, served as it arrives).
+
+  Args:
+    params0: the initial parameters (version 0).
+    num_learners: lambda, the number of learner processes.
+    n: the softsync degree: an update every c = lambda / n gradients (n divides lambda).
+    alpha0: the base learning rate > 0.
+    modulation: ``"inverse"`` (alpha0 / staleness) or ``"none"`` (plain ASGD).
+    order, timeout_s, poll_s, check_s, callback: as :func:`serve_easgd`.
+
+  Returns:
+    ``(params, served, gone)``: the server's final parameters, the pushes served per
+    learner and the learners found dead.
+  """
+  if not isinstance(n, int) or not 1 <= n <= num_learners or num_learners % n:
+    raise ValueError(f"`n` must be an integer dividing num_learners={num_learners}, got {n!r}.")
+  if not alpha0 > 0:
+    raise ValueError(f"`alpha0` must be > 0, got {alpha0!r}.")
+  if modulation not in ("inverse", "none"):
+    raise ValueError(f"unknown `modulation` {modulation!r}; choose 'inverse' or 'none'.")
+  _join_backend()
+  theta = jax.tree_util.tree_map(lambda v: np.array(v), jax.device_get(params0))
+  like = (_f32_zeros(theta), np.int64(0))
+  c = num_learners // n
+  return _serve(SOFTSYNC_PREFIX, (theta, (0, [])), like,
+                lambda st, push: master_softsync(st, push, alpha0, c, modulation),
+                num_learners, order, timeout_s, poll_s, check_s, callback)
 
 
 def _outlive_workers(num_workers, timeout_s):
