@@ -149,3 +149,20 @@ def test_whole_sampling_runs_end_to_end(tmp_path):
                       "--eval-every", "2", "--out", out, "--no-plot"]) == 0
   (r,) = _metrics(out)
   assert r["step"] == 2 and math.isfinite(r["train_loss"])
+
+
+def test_time_budget_stops_and_compare_collects_the_runs(tmp_path, capsys):
+  """--time-budget 0 ends each run after its first (compiling) step with an evaluation
+  and a summary.json; examples.cifar.compare runs each algorithm so and tabulates them."""
+  from examples.cifar import compare
+  out = str(tmp_path / "cmp")
+  with tfds.testing.mock_data(num_examples=64):
+    rc = compare.main(["--time-budget", "0", "--workers", "8", "--algorithms", "sync_sgd",
+                       "lsgd", "--out", out, "--"] + TINY)
+  assert rc == 0
+  data = json.load(open(os.path.join(out, "compare.json")))
+  assert [r["algorithm"] for r in data["runs"]] == ["sync_sgd", "lsgd"]
+  for r in data["runs"]:
+    assert r["steps_done"] == 1 and r["sampling"] == "whole" and r["time_budget"] == 0
+    assert 0.0 <= r["final"]["test_accuracy"] <= 1.0
+  assert "| 8 | lsgd | 1 |" in capsys.readouterr().out

@@ -71,6 +71,10 @@ def parse_args(argv=None):
   g.add_argument("--num-processes", type=int, default=None)
   g.add_argument("--process-id", type=int, default=None)
   g = ap.add_argument_group("evaluation, checkpoints, output")
+  g.add_argument("--time-budget", type=float, default=None, metavar="SECONDS",
+                 help="stop training after this much wall-clock time (evaluation and "
+                      "checkpoints excluded), evaluate and write summary.json (the LSGD "
+                      "paper's comparisons are under a wall-clock budget)")
   g.add_argument("--eval-every", type=int, default=None, help="steps (default: one epoch)")
   g.add_argument("--eval-batch-size", type=int, default=500, help="per worker")
   g.add_argument("--checkpoint-dir", default=None,

@@ -333,6 +333,7 @@ def run(exp: Experiment) -> dict:
   images_per_step = args.workers * args.batch_size
   loss_sum, n_loss, train_time, n_images = None, 0, 0.0, 0
   last = {}
+  spent = 0.0  # training seconds before this evaluation period (for --time-budget)
   t0 = time.perf_counter()
   steps = range(exp.start_step, exp.total_steps)
   for t, (x, y) in input_pipeline.prefetch(exp.batches, steps):
@@ -350,7 +351,9 @@ def run(exp: Experiment) -> dict:
     step = t + 1
     if step % 50 == 0 and not bar.disable:
       bar.set_postfix(loss=f"{_local_mean(loss):.3f}", refresh=False)
-    is_eval = step % args.eval_every == 0 or step == exp.total_steps
+    out_of_time = (args.time_budget is not None and
+                   spent + time.perf_counter() - t0 >= args.time_budget)
+    is_eval = step % args.eval_every == 0 or step == exp.total_steps or out_of_time
     if is_eval:
       jax.block_until_ready(exp.state)
       train_time += time.perf_counter() - t0
@@ -367,22 +370,38 @@ def run(exp: Experiment) -> dict:
                   f"consensus {record['consensus_distance']:.3g}  "
                   f"{record['images_per_s'] or 0:.0f} img/s")
       last = record
+      spent += train_time
       loss_sum, n_loss, n_images, train_time = None, 0, 0, 0.0
       t0 = time.perf_counter()
     if exp.manager is not None and (step % args.checkpoint_every == 0
-                                    or step == exp.total_steps):
+                                    or step == exp.total_steps or out_of_time):
       t_save = time.perf_counter()
       _save(exp, step)
       t0 += time.perf_counter() - t_save  # not training time
+    if out_of_time:
+      bar.write(f"--time-budget {args.time_budget:g} s reached at step {step}")
+      break
   bar.close()
   if exp.manager is not None:
     exp.manager.wait_until_finished()
     exp.manager.close()
+  if main_process:
+    with open(os.path.join(args.out, "summary.json"), "w") as f:
+      json.dump({"algorithm": args.algorithm, "workers": args.workers,
+                 "dataset": args.dataset, "model": args.model, "sampling": args.sampling,
+                 "time_budget": args.time_budget, "steps_done": last.get("step"),
+                 "training_seconds": spent, "final": last,
+                 "best_test_accuracy": _best(metrics_path)}, f, indent=1)
   if main_process and args.plot:
     plot(metrics_path, os.path.join(args.out, "metrics.png"),
          f"{args.dataset} {args.model}, {args.algorithm}, {args.workers} workers "
          f"({args.backend})")
   return last
+
+
+def _best(metrics_path: str):
+  rows = [json.loads(l) for l in open(metrics_path) if l.strip()]
+  return max((r["test_accuracy"] for r in rows), default=None)
 
 
 def plot(metrics_path: str, png_path: str, title: str):
