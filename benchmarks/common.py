@@ -54,6 +54,20 @@ def median_call_seconds(f, args, calls, reps):
   return float(np.median(out))
 
 
+def interleaved(runs, rounds, steps, *args):
+  """Time the variants in turn: ``rounds`` times, each run ``[f, state, times]`` takes
+  ``steps`` steps of ``state = f(*state, *args)`` (each waited for) and appends its
+  seconds per step to ``times``; every variant sees the same machine load per round."""
+  for _ in range(rounds):
+    for run in runs.values():
+      f, state, times = run
+      t0 = time.perf_counter()
+      for _ in range(steps):
+        state = jax.block_until_ready(f(*state, *args))
+      times.append((time.perf_counter() - t0) / steps)
+      run[1] = state
+
+
 def time_steps(f, state, n):
   """Seconds per step of ``state = f(*state)`` over n steps, waiting for each step."""
   t0 = time.perf_counter()

@@ -29,7 +29,6 @@ Writes ``results/exchange_<platform>.json`` and ``.png``.
 import argparse
 import os
 import sys
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402  (sets XLA_FLAGS first)
@@ -123,14 +122,7 @@ def time_part(sizes, backends, taus, steps, rounds):
       state = common.warm_up(lambda p, s: f(p, s, x, y), (r.replicate(p0), r.init(tx, p0)),
                              n=2)
       runs[name] = [f, state, []]
-    for _ in range(rounds):  # interleaved: every variant in every round
-      for name, run in runs.items():
-        f, state, times = run
-        t0 = time.perf_counter()
-        for _ in range(steps):
-          state = jax.block_until_ready(f(*state, x, y))
-        times.append((time.perf_counter() - t0) / steps)
-        run[1] = state
+    common.interleaved(runs, rounds, steps, x, y)
     base = np.asarray(runs["float32"][2])
     for name, (_, _, times) in runs.items():
       ratio = np.asarray(times) / base

@@ -13,7 +13,6 @@ timed in interleaved repetitions, ratio to "none" taken within each repetition:
 
     python benchmarks/heal_cost.py     # writes results/heal_cost_cpu.json
 """
-import time
 
 import common
 import jax
@@ -52,14 +51,7 @@ def run(backend, steps=16, reps=6):
       st = jax.block_until_ready(f(*st, x, y))
     runs[name] = [f, st, []]
   periodic.reset_inner_where = ORIG
-  for _ in range(reps):
-    for name, run_ in runs.items():
-      f, st, times = run_
-      t0 = time.perf_counter()
-      for _ in range(steps):
-        st = jax.block_until_ready(f(*st, x, y))
-      times.append((time.perf_counter() - t0) / steps)
-      run_[1] = st
+  common.interleaved(runs, reps, steps, x, y)
   base = np.asarray(runs["none"][2])
   rows = []
   for name, (_, _, times) in runs.items():

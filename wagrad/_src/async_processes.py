@@ -95,7 +95,23 @@ def _f32_zeros(tree):
   return jax.tree_util.tree_map(lambda x: np.zeros(np.shape(x), np.float32), tree)
 
 
-class EASGDWorker:
+class _Worker:
+  """What every worker process keeps: its index, period, own clock and exchange count."""
+  _prefix = PREFIX
+
+  def __init__(self, worker: int, sync_period: int, *, timeout_s: float = 120.0):
+    _check_worker(worker, sync_period)
+    _join_backend()
+    self.worker, self.tau, self.timeout_s = worker, sync_period, timeout_s
+    self.clock = 0      # this worker's own steps
+    self.exchanges = 0  # exchanges done
+
+  def close(self):
+    """Tell the master this worker has finished."""
+    kvstore.put(_key("done", self.worker, prefix=self._prefix), b"1")
+
+
+class EASGDWorker(_Worker):
   """One worker process of asynchronous EASGD.
 
   Use :meth:`apply_updates` in place of ``optax.apply_updates`` after the local step
@@ -114,13 +130,6 @@ class EASGDWorker:
     timeout_s: longest wait for the master's answer (``TimeoutError`` after it).
   """
 
-  def __init__(self, worker: int, sync_period: int, *, timeout_s: float = 120.0):
-    _check_worker(worker, sync_period)
-    _join_backend()
-    self.worker, self.tau, self.timeout_s = worker, sync_period, timeout_s
-    self.clock = 0      # this worker's own steps
-    self.exchanges = 0  # exchanges done
-
   def due(self) -> bool:
     """This step exchanges with the master (``clock mod tau == 0``)."""
     return self.clock % self.tau == 0
@@ -137,10 +146,6 @@ class EASGDWorker:
     return jax.tree_util.tree_map(
         lambda x, u, d: (x.astype(np.float32) + u.astype(np.float32) - d).astype(x.dtype),
         params, updates, e)
-
-  def close(self):
-    """Tell the master this worker has finished."""
-    kvstore.put(_key("done", self.worker), b"1")
 
   def center(self):
     """The master's final center (written when the master stops)."""
@@ -253,7 +258,7 @@ def master_push(state: tuple, delta: PyTree, momentum: float) -> tuple[tuple, Py
   return (x, None if m is None else step), x
 
 
-class DownpourWorker:
+class DownpourWorker(_Worker):
   """One worker process of asynchronous DOWNPOUR.
 
   Use :meth:`apply_updates` in place of ``optax.apply_updates`` after the local step::
@@ -274,13 +279,11 @@ class DownpourWorker:
     timeout_s: longest wait for the master's answer (``TimeoutError`` after it).
   """
 
+  _prefix = DOWNPOUR_PREFIX
+
   def __init__(self, worker: int, sync_period: int, *, timeout_s: float = 120.0):
-    _check_worker(worker, sync_period)
-    _join_backend()
-    self.worker, self.tau, self.timeout_s = worker, sync_period, timeout_s
-    self.clock = 0
-    self.exchanges = 0
-    self.accumulated: Any = None
+    super().__init__(worker, sync_period, timeout_s=timeout_s)
+    self.accumulated: Any = None  # this worker's updates since its last push (device)
 
   def due(self) -> bool:
     """This step pushes (``(clock + 1) mod tau == 0``)."""
@@ -300,9 +303,6 @@ class DownpourWorker:
     self.accumulated, self.clock, self.exchanges = None, self.clock + 1, self.exchanges + 1
     return jax.tree_util.tree_map(lambda x, m: jax.numpy.asarray(m, x.dtype), params, x_m)
 
-  def close(self):
-    """Tell the master this worker has finished."""
-    kvstore.put(_key("done", self.worker, prefix=DOWNPOUR_PREFIX), b"1")
 
 
 def serve_downpour(params0: PyTree, num_workers: int, *, momentum: float = 0.0,
@@ -353,7 +353,7 @@ def master_softsync(state: tuple, push: tuple, alpha0: float, c: int,
   return (theta, (version, buffer)), (theta, np.int64(version))
 
 
-class SoftsyncLearner:
+class SoftsyncLearner(_Worker):
   """One learner process of staleness-aware n-softsync SGD.
 
   Each step, in place of the local update::
@@ -367,12 +367,11 @@ class SoftsyncLearner:
   from and returns the server's current parameters (:func:`serve_softsync`).
   """
 
+  _prefix = SOFTSYNC_PREFIX
+
   def __init__(self, worker: int, *, timeout_s: float = 120.0):
-    _check_worker(worker, 1)
-    _join_backend()
-    self.worker, self.timeout_s = worker, timeout_s
+    super().__init__(worker, 1, timeout_s=timeout_s)
     self.version = 0     # the server version of the parameters last pulled
-    self.exchanges = 0
 
   def push_pull(self, params, grads):
     """Push ``grads`` (taken at ``params``); return the server's parameters."""
@@ -385,9 +384,6 @@ class SoftsyncLearner:
     self.version, self.exchanges = int(version), self.exchanges + 1
     return jax.tree_util.tree_map(lambda x, t: jax.numpy.asarray(t, x.dtype), params, theta)
 
-  def close(self):
-    """Tell the server this learner has finished."""
-    kvstore.put(_key("done", self.worker, prefix=SOFTSYNC_PREFIX), b"1")
 
 
 def serve_softsync(params0: PyTree, num_learners: int, n: int, *, alpha0: float,
