@@ -67,17 +67,25 @@ def _simulated(K, tau, alpha):
   return np.asarray(p["w"]), np.asarray(wagrad.easgd_center(s)["w"])
 
 
+def _check_against(out, K, center, x):
+  """The master's saved parameters equal ``center`` and worker i's equal ``x[i]``;
+  returns the master's and the workers' saved files."""
+  master = np.load(f"{out}_master.npz")
+  np.testing.assert_allclose(master["center"], center, rtol=1e-5, atol=1e-6)
+  workers = [np.load(f"{out}_worker{i}.npz") for i in range(K)]
+  for i, w in enumerate(workers):
+    np.testing.assert_allclose(w["w"], x[i], rtol=1e-5, atol=1e-6, err_msg=f"worker {i}")
+  return master, workers
+
+
 @pytest.mark.slow
 def test_async_easgd_across_processes_equals_the_simulation(tmp_path):
   K, tau, alpha = 3, 2, 0.3
   out = str(tmp_path / "run")
   _run(K + 1, out, tau, alpha)
   x, c = _simulated(K, tau, alpha)
-  master = np.load(f"{out}_master.npz")
-  np.testing.assert_allclose(master["center"], c, rtol=1e-5, atol=1e-6)
-  for i in range(K):
-    w = np.load(f"{out}_worker{i}.npz")
-    np.testing.assert_allclose(w["w"], x[i], rtol=1e-5, atol=1e-6, err_msg=f"worker {i}")
+  master, workers = _check_against(out, K, c, x)
+  for i, w in enumerate(workers):
     assert int(w["exchanges"]) == int(master["served"][i]) > 0
   assert not np.allclose(x[0], x[1])  # the workers differ: a real test of each one
 
@@ -111,12 +119,8 @@ def test_async_downpour_across_processes_equals_numpy(tmp_path, mu):
   out = str(tmp_path / "run")
   _run(K + 1, out, tau, mu, algo="downpour")
   x, xm, pushes = np_async_downpour(K, tau, mu)
-  master = np.load(f"{out}_master.npz")
-  np.testing.assert_allclose(master["center"], xm, rtol=1e-5, atol=1e-6)
+  master, _ = _check_against(out, K, xm, x)
   assert list(master["served"]) == list(pushes) and min(pushes) > 0
-  for i in range(K):
-    w = np.load(f"{out}_worker{i}.npz")
-    np.testing.assert_allclose(w["w"], x[i], rtol=1e-5, atol=1e-6, err_msg=f"worker {i}")
   assert not np.allclose(x[0], x[1])
 
 
@@ -146,11 +150,7 @@ def test_async_softsync_across_processes_equals_numpy(tmp_path):
   out = str(tmp_path / "run")
   _run(K + 1, out, n, alpha0, algo="softsync")
   x, theta = np_softsync(K, n, alpha0)
-  master = np.load(f"{out}_master.npz")
-  np.testing.assert_allclose(master["center"], theta, rtol=1e-5, atol=1e-6)
-  for i in range(K):
-    w = np.load(f"{out}_worker{i}.npz")
-    np.testing.assert_allclose(w["w"], x[i], rtol=1e-5, atol=1e-6, err_msg=f"learner {i}")
+  _check_against(out, K, theta, x)
   plain = np_softsync(K, n, alpha0 * 1e-9)[1]  # the test can tell an update from none
   assert not np.allclose(plain, theta)
 
