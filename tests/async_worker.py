@@ -1,8 +1,9 @@
 """One process of the asynchronous multi-process tests (tests/test_async_processes.py).
 
 argv: port, number of processes, process id, output prefix, sync period, alpha (EASGD;
-DOWNPOUR: the master's momentum; softsync: alpha0), mode, algorithm ("easgd",
-"downpour" or "softsync", whose n is given as the sync period).
+DOWNPOUR: the master's momentum; softsync: alpha0; LSGD: the pull), mode, algorithm
+("easgd", "downpour", "softsync", whose n is given as the sync period, "lsgd", whose
+workers step one at a time, or "wpsgd", "samples" weighting).
 Process 0 is the master; process i >= 1 is worker i - 1, stepping on the active steps
 of a seeded speed schedule. Mode "order": the master serves in the simulation's order
 (by step, then worker index). Mode "kill": the master serves what arrives, and worker 1
@@ -34,6 +35,13 @@ def problem(K):
   return A, b, w0, active
 
 
+def one_at_a_time(K):
+  """[t, i]: one worker steps at each step, drawn with probabilities 1/2, 1/3, 1/6, ..."""
+  p = np.array([1 / 2, 1 / 3, 1 / 6])[:K]
+  who = np.random.default_rng(6).choice(K, size=STEPS, p=p / p.sum())
+  return np.arange(K)[None] == who[:, None]
+
+
 def downpour_pushes(active, tau):
   """[t, i]: worker i pushes at step t (after every tau-th of its own active steps)."""
   own = np.cumsum(active, 0)
@@ -54,8 +62,17 @@ def main():
   K = n - 1
   A, b, w0, active = problem(K)
   p = {"w": w0}
+  if algo == "lsgd":
+    active = one_at_a_time(K)
   if pid == 0:
-    if algo == "softsync":
+    if algo == "wpsgd":
+      center, served, gone = async_.serve_wpsgd(p, K, timeout_s=60, check_s=1.0)
+    elif algo == "lsgd":
+      exch = downpour_pushes(active, tau)
+      order = [i for t in range(STEPS) for i in range(K) if exch[t, i]]
+      center, served, gone = async_.serve_lsgd(
+          p, K, order=order if mode == "order" else None, timeout_s=60, check_s=1.0)
+    elif algo == "softsync":
       order = [i for t in range(STEPS) for i in range(K) if active[t, i]]
       center, served, gone = async_.serve_softsync(
           p, K, tau, alpha0=alpha, order=order if mode == "order" else None, timeout_s=60,
@@ -84,17 +101,25 @@ def main():
     learner.close()
     np.savez(f"{out}_worker{i}.npz", w=np.asarray(p["w"]), exchanges=learner.exchanges)
     return
-  make = async_.DownpourWorker if algo == "downpour" else async_.EASGDWorker
-  worker = make(i, tau, timeout_s=60)
+  if algo == "wpsgd":
+    worker = async_.WPSGDWorker(i, timeout_s=60)
+  elif algo == "lsgd":
+    worker = async_.LSGDWorker(i, tau, pull=alpha, timeout_s=60)
+  else:
+    make = async_.DownpourWorker if algo == "downpour" else async_.EASGDWorker
+    worker = make(i, tau, timeout_s=60)
   sgd = optax.sgd(ETA)
   s = sgd.init(p)
-  grad = jax.jit(jax.grad(loss))
+  grad = jax.jit(jax.value_and_grad(loss))
   for t in range(STEPS):
     if mode == "kill" and i == 1 and worker.clock == 2:
       os.kill(os.getpid(), signal.SIGKILL)
     if active[t, i]:
-      u, s = sgd.update(grad(p, A[i], b[i]), s, p)
-      p = worker.apply_updates(p, u)
+      value, g = grad(p, A[i], b[i])
+      u, s = sgd.update(g, s, p)
+      p = worker.apply_updates(p, u, value) if algo == "lsgd" else worker.apply_updates(p, u)
+  if algo == "wpsgd":
+    p = worker.combine(p)
   worker.close()
   np.savez(f"{out}_worker{i}.npz", w=np.asarray(p["w"]), exchanges=worker.exchanges)
 

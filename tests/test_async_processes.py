@@ -18,7 +18,8 @@ import wagrad
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
-from async_worker import ETA, STEPS, downpour_pushes, loss, problem  # noqa: E402
+from async_worker import (ETA, STEPS, downpour_pushes, loss, one_at_a_time,  # noqa: E402
+                          problem)
 
 DEADLINE = 180
 
@@ -155,6 +156,70 @@ def test_async_softsync_across_processes_equals_numpy(tmp_path):
   assert not np.allclose(plain, theta)
 
 
+def _simulated_lsgd(K, tau, pull):
+  """wagrad.async_lsgd on vmap, one worker stepping at each step."""
+  A, b, w0, _ = problem(K)
+  active = one_at_a_time(K)
+  r = wagrad.Runner("vmap", K)
+  tx = wagrad.async_lsgd(optax.sgd(ETA), tau, pull=pull, axis_name=r.axis_name)
+
+  def step(p, s, A, b, act):
+    value, g = jax.value_and_grad(loss)(p, A, b)
+    u, s = tx.update(g, s, p, value=value, active=act)
+    return wagrad.apply_updates(p, u, s), s
+  f = r.map(step)
+  p, s = r.replicate({"w": jnp.asarray(w0)}), r.init(tx, {"w": jnp.asarray(w0)})
+  for t in range(STEPS):
+    p, s = f(p, s, A, b, active[t])
+  sh = wagrad.find_shared(s, "leader_params")
+  return np.asarray(p["w"]), np.asarray(sh.leader_params["w"]), int(sh.num_replacements)
+
+
+@pytest.mark.slow
+def test_async_lsgd_across_processes_equals_the_simulation(tmp_path):
+  """Reports served one at a time in the simulation's order: every worker and the
+  master's leader equal wagrad.async_lsgd's."""
+  K, tau, pull = 3, 2, 0.5
+  out = str(tmp_path / "run")
+  _run(K + 1, out, tau, pull, algo="lsgd")
+  x, leader, replaced = _simulated_lsgd(K, tau, pull)
+  master, _ = _check_against(out, K, leader, x)
+  reports = downpour_pushes(one_at_a_time(K), tau)
+  assert list(master["served"]) == list(reports.sum(0)) and reports.sum(0).min() > 0
+  assert replaced >= 2 and not np.allclose(x[0], x[1])  # the leader moved between workers
+
+
+def _simulated_wpsgd(K):
+  """wagrad.wpsgd (one-shot, "samples") on vmap over the speed schedule, then combined."""
+  A, b, w0, active = problem(K)
+  r = wagrad.Runner("vmap", K)
+  tx = wagrad.wpsgd(optax.sgd(ETA), weighting="samples", axis_name=r.axis_name)
+
+  def step(p, s, A, b, act):
+    u, s = tx.update(jax.grad(loss)(p, A, b), s, p, active=act)
+    return wagrad.apply_updates(p, u, s), s
+  f = r.map(step)
+  p, s = r.replicate({"w": jnp.asarray(w0)}), r.init(tx, {"w": jnp.asarray(w0)})
+  for t in range(STEPS):
+    p, s = f(p, s, A, b, active[t])
+  combined = r.map(lambda p, s: wagrad.wpsgd_combine(p, s, r.axis_name).value)(p, s)
+  return np.asarray(combined["w"]), active.sum(0)
+
+
+@pytest.mark.slow
+def test_async_wpsgd_across_processes_equals_the_simulation(tmp_path):
+  """Each worker steps at its own speed, then the master weights the models by their
+  step counts: every worker gets wagrad.wpsgd_combine's model."""
+  K = 3
+  out = str(tmp_path / "run")
+  _run(K + 1, out, 1, 0.0, algo="wpsgd")
+  combined, steps = _simulated_wpsgd(K)
+  master, _ = _check_against(out, K, combined[0], combined)
+  assert list(master["served"]) == list(steps) and len(set(steps)) > 1  # unequal loads
+  from wagrad import async_
+  assert not np.allclose(async_.wpsgd_scores(steps), 1.0)
+
+
 @pytest.mark.slow
 def test_a_killed_worker_stops_no_one(tmp_path):
   """Worker 1 is killed (SIGKILL) after its first exchange: the master finds it gone,
@@ -189,6 +254,36 @@ def test_bad_arguments_and_a_missing_runtime_are_named():
     async_.serve_softsync({"w": np.zeros(2)}, 4, 3, alpha0=0.1)
   with pytest.raises(ValueError, match="modulation"):
     async_.serve_softsync({"w": np.zeros(2)}, 4, 2, alpha0=0.1, modulation="sqrt")
+  with pytest.raises(ValueError, match="pull"):
+    async_.LSGDWorker(0, 2, pull=0.0)
+  with pytest.raises(ValueError, match="avg_size"):
+    async_.LSGDWorker(0, 2, avg_size=0)
+  with pytest.raises(ValueError, match="budget_s"):
+    async_.WPSGDWorker(0, budget_s=0)
+  with pytest.raises(ValueError, match="contraction"):
+    async_.serve_wpsgd({"w": np.zeros(2)}, 2, weighting="contraction")
+  with pytest.raises(ValueError, match="no worker has weight"):
+    async_.master_wpsgd([{"w": np.zeros(2)}], [0])
   worker = async_.EASGDWorker(0, 2)  # the first step exchanges: it needs the store
   with pytest.raises(RuntimeError, match="initialize_distributed"):
     worker.apply_updates({"w": jnp.zeros(2)}, {"w": jnp.ones(2)})
+
+
+def test_lsgd_master_keeps_the_best_finite_report_and_wpsgd_weights_by_steps():
+  """The masters' rules alone (NumPy): a worse or non-finite report leaves the leader;
+  WP-SGD's combination weights by step counts and drops a non-finite model."""
+  from wagrad import async_
+  L0 = {"w": np.zeros(2, np.float32)}
+  st, ans = async_.master_lsgd((L0, (np.inf, -1)), ({"w": np.ones(2, np.float32)}, 0.5, 1))
+  assert st[1] == (0.5, 1) and np.all(ans["w"] == 1)
+  for report in (({"w": np.full(2, 2.0, np.float32)}, 0.7, 2),        # worse loss
+                 ({"w": np.array([np.nan, 0], np.float32)}, 0.1, 0),   # non-finite params
+                 ({"w": np.full(2, 3.0, np.float32)}, np.nan, 2)):     # non-finite loss
+    st, ans = async_.master_lsgd(st, report)
+    assert st[1] == (0.5, 1) and np.all(ans["w"] == 1)
+  models = [{"w": np.zeros(2, np.float32)}, {"w": np.full(2, 4.0, np.float32)},
+            {"w": np.full(2, np.inf, np.float32)}]
+  out = async_.master_wpsgd(models, [1, 3, 5])
+  np.testing.assert_allclose(out["w"], 3.0)          # (1*0 + 3*4) / 4; the inf one dropped
+  assert out["w"].dtype == np.float32
+  np.testing.assert_allclose(async_.master_wpsgd(models[:2], [1, 3], weighting="uniform")["w"], 2.0)

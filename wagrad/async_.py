@@ -8,13 +8,22 @@ inside one SPMD program; these run them for real.
 * asynchronous DOWNPOUR: :class:`DownpourWorker` in worker processes,
   :func:`serve_downpour` in process 0 (the parameter server);
 * staleness-aware n-softsync SGD: :class:`SoftsyncLearner` in learner processes,
-  :func:`serve_softsync` in process 0 (the parameter server).
+  :func:`serve_softsync` in process 0 (the parameter server);
+* asynchronous LSGD: :class:`LSGDWorker` in worker processes, :func:`serve_lsgd` in
+  process 0 (the master keeping the best leader reported);
+* WP-SGD on unequal workloads: :class:`WPSGDWorker` in worker processes (each at its
+  own speed, for a wall-clock budget), :func:`serve_wpsgd` in process 0 (the
+  weighted combination).
 """
 
-from wagrad._src.async_processes import (DownpourWorker, EASGDWorker, SoftsyncLearner,
-                                         master_exchange, master_push, master_softsync,
-                                         serve_downpour, serve_easgd, serve_softsync)
+from wagrad._src.async_processes import (DownpourWorker, EASGDWorker, LSGDWorker,
+                                         SoftsyncLearner, WPSGDWorker, master_exchange,
+                                         master_lsgd, master_push, master_softsync,
+                                         master_wpsgd, serve_downpour, serve_easgd,
+                                         serve_lsgd, serve_softsync, serve_wpsgd,
+                                         wpsgd_scores)
 
-__all__ = ["DownpourWorker", "EASGDWorker", "SoftsyncLearner", "master_exchange",
-           "master_push", "master_softsync", "serve_downpour", "serve_easgd",
-           "serve_softsync"]
+__all__ = ["DownpourWorker", "EASGDWorker", "LSGDWorker", "SoftsyncLearner", "WPSGDWorker",
+           "master_exchange", "master_lsgd", "master_push", "master_softsync",
+           "master_wpsgd", "serve_downpour", "serve_easgd", "serve_lsgd", "serve_softsync",
+           "serve_wpsgd", "wpsgd_scores"]

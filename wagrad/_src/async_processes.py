@@ -31,6 +31,18 @@ once it holds c = lambda / n gradients, ``tau_l = max(V - v_l, 1)`` the gradient
 staleness in server updates (``alpha0`` alone with ``modulation="none"``, plain
 ASGD): :class:`SoftsyncLearner`, :func:`serve_softsync`.
 
+Asynchronous LSGD (arXiv 1905.10395) [reconstruction]: worker i reports its
+parameters and its running loss ``r_i`` after every tau-th of its steps; the master
+keeps the best leader reported, ``if r_i < r_L: L <- x_i``, and answers ``L``; the
+worker moves ``x_i <- x_i - pull (x_i - L)``: :class:`LSGDWorker`, :func:`serve_lsgd`
+(the simulated :func:`wagrad.async_lsgd` when reports arrive one at a time).
+
+WP-SGD on unequal workloads (arXiv 1708.04801) [reconstruction]: every worker steps at
+its own speed (for a wall-clock budget, say), then sends its parameters and its step
+count ``t_i``; the master answers every worker with ``sum_i s(t_i) x_i / sum_i
+s(t_i)``, the weights of :func:`wagrad.wpsgd`: :class:`WPSGDWorker`,
+:func:`serve_wpsgd`.
+
 Start-up: every process calls ``wagrad.initialize_distributed``; process 0 runs the
 master (:func:`serve_easgd`, :func:`serve_downpour`, :func:`serve_softsync`) and
 workers ``1..N`` (worker index = process index - 1) step with an :class:`EASGDWorker`,
@@ -47,11 +59,15 @@ import numpy as np
 import optax
 
 from wagrad._src import kvstore
+from wagrad._src import lsgd as _lsgd
+from wagrad._src import weighted as _weighted
 from wagrad._src.base import PyTree
 
 PREFIX = "wagrad/easgd"
 DOWNPOUR_PREFIX = "wagrad/downpour"
 SOFTSYNC_PREFIX = "wagrad/softsync"
+LSGD_PREFIX = "wagrad/lsgd"
+WPSGD_PREFIX = "wagrad/wpsgd"
 
 
 def master_exchange(center: PyTree, x: PyTree, alpha: float) -> tuple[PyTree, PyTree]:
@@ -216,29 +232,41 @@ def _serve(prefix, state, like, rule, num_workers, order, timeout_s, poll_s, che
       kvstore.delete(key)
       serve(int(i), data)
   done: set[int] = set()
+
+  def finished():
+    done.update(i for i in range(num_workers) if i not in done
+                and kvstore.try_get(_key("done", i, prefix=prefix)) is not None)
+    return done
+  gone = _serve_until(prefix, num_workers, serve, finished, timeout_s, poll_s, check_s)
+  kvstore.put(f"{prefix}/center", kvstore.pack(_params(state)))
+  _outlive_workers(num_workers, timeout_s)
+  return _params(state), served, sorted(gone)
+
+
+def _serve_until(prefix, num_workers, handle, finished, timeout_s, poll_s, check_s):
+  """Hand each request under ``prefix`` to ``handle(worker, data)`` as it arrives, until
+  every worker is in ``finished()`` or found dead (asked after ``check_s`` idle
+  seconds); ``TimeoutError`` after ``timeout_s`` with nothing arriving. Returns the
+  dead workers."""
   gone: set[int] = set()
   idle_since = time.monotonic()
-  while len(done | gone) < num_workers:
+  while len(finished() | gone) < num_workers:
     pending = kvstore.listing(f"{prefix}/req/")
     for key, data in pending:
       kvstore.delete(key)
-      serve(int(key.split("/")[-2]), data)
-    done |= {i for i in range(num_workers) if i not in done
-             and kvstore.try_get(_key("done", i, prefix=prefix)) is not None}
+      handle(int(key.split("/")[-2]), data)
     if pending:
       idle_since = time.monotonic()
     elif time.monotonic() - idle_since > timeout_s:
-      raise TimeoutError(f"no exchange and no worker closing for {timeout_s} s; "
-                         f"closed: {sorted(done)} of {num_workers}.")
+      raise TimeoutError(f"nothing arrived and no worker finished for {timeout_s} s; "
+                         f"finished: {sorted(finished())} of {num_workers}.")
     elif time.monotonic() - idle_since > check_s:  # idle: has a worker died?
-      waiting = [i for i in range(num_workers) if i not in done | gone]
+      waiting = [i for i in range(num_workers) if i not in finished() | gone]
       gone |= set(waiting) - {p - 1 for p in kvstore.live([i + 1 for i in waiting])}
       idle_since = time.monotonic() - check_s / 2
     else:
       time.sleep(poll_s)
-  kvstore.put(f"{prefix}/center", kvstore.pack(_params(state)))
-  _outlive_workers(num_workers, timeout_s)
-  return _params(state), served, sorted(gone)
+  return gone
 
 
 def _params(state):
@@ -419,6 +447,216 @@ def serve_softsync(params0: PyTree, num_learners: int, n: int, *, alpha0: float,
   return _serve(SOFTSYNC_PREFIX, (theta, (0, [])), like,
                 lambda st, push: master_softsync(st, push, alpha0, c, modulation),
                 num_learners, order, timeout_s, poll_s, check_s, callback)
+
+
+def master_lsgd(state: tuple, report: tuple) -> tuple[tuple, PyTree]:
+  """Asynchronous LSGD's master for one report ``(x_i, r_i, i)``: the report becomes the
+  leader when its running loss is finite and below the leader's and its parameters are
+  finite. Answers the leader's parameters. ``state = (L, (r_L, leader))``; NumPy."""
+  L, (best, leader) = state
+  x, r, i = report
+  r = float(np.asarray(r))
+  finite = all(np.isfinite(v).all() for v in jax.tree_util.tree_leaves(x))
+  if finite and np.isfinite(r) and r < best:
+    L, best, leader = x, r, int(np.asarray(i))
+  return (L, (best, leader)), L
+
+
+class LSGDWorker(_Worker):
+  """One worker process of asynchronous LSGD.
+
+  Use :meth:`apply_updates` in place of ``optax.apply_updates``, with the step's loss::
+
+      worker = wagrad.async_.LSGDWorker(jax.process_index() - 1, sync_period=4, pull=0.1)
+      for batch in batches:
+        loss, g = jax.value_and_grad(loss_fn)(params, batch)
+        u, opt_state = inner.update(g, opt_state, params)
+        params = worker.apply_updates(params, u, loss)
+      worker.close()
+
+  After every ``sync_period``-th of its steps the worker reports its parameters and
+  the mean of its last ``avg_size`` losses to the master (:func:`serve_lsgd`) and is
+  pulled toward the leader it gets back, ``x <- x - pull (x - L)`` (the same pull as
+  :func:`wagrad.lsgd`); a worker whose parameters are non-finite takes ``L``.
+
+  Args:
+    worker: this worker's index in ``[0, N)``.
+    sync_period: tau >= 1, in this worker's own steps.
+    pull: the pull's strength in (0, 1].
+    avg_size: running-mean window of the losses (default ``sync_period``).
+    timeout_s: longest wait for the master's answer (``TimeoutError`` after it).
+  """
+
+  _prefix = LSGD_PREFIX
+
+  def __init__(self, worker: int, sync_period: int, *, pull: float = 0.1,
+               avg_size: int | None = None, timeout_s: float = 120.0):
+    super().__init__(worker, sync_period, timeout_s=timeout_s)
+    _lsgd._check_pull("pull", pull)
+    size = sync_period if avg_size is None else avg_size
+    if not isinstance(size, int) or size < 1:
+      raise ValueError(f"`avg_size` must be an integer >= 1, got {avg_size!r}.")
+    self.pull = float(pull)
+    self.losses, self.num_losses = jax.numpy.zeros([size], jax.numpy.float32), 0
+
+  def due(self) -> bool:
+    """This step reports (``(clock + 1) mod tau == 0``)."""
+    return (self.clock + 1) % self.tau == 0
+
+  def running_loss(self) -> float:
+    """The mean of the last ``avg_size`` losses (+inf before any)."""
+    return float(_lsgd._running_mean(self.losses, self.num_losses))
+
+  def apply_updates(self, params, updates, loss):
+    """``params + updates``; on a report step, pulled toward the master's leader."""
+    self.losses, self.num_losses = _lsgd._push_loss(self.losses, self.num_losses, loss, True)
+    x = optax.apply_updates(params, updates)
+    due, self.clock = self.due(), self.clock + 1
+    if not due:
+      return x
+    host = jax.device_get(x)
+    like = jax.tree_util.tree_map(lambda v: np.zeros(np.shape(v), v.dtype), host)
+    report = (host, np.float32(self.running_loss()), np.int64(self.worker))
+    L = _ask(LSGD_PREFIX, self.worker, self.exchanges, report, like, self.timeout_s)
+    self.exchanges += 1
+    if not all(np.isfinite(v).all() for v in jax.tree_util.tree_leaves(host)):
+      return jax.tree_util.tree_map(jax.numpy.asarray, L)
+    return _lsgd._pull(x, jax.tree_util.tree_map(jax.numpy.asarray, L), self.pull)
+
+
+def serve_lsgd(params0: PyTree, num_workers: int, *, order: Sequence[int] | None = None,
+               timeout_s: float = 120.0, poll_s: float = 0.001, check_s: float = 2.0,
+               callback: Callable[[PyTree, np.ndarray], Any] | None = None
+               ) -> tuple[PyTree, np.ndarray, list[int]]:
+  """Run the master of asynchronous LSGD until every worker has closed: each report is
+  served as it arrives (:func:`master_lsgd`); the leader starts at ``params0`` with
+  loss +inf, so the first finite report becomes the leader.
+
+  Args:
+    params0: the initial parameters.
+    num_workers: N, the number of worker processes.
+    order, timeout_s, poll_s, check_s, callback: as :func:`serve_easgd`.
+
+  Returns:
+    ``(leader, served, gone)``: the final leader's parameters (NumPy tree), the reports
+    served per worker and the workers found dead.
+  """
+  _join_backend()
+  L = jax.tree_util.tree_map(lambda v: np.array(v), jax.device_get(params0))
+  like = (jax.tree_util.tree_map(lambda v: np.zeros(np.shape(v), v.dtype), L),
+          np.float32(0), np.int64(0))
+  return _serve(LSGD_PREFIX, (L, (np.inf, -1)), like, master_lsgd, num_workers, order,
+                timeout_s, poll_s, check_s, callback)
+
+
+def wpsgd_scores(steps: Sequence[int], weighting: str = "samples",
+                 learning_rate: float | None = None,
+                 strong_convexity: float | None = None) -> np.ndarray:
+  """WP-SGD's unnormalised weights ``s(t_i)`` of workers that ran ``steps`` local steps:
+  the same function :func:`wagrad.wpsgd` weights with."""
+  decay = _weighted._check_wpsgd_weighting(weighting, learning_rate, strong_convexity)
+  code = _weighted._WEIGHTING_CODE[weighting]
+  return np.asarray(_weighted._wpsgd_score(np.asarray(steps), code, decay), np.float64)
+
+
+def master_wpsgd(models: Sequence[PyTree], steps: Sequence[int], **weighting) -> PyTree:
+  """``sum_i s(t_i) x_i / sum_i s(t_i)`` over the finite models (:func:`wpsgd_scores`);
+  NumPy, float64 sums, each leaf back in its dtype. ``ValueError`` when no worker has
+  weight."""
+  s = wpsgd_scores(steps, **weighting)
+  finite = [all(np.isfinite(v).all() for v in jax.tree_util.tree_leaves(m)) for m in models]
+  s = np.where(finite, s, 0.0)
+  if not s.sum() > 0:
+    raise ValueError(f"no worker has weight (steps {list(steps)}, finite {finite}).")
+  w = s / s.sum()
+  return jax.tree_util.tree_map(
+      lambda *xs: sum(wi * np.asarray(x, np.float64) for wi, x in zip(w, xs) if wi > 0
+                      ).astype(np.asarray(xs[0]).dtype), *models)
+
+
+class WPSGDWorker(_Worker):
+  """One worker process of WP-SGD on unequal workloads.
+
+  The worker trains at its own speed with any optimizer, counting its steps through
+  :meth:`apply_updates`, for a wall-clock budget (or any stopping rule of its own);
+  then :meth:`combine` sends its model and step count and returns the master's
+  weighted combination (:func:`serve_wpsgd`), the same model on every worker::
+
+      worker = wagrad.async_.WPSGDWorker(jax.process_index() - 1, budget_s=60.0)
+      while worker.running():
+        u, opt_state = inner.update(jax.grad(loss_fn)(params, batch), opt_state, params)
+        params = worker.apply_updates(params, u)
+      params = worker.combine(params)
+      worker.close()
+
+  Args:
+    worker: this worker's index in ``[0, N)``.
+    budget_s: wall-clock seconds of training from the worker's creation (None: no
+      budget; :meth:`running` is then always True).
+    timeout_s: longest wait for the combination (``TimeoutError`` after it).
+  """
+
+  _prefix = WPSGD_PREFIX
+
+  def __init__(self, worker: int, *, budget_s: float | None = None, timeout_s: float = 120.0):
+    super().__init__(worker, 1, timeout_s=timeout_s)
+    if budget_s is not None and not budget_s > 0:
+      raise ValueError(f"`budget_s` must be > 0 seconds or None, got {budget_s!r}.")
+    self.budget_s, self.start = budget_s, time.monotonic()
+
+  def running(self) -> bool:
+    """The wall-clock budget is not spent yet."""
+    return self.budget_s is None or time.monotonic() - self.start < self.budget_s
+
+  def apply_updates(self, params, updates):
+    """``params + updates``, one local step counted."""
+    self.clock += 1
+    return optax.apply_updates(params, updates)
+
+  def combine(self, params):
+    """Send this worker's model and step count; return the weighted combination."""
+    host = jax.device_get(params)
+    like = jax.tree_util.tree_map(lambda v: np.zeros(np.shape(v), v.dtype), host)
+    out = _ask(WPSGD_PREFIX, self.worker, self.exchanges, (host, np.int64(self.clock)),
+               like, self.timeout_s)
+    self.exchanges += 1
+    return jax.tree_util.tree_map(lambda x, v: jax.numpy.asarray(v, x.dtype), params, out)
+
+
+def serve_wpsgd(params0: PyTree, num_workers: int, *, weighting: str = "samples",
+                learning_rate: float | None = None, strong_convexity: float | None = None,
+                timeout_s: float = 120.0, poll_s: float = 0.01, check_s: float = 2.0
+                ) -> tuple[PyTree, np.ndarray, list[int]]:
+  """Run WP-SGD's master: wait for every live worker's model and step count, then
+  answer each with the weighted combination (:func:`master_wpsgd`, the weights of
+  :func:`wagrad.wpsgd`: ``weighting`` ``"samples"`` (default, s = t_i),
+  ``"contraction"`` (with ``learning_rate`` and ``strong_convexity``) or
+  ``"uniform"``). A worker found dead while waiting is left out.
+
+  Returns:
+    ``(model, steps, gone)``: the combination (NumPy tree), each worker's step count
+    (-1 for the ones left out) and the workers found dead.
+  """
+  wpsgd_scores([1], weighting, learning_rate, strong_convexity)  # check the rule first
+  _join_backend()
+  x0 = jax.device_get(params0)
+  like = (jax.tree_util.tree_map(lambda v: np.zeros(np.shape(v), np.asarray(v).dtype), x0),
+          np.int64(0))
+  got: dict[int, tuple] = {}
+
+  def handle(i, data):
+    got[i] = kvstore.unpack(data, like)
+  gone = _serve_until(WPSGD_PREFIX, num_workers, handle, lambda: set(got), timeout_s,
+                      poll_s, check_s)
+  ids = sorted(got)
+  model = master_wpsgd([got[i][0] for i in ids], [int(got[i][1]) for i in ids],
+                       weighting=weighting, learning_rate=learning_rate,
+                       strong_convexity=strong_convexity)
+  for i in ids:
+    kvstore.put(_key("resp", i, 0, WPSGD_PREFIX), kvstore.pack(model))
+  steps = np.array([int(got[i][1]) if i in got else -1 for i in range(num_workers)])
+  _outlive_workers(num_workers, timeout_s)
+  return model, steps, sorted(gone)
 
 
 def _outlive_workers(num_workers, timeout_s):
