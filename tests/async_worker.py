@@ -7,11 +7,15 @@ workers step one at a time, or "wpsgd", "samples" weighting).
 Process 0 is the master; process i >= 1 is worker i - 1, stepping on the active steps
 of a seeded speed schedule. Mode "order": the master serves in the simulation's order
 (by step, then worker index). Mode "kill": the master serves what arrives, and worker 1
-kills itself (SIGKILL) at its third step.
+kills itself (SIGKILL) at its third step. Mode "rejoin": as "kill", and the test starts
+worker 1 again in mode "rejoined": it rejoins from the master's center, then runs its
+steps; worker 0 closes only after that join. Mode "slow": worker 2 pauses 4 s (longer
+than the master's check_s) before its last step, alive all the while.
 """
 import os
 import signal
 import sys
+import time
 
 os.environ["JAX_PLATFORMS"] = "cpu"
 os.environ.pop("XLA_FLAGS", None)
@@ -22,6 +26,7 @@ import optax  # noqa: E402
 
 import wagrad  # noqa: E402
 from wagrad import async_  # noqa: E402
+from wagrad._src import kvstore  # noqa: E402
 
 STEPS, ETA = 12, 0.05
 
@@ -66,30 +71,32 @@ def main():
     active = one_at_a_time(K)
   if pid == 0:
     if algo == "wpsgd":
-      center, served, gone = async_.serve_wpsgd(p, K, timeout_s=60, check_s=1.0)
+      center, served, gone = async_.serve_wpsgd(p, K, timeout_s=60, check_s=3.0)
     elif algo == "lsgd":
       exch = downpour_pushes(active, tau)
       order = [i for t in range(STEPS) for i in range(K) if exch[t, i]]
       center, served, gone = async_.serve_lsgd(
-          p, K, order=order if mode == "order" else None, timeout_s=60, check_s=1.0)
+          p, K, order=order if mode == "order" else None, timeout_s=60, check_s=3.0)
     elif algo == "softsync":
       order = [i for t in range(STEPS) for i in range(K) if active[t, i]]
       center, served, gone = async_.serve_softsync(
           p, K, tau, alpha0=alpha, order=order if mode == "order" else None, timeout_s=60,
-          check_s=1.0)
+          check_s=3.0)
     elif algo == "downpour":
       exch = downpour_pushes(active, tau)
       order = [i for t in range(STEPS) for i in range(K) if exch[t, i]]
       center, served, gone = async_.serve_downpour(
           p, K, momentum=alpha, order=order if mode == "order" else None, timeout_s=60,
-          check_s=1.0)
+          check_s=3.0)
     else:
       exch, _ = wagrad.async_easgd_schedule(active, tau)
       order = [i for t in range(STEPS) for i in range(K) if exch[t, i]]
+      centers = [w0]
       center, served, gone = async_.serve_easgd(
           p, K, alpha=alpha, order=order if mode == "order" else None, timeout_s=60,
-          check_s=1.0)
-    np.savez(f"{out}_master.npz", center=center["w"], served=served, gone=np.array(gone))
+          check_s=3.0, callback=lambda c, _: centers.append(np.array(c["w"])))
+    np.savez(f"{out}_master.npz", center=center["w"], served=served, gone=np.array(gone),
+             centers=np.array(centers if algo == "easgd" else []))
     return
   i = pid - 1
   if algo == "softsync":
@@ -108,18 +115,26 @@ def main():
   else:
     make = async_.DownpourWorker if algo == "downpour" else async_.EASGDWorker
     worker = make(i, tau, timeout_s=60)
+  if mode == "rejoined":
+    p = worker.rejoin(p)
+    np.savez(f"{out}_joined.npz", w=np.asarray(p["w"]), exchanges=worker.exchanges)
+    kvstore.put("test/rejoined", b"1")
   sgd = optax.sgd(ETA)
   s = sgd.init(p)
   grad = jax.jit(jax.value_and_grad(loss))
   for t in range(STEPS):
-    if mode == "kill" and i == 1 and worker.clock == 2:
+    if mode in ("kill", "rejoin") and i == 1 and worker.clock == 2:
       os.kill(os.getpid(), signal.SIGKILL)
+    if mode == "slow" and i == 2 and t == STEPS - 1:
+      time.sleep(4.0)
     if active[t, i]:
       value, g = grad(p, A[i], b[i])
       u, s = sgd.update(g, s, p)
       p = worker.apply_updates(p, u, value) if algo == "lsgd" else worker.apply_updates(p, u)
   if algo == "wpsgd":
     p = worker.combine(p)
+  if mode == "rejoin" and i == 0:
+    kvstore.get("test/rejoined", 60)  # keep the master serving until worker 1 is back
   worker.close()
   np.savez(f"{out}_worker{i}.npz", w=np.asarray(p["w"]), exchanges=worker.exchanges)
 

@@ -30,12 +30,15 @@ def _free_port():
     return s.getsockname()[1]
 
 
-def _run(n, out, tau, alpha, mode="order", algo="easgd"):
-  port = str(_free_port())
-  procs = [subprocess.Popen([sys.executable, os.path.join(HERE, "async_worker.py"), port,
-                             str(n), str(i), out, str(tau), str(alpha), mode, algo],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-           for i in range(n)]
+def _spawn(port, n, i, out, tau, alpha, mode, algo):
+  return subprocess.Popen([sys.executable, os.path.join(HERE, "async_worker.py"), port,
+                           str(n), str(i), out, str(tau), str(alpha), mode, algo],
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def _finish(procs, killed=()):
+  """Wait for every process (SIGKILL at the deadline); process ``i in killed`` must have
+  been killed, the others must have exited cleanly."""
   outs = []
   try:
     for p in procs:
@@ -46,9 +49,14 @@ def _run(n, out, tau, alpha, mode="order", algo="easgd"):
     for p in procs:
       if p.poll() is None:
         p.kill()
-  killed = {2} if mode == "kill" else set()  # process 2 = worker 1 kills itself
   assert all((p.returncode == -9) if i in killed else (p.returncode == 0)
              for i, p in enumerate(procs)), "\n".join(o[-2000:] for o in outs)
+
+
+def _run(n, out, tau, alpha, mode="order", algo="easgd"):
+  port = str(_free_port())
+  procs = [_spawn(port, n, i, out, tau, alpha, mode, algo) for i in range(n)]
+  _finish(procs, {2} if mode == "kill" else set())  # process 2 = worker 1 kills itself
 
 
 def _simulated(K, tau, alpha):
@@ -235,6 +243,42 @@ def test_a_killed_worker_stops_no_one(tmp_path):
     assert int(w["exchanges"]) == int(master["served"][i]) > 1
     assert np.isfinite(w["w"]).all()
   assert np.isfinite(master["center"]).all()
+
+
+@pytest.mark.slow
+def test_a_slow_worker_is_not_taken_for_dead(tmp_path):
+  """Worker 2 pauses longer than the master's check_s while the others finish: its
+  heartbeat keeps it alive, and its last exchange is served."""
+  K, tau, alpha = 3, 2, 0.3
+  out = str(tmp_path / "run")
+  _run(K + 1, out, tau, alpha, mode="slow")
+  master = np.load(f"{out}_master.npz")
+  assert list(master["gone"]) == []
+  exch, _ = wagrad.async_easgd_schedule(problem(K)[3], tau)
+  assert list(master["served"]) == list(exch.sum(0))
+
+
+@pytest.mark.slow
+def test_a_restarted_worker_rejoins_from_the_center(tmp_path):
+  """Worker 1 is killed after its first exchange and started again: it rejoins from the
+  master's center of that moment, its exchange count carries on, and the master ends
+  with it among the live workers."""
+  K, tau, alpha = 3, 2, 0.3
+  out, port = str(tmp_path / "run"), str(_free_port())
+  procs = [_spawn(port, K + 1, i, out, tau, alpha, "rejoin", "easgd") for i in range(K + 1)]
+  try:
+    procs[2].wait(timeout=DEADLINE)
+  except subprocess.TimeoutExpired:
+    pass  # _finish kills and reports it
+  procs.append(_spawn(port, K + 1, 2, out, tau, alpha, "rejoined", "easgd"))
+  _finish(procs, {2})
+  master, joined = np.load(f"{out}_master.npz"), np.load(f"{out}_joined.npz")
+  assert int(joined["exchanges"]) == 1                  # the first life's one exchange
+  assert min(np.abs(c - joined["w"]).max() for c in master["centers"]) < 1e-6
+  assert not np.allclose(joined["w"], master["centers"][0])  # a center that had moved
+  assert list(master["gone"]) == []
+  w1 = np.load(f"{out}_worker1.npz")
+  assert int(w1["exchanges"]) == int(master["served"][1]) > 1
 
 
 def test_bad_arguments_and_a_missing_runtime_are_named():

@@ -51,6 +51,7 @@ a :class:`DownpourWorker` or a :class:`SoftsyncLearner`.
 
 from __future__ import annotations
 
+import threading
 import time
 from typing import Any, Callable, Sequence
 
@@ -68,6 +69,7 @@ DOWNPOUR_PREFIX = "wagrad/downpour"
 SOFTSYNC_PREFIX = "wagrad/softsync"
 LSGD_PREFIX = "wagrad/lsgd"
 WPSGD_PREFIX = "wagrad/wpsgd"
+HEARTBEAT_S = 0.25  # a worker's heartbeat period; the master's check_s should be >= 4x
 
 
 def master_exchange(center: PyTree, x: PyTree, alpha: float) -> tuple[PyTree, PyTree]:
@@ -121,10 +123,46 @@ class _Worker:
     self.worker, self.tau, self.timeout_s = worker, sync_period, timeout_s
     self.clock = 0      # this worker's own steps
     self.exchanges = 0  # exchanges done
+    self._beating = threading.Event()
+    try:
+      kvstore.client()
+    except RuntimeError:
+      return  # no runtime: the first exchange says so
+    threading.Thread(target=self._beat, daemon=True).start()
+
+  def _beat(self):
+    """Write a heartbeat every HEARTBEAT_S seconds, so that the master can tell a slow
+    worker from a dead one (JAX's ``get_live_nodes`` waits for every live process to
+    call it, so a master cannot ask it alone)."""
+    n = 0
+    while not self._beating.is_set():
+      kvstore.put(_key("alive", self.worker, prefix=self._prefix), np.int64(n).tobytes())
+      n += 1
+      self._beating.wait(HEARTBEAT_S)
 
   def close(self):
     """Tell the master this worker has finished."""
+    self._beating.set()
     kvstore.put(_key("done", self.worker, prefix=self._prefix), b"1")
+
+  def _joined(self, version):
+    """What a worker keeps from a join besides the parameters (softsync: the version)."""
+
+  def rejoin(self, params):
+    """Start from the master's current parameters (the center, the server's parameters
+    or the leader): what a restarted worker process does before its first step, so that
+    it continues where the master is and its exchanges carry on the count the master
+    kept for this worker. Returns the master's parameters, cast like ``params``. Needs
+    a master serving as messages arrive (no forced ``order``)."""
+    kvstore.put(f"{self._prefix}/req/{self.worker:05d}/join", b"")
+    like = (jax.tree_util.tree_map(lambda v: np.zeros(np.shape(v), v.dtype),
+                                   jax.device_get(params)), np.int64(0), np.int64(0))
+    answer = _key("joined", self.worker, prefix=self._prefix)
+    theirs, served, version = kvstore.unpack(kvstore.get(answer, self.timeout_s), like)
+    kvstore.delete(answer)
+    self.exchanges = int(served)
+    self._joined(int(version))
+    return jax.tree_util.tree_map(lambda x, v: jax.numpy.asarray(v, x.dtype), params, theirs)
 
 
 class EASGDWorker(_Worker):
@@ -184,8 +222,9 @@ def serve_easgd(params0: PyTree, num_workers: int, *, alpha: float,
       so on, waiting for each; default: whatever has arrived, by worker index.
     timeout_s: with ``order``, the longest wait for one exchange; without, the longest
       time with nothing arriving before ``TimeoutError``.
-    check_s: after this long with nothing arriving, ask the coordination service which
-      workers are alive; a dead worker (its process killed) is no longer waited for.
+    check_s: a worker whose heartbeat (written every ``HEARTBEAT_S`` = 0.25 s by a
+      thread of the worker) has not moved for this long is dead (its process killed)
+      and no longer waited for, until it rejoins (:meth:`EASGDWorker.rejoin`).
       Keeping the others running when a process dies needs
       ``jax.config.update("jax_enable_recoverability", True)`` in every process before
       ``wagrad.initialize_distributed`` (JAX otherwise stops every process).
@@ -211,27 +250,34 @@ def serve_easgd(params0: PyTree, num_workers: int, *, alpha: float,
 
 
 def _serve(prefix, state, like, rule, num_workers, order, timeout_s, poll_s, check_s,
-           callback):
+           callback, version=None):
   """The master's loop: ``state, answer = rule(state, request)`` for each request
-  (``state = (params, extra)``), in
-  ``order`` first, then as they arrive, until every worker has closed or died."""
+  (``state = (params, extra)``), in ``order`` first, then as they arrive, until every
+  worker has closed or died. A worker's join (:meth:`_Worker.rejoin`) is answered with
+  the parameters, the exchanges served to it and ``version(state)``."""
   served = np.zeros(num_workers, int)
+  version = version or (lambda state: 0)
 
   def serve(i, data):
     nonlocal state
+    if data is None:  # a (re)starting worker joins: answer the parameters, its count
+      joined = (_params(state), np.int64(served[i]), np.int64(version(state)))
+      kvstore.put(_key("joined", i, prefix=prefix), kvstore.pack(joined))
+      done.discard(i)
+      return
     state, answer = rule(state, kvstore.unpack(data, like))
     kvstore.put(_key("resp", i, served[i], prefix), kvstore.pack(answer))
     served[i] += 1
     if callback is not None:
       callback(_params(state), served)
 
+  done: set[int] = set()
   if order is not None:
     for i in order:
       key = _key("req", int(i), served[int(i)], prefix)
       data = kvstore.get(key, timeout_s)
       kvstore.delete(key)
       serve(int(i), data)
-  done: set[int] = set()
 
   def finished():
     done.update(i for i in range(num_workers) if i not in done
@@ -246,24 +292,36 @@ def _serve(prefix, state, like, rule, num_workers, order, timeout_s, poll_s, che
 def _serve_until(prefix, num_workers, handle, finished, timeout_s, poll_s, check_s):
   """Hand each request under ``prefix`` to ``handle(worker, data)`` as it arrives, until
   every worker is in ``finished()`` or found dead (asked after ``check_s`` idle
-  seconds); ``TimeoutError`` after ``timeout_s`` with nothing arriving. Returns the
-  dead workers."""
+  seconds); ``TimeoutError`` after ``timeout_s`` with nothing arriving. A join (key
+  ``.../join``, data None to ``handle``) brings a dead worker back. Returns the dead
+  workers."""
   gone: set[int] = set()
-  idle_since = time.monotonic()
+  beats: dict[int, tuple] = {}  # worker -> (last heartbeat seen, when it last moved)
+  idle_since = started = time.monotonic()
   while len(finished() | gone) < num_workers:
     pending = kvstore.listing(f"{prefix}/req/")
     for key, data in pending:
       kvstore.delete(key)
-      handle(int(key.split("/")[-2]), data)
+      i = int(key.split("/")[-2])
+      if key.endswith("/join"):  # a restarted worker is back
+        gone.discard(i)
+        beats.pop(i, None)
+        data = None
+      handle(i, data)
+    now = time.monotonic()
     if pending:
-      idle_since = time.monotonic()
-    elif time.monotonic() - idle_since > timeout_s:
+      idle_since = now
+    elif now - idle_since > timeout_s:
       raise TimeoutError(f"nothing arrived and no worker finished for {timeout_s} s; "
                          f"finished: {sorted(finished())} of {num_workers}.")
-    elif time.monotonic() - idle_since > check_s:  # idle: has a worker died?
-      waiting = [i for i in range(num_workers) if i not in finished() | gone]
-      gone |= set(waiting) - {p - 1 for p in kvstore.live([i + 1 for i in waiting])}
-      idle_since = time.monotonic() - check_s / 2
+    elif now - idle_since > check_s / 4:  # idle: has a worker's heartbeat stopped?
+      for i in set(range(num_workers)) - finished() - gone:
+        beat = kvstore.try_get(_key("alive", i, prefix=prefix))
+        if beat != beats.get(i, (None, started))[0]:
+          beats[i] = (beat, now)
+        elif now - beats.get(i, (None, started))[1] > check_s:
+          gone.add(i)
+      time.sleep(max(poll_s, check_s / 8))
     else:
       time.sleep(poll_s)
   return gone
@@ -412,6 +470,9 @@ class SoftsyncLearner(_Worker):
     self.version, self.exchanges = int(version), self.exchanges + 1
     return jax.tree_util.tree_map(lambda x, t: jax.numpy.asarray(t, x.dtype), params, theta)
 
+  def _joined(self, version):
+    self.version = version
+
 
 
 def serve_softsync(params0: PyTree, num_learners: int, n: int, *, alpha0: float,
@@ -446,7 +507,8 @@ def serve_softsync(params0: PyTree, num_learners: int, n: int, *, alpha0: float,
   c = num_learners // n
   return _serve(SOFTSYNC_PREFIX, (theta, (0, [])), like,
                 lambda st, push: master_softsync(st, push, alpha0, c, modulation),
-                num_learners, order, timeout_s, poll_s, check_s, callback)
+                num_learners, order, timeout_s, poll_s, check_s, callback,
+                version=lambda st: st[1][0])
 
 
 def master_lsgd(state: tuple, report: tuple) -> tuple[tuple, PyTree]:
@@ -645,7 +707,11 @@ def serve_wpsgd(params0: PyTree, num_workers: int, *, weighting: str = "samples"
   got: dict[int, tuple] = {}
 
   def handle(i, data):
-    got[i] = kvstore.unpack(data, like)
+    if data is None:  # a restarted worker starts again from params0
+      joined = (x0, np.int64(0), np.int64(0))
+      kvstore.put(_key("joined", i, prefix=WPSGD_PREFIX), kvstore.pack(joined))
+    else:
+      got[i] = kvstore.unpack(data, like)
   gone = _serve_until(WPSGD_PREFIX, num_workers, handle, lambda: set(got), timeout_s,
                       poll_s, check_s)
   ids = sorted(got)

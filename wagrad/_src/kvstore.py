@@ -98,7 +98,9 @@ def delete(key: str):
 
 def live(process_ids) -> set:
   """The processes among ``process_ids`` that the coordination service sees alive (the
-  service wants the asking process in the list: it is added)."""
+  service wants the asking process in the list: it is added). It blocks until every
+  live process in the list has called it too, or has left: use it to wait for the
+  others to leave, not to ask alone whether one is alive (heartbeats do that)."""
   me = jax.process_index()
   return set(client().get_live_nodes(sorted(set(process_ids) | {me}))) - {me}
 
