@@ -10,7 +10,10 @@ of a seeded speed schedule. Mode "order": the master serves in the simulation's 
 kills itself (SIGKILL) at its third step. Mode "rejoin": as "kill", and the test starts
 worker 1 again in mode "rejoined": it rejoins from the master's center, then runs its
 steps; worker 0 closes only after that join. Mode "slow": worker 2 pauses 4 s (longer
-than the master's check_s) before its last step, alive all the while.
+than the master's check_s) before its last step, alive all the while. Mode "ckpt": the
+master checkpoints after every exchange and kills itself after the fifth; mode "resume":
+a new job whose master resumes from that checkpoint and whose workers rejoin (all
+joins before any step).
 """
 import os
 import signal
@@ -92,9 +95,16 @@ def main():
       exch, _ = wagrad.async_easgd_schedule(active, tau)
       order = [i for t in range(STEPS) for i in range(K) if exch[t, i]]
       centers = [w0]
+
+      def callback(c, served):
+        centers.append(np.array(c["w"]))
+        if mode == "ckpt" and served.sum() == 5:
+          np.savez(f"{out}_ckpt_master.npz", center=c["w"], served=served)
+          os.kill(os.getpid(), signal.SIGKILL)
       center, served, gone = async_.serve_easgd(
           p, K, alpha=alpha, order=order if mode == "order" else None, timeout_s=60,
-          check_s=3.0, callback=lambda c, _: centers.append(np.array(c["w"])))
+          check_s=3.0, callback=callback, checkpoint_every=1,
+          checkpoint_dir=f"{out}_ckpt" if mode in ("ckpt", "resume") else None)
     np.savez(f"{out}_master.npz", center=center["w"], served=served, gone=np.array(gone),
              centers=np.array(centers if algo == "easgd" else []))
     return
@@ -115,10 +125,14 @@ def main():
   else:
     make = async_.DownpourWorker if algo == "downpour" else async_.EASGDWorker
     worker = make(i, tau, timeout_s=60)
-  if mode == "rejoined":
+  if mode in ("rejoined", "resume"):
     p = worker.rejoin(p)
-    np.savez(f"{out}_joined.npz", w=np.asarray(p["w"]), exchanges=worker.exchanges)
-    kvstore.put("test/rejoined", b"1")
+    name = "joined" if mode == "rejoined" else f"joined{i}"
+    np.savez(f"{out}_{name}.npz", w=np.asarray(p["w"]), exchanges=worker.exchanges)
+    kvstore.put("test/rejoined" if mode == "rejoined" else f"test/joined/{i}", b"1")
+  if mode == "resume":  # every worker has joined before anyone steps
+    for j in range(K):
+      kvstore.get(f"test/joined/{j}", 60)
   sgd = optax.sgd(ETA)
   s = sgd.init(p)
   grad = jax.jit(jax.value_and_grad(loss))

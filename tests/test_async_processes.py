@@ -281,6 +281,50 @@ def test_a_restarted_worker_rejoins_from_the_center(tmp_path):
   assert int(w1["exchanges"]) == int(master["served"][1]) > 1
 
 
+@pytest.mark.slow
+def test_a_restarted_master_resumes_from_its_checkpoint(tmp_path):
+  """The master checkpoints (orbax) after every exchange and is killed after the fifth;
+  the test kills the workers (process 0 hosted JAX's coordination service) and starts
+  the job again: the master resumes from the checkpoint, every worker rejoins from the
+  center of the fifth exchange with its own count, and the counts carry on."""
+  K, tau, alpha = 3, 2, 0.3
+  out = str(tmp_path / "run")
+  port = str(_free_port())
+  first = [_spawn(port, K + 1, i, out, tau, alpha, "ckpt", "easgd") for i in range(K + 1)]
+  try:
+    first[0].wait(timeout=DEADLINE)
+  finally:
+    for p in first:
+      p.kill()
+      p.wait()
+  assert first[0].returncode == -9, first[0].communicate()[0][-2000:]
+  before = np.load(f"{out}_ckpt_master.npz")
+  port = str(_free_port())
+  _finish([_spawn(port, K + 1, i, out, tau, alpha, "resume", "easgd") for i in range(K + 1)])
+  master = np.load(f"{out}_master.npz")
+  for i in range(K):
+    joined = np.load(f"{out}_joined{i}.npz")
+    np.testing.assert_array_equal(joined["w"], before["center"])
+    assert int(joined["exchanges"]) == int(before["served"][i])
+    w = np.load(f"{out}_worker{i}.npz")
+    assert int(w["exchanges"]) == int(master["served"][i]) > int(before["served"][i])
+  assert int(before["served"].sum()) == 5
+
+
+def test_softsync_server_state_survives_its_checkpoint_form():
+  """The softsync server's buffer (a list of up to c - 1 gradients) is saved padded to c
+  rows with its length; the round trip gives back the same state."""
+  from wagrad._src import async_processes as ap
+  theta = {"w": np.arange(3, dtype=np.float32)}
+  for n in (0, 2):
+    buf = [{"w": np.full(3, j + 1.0, np.float32)} for j in range(n)]
+    back = ap._softsync_state(ap._softsync_saved((theta, (7, buf)), theta, 3))
+    assert back[1][0] == 7 and len(back[1][1]) == n
+    for a, b in zip(back[1][1], buf):
+      np.testing.assert_array_equal(a["w"], b["w"])
+    np.testing.assert_array_equal(back[0]["w"], theta["w"])
+
+
 def test_bad_arguments_and_a_missing_runtime_are_named():
   """Checked in this process, no distributed runtime: each error names its fix."""
   from wagrad import async_
@@ -306,6 +350,9 @@ def test_bad_arguments_and_a_missing_runtime_are_named():
     async_.WPSGDWorker(0, budget_s=0)
   with pytest.raises(ValueError, match="contraction"):
     async_.serve_wpsgd({"w": np.zeros(2)}, 2, weighting="contraction")
+  with pytest.raises(ValueError, match="checkpoint_every"):
+    async_.serve_easgd({"w": np.zeros(2)}, 2, alpha=0.5, checkpoint_dir="unused",
+                       checkpoint_every=0)
   with pytest.raises(ValueError, match="no worker has weight"):
     async_.master_wpsgd([{"w": np.zeros(2)}], [0])
   worker = async_.EASGDWorker(0, 2)  # the first step exchanges: it needs the store

@@ -55,3 +55,36 @@ def test_cpu_digits_whole_training_set_sampling(tmp_path, monkeypatch):
   assert rc == 0 and not seen  # never indexed a worker's own shard
   res = json.load(open(tmp_path / "results.json"))
   assert res["args"]["sampling"] == "whole" and res["results"][0]["test_acc"] > 0.8
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("argv", [
+    ["--algo", "easgd"], ["--algo", "downpour"], ["--algo", "softsync"], ["--algo", "lsgd"],
+    ["--algo", "wpsgd", "--budget-s", "2", "--slow", "4", "--step-ms", "2"]])
+def test_async_digits_example_trains_across_processes(argv, tmp_path):
+  """One command starts the master and 2 worker processes; the master's model beats
+  chance (0.1) by a wide margin. The launcher kills every process at its deadline."""
+  import json
+  import subprocess
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  script = os.path.join(os.path.dirname(__file__), "..", "examples", "async_digits.py")
+  p = subprocess.run([sys.executable, script, *argv, "--workers", "2", "--steps", "100",
+                      "--eval-every", "10", "--deadline", "150", "--out", str(tmp_path)],
+                     env=env, capture_output=True, text=True, timeout=200)
+  assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
+  res = json.load(open(tmp_path / "results.json"))
+  assert res["test_accuracy"] > 0.75 and res["gone"] == [], res
+  assert "test accuracy" in p.stdout
+  if "--budget-s" in argv:  # a wall-clock budget: the slow worker took fewer steps
+    assert res["served"][0] < res["served"][1]
+  else:
+    assert len(res["curve"]) >= 2  # progress while it ran
+
+
+def test_async_digits_bad_options_are_named(capsys):
+  import async_digits
+  with pytest.raises(SystemExit):  # argparse's one-line error, exit code 2
+    async_digits.main(["--algo", "softsync", "--workers", "3", "--softsync-n", "2"])
+  assert "must divide" in capsys.readouterr().err
+  assert async_digits.main(["--rank", "1"]) == 2
+  assert "--coordinator" in capsys.readouterr().err

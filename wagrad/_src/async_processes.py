@@ -51,6 +51,7 @@ a :class:`DownpourWorker` or a :class:`SoftsyncLearner`.
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from typing import Any, Callable, Sequence
@@ -63,6 +64,7 @@ from wagrad._src import kvstore
 from wagrad._src import lsgd as _lsgd
 from wagrad._src import weighted as _weighted
 from wagrad._src.base import PyTree
+from wagrad._src.checkpoint import restore_checkpoint, save_checkpoint
 
 PREFIX = "wagrad/easgd"
 DOWNPOUR_PREFIX = "wagrad/downpour"
@@ -209,7 +211,8 @@ class EASGDWorker(_Worker):
 def serve_easgd(params0: PyTree, num_workers: int, *, alpha: float,
                 order: Sequence[int] | None = None, timeout_s: float = 120.0,
                 poll_s: float = 0.001, check_s: float = 2.0,
-                callback: Callable[[PyTree, np.ndarray], Any] | None = None
+                callback: Callable[[PyTree, np.ndarray], Any] | None = None,
+                checkpoint_dir: str | None = None, checkpoint_every: int = 100
                 ) -> tuple[PyTree, np.ndarray, list[int]]:
   """Run the master of asynchronous EASGD in this process until every worker has closed.
 
@@ -230,6 +233,12 @@ def serve_easgd(params0: PyTree, num_workers: int, *, alpha: float,
       ``wagrad.initialize_distributed`` (JAX otherwise stops every process).
     callback: optional ``callback(center, served)`` after each exchange served (e.g.
       to log or evaluate the center as training goes; it runs in the master's loop).
+    checkpoint_dir: where the master saves its state and its per-worker counts with
+      orbax (every ``checkpoint_every`` exchanges served and at the end); a master
+      started with a directory that holds a checkpoint resumes from it, and its
+      workers continue with :meth:`EASGDWorker.rejoin`. Process 0 hosts JAX's
+      coordination service, so when the master dies the whole job restarts.
+    checkpoint_every: exchanges served between two checkpoints.
 
   Returns:
     ``(center, served, gone)``: the final center (NumPy tree), the number of exchanges
@@ -246,17 +255,29 @@ def serve_easgd(params0: PyTree, num_workers: int, *, alpha: float,
     center, e = master_exchange(state[0], x, alpha)
     return (center, None), e
   return _serve(PREFIX, (center, None), like, rule, num_workers, order, timeout_s, poll_s,
-                check_s, callback)
+                check_s, callback, checkpoint=_checkpoint(checkpoint_dir, checkpoint_every))
 
 
 def _serve(prefix, state, like, rule, num_workers, order, timeout_s, poll_s, check_s,
-           callback, version=None):
+           callback, version=None, checkpoint=None, to_saved=None, from_saved=None):
   """The master's loop: ``state, answer = rule(state, request)`` for each request
   (``state = (params, extra)``), in ``order`` first, then as they arrive, until every
   worker has closed or died. A worker's join (:meth:`_Worker.rejoin`) is answered with
-  the parameters, the exchanges served to it and ``version(state)``."""
-  served = np.zeros(num_workers, int)
+  the parameters, the exchanges served to it and ``version(state)``. ``checkpoint``:
+  ``(directory, every)``, the state (``to_saved(state)``, a fixed-structure tree;
+  ``from_saved`` its inverse) and the counts saved with orbax every ``every`` exchanges
+  and at the end, and restored from there at the start when a checkpoint exists."""
+  served = np.zeros(num_workers, np.int64)
   version = version or (lambda state: 0)
+  to_saved = to_saved or (lambda state: state)
+  from_saved = from_saved or (lambda saved: saved)
+  path = None if checkpoint is None else os.path.join(checkpoint[0], "master")
+  if path is not None and os.path.exists(path):
+    saved = restore_checkpoint(path, {"state": to_saved(state), "served": served}, alone=True)
+    state, served = from_saved(saved["state"]), np.asarray(saved["served"], np.int64)
+
+  def save():
+    save_checkpoint(path, {"state": to_saved(state), "served": served}, alone=True)
 
   def serve(i, data):
     nonlocal state
@@ -268,6 +289,8 @@ def _serve(prefix, state, like, rule, num_workers, order, timeout_s, poll_s, che
     state, answer = rule(state, kvstore.unpack(data, like))
     kvstore.put(_key("resp", i, served[i], prefix), kvstore.pack(answer))
     served[i] += 1
+    if path is not None and served.sum() % checkpoint[1] == 0:
+      save()
     if callback is not None:
       callback(_params(state), served)
 
@@ -284,9 +307,35 @@ def _serve(prefix, state, like, rule, num_workers, order, timeout_s, poll_s, che
                 and kvstore.try_get(_key("done", i, prefix=prefix)) is not None)
     return done
   gone = _serve_until(prefix, num_workers, serve, finished, timeout_s, poll_s, check_s)
+  if path is not None:
+    save()
   kvstore.put(f"{prefix}/center", kvstore.pack(_params(state)))
   _outlive_workers(num_workers, timeout_s)
   return _params(state), served, sorted(gone)
+
+
+def _checkpoint(directory, every):
+  if directory is None:
+    return None
+  if not isinstance(every, int) or every < 1:
+    raise ValueError(f"`checkpoint_every` must be an integer >= 1, got {every!r}.")
+  return directory, every
+
+
+def _softsync_saved(state, theta0, c):
+  """The softsync server's state as a tree of fixed structure: the buffer of up to
+  c - 1 scaled gradients stacked and padded with zeros to c rows, and its length."""
+  theta, (version, buffer) = state
+  rows = buffer + [_f32_zeros(theta0)] * (c - len(buffer))
+  stacked = jax.tree_util.tree_map(lambda *xs: np.stack(xs), *rows)
+  return theta, np.int64(version), stacked, np.int64(len(buffer))
+
+
+def _softsync_state(saved):
+  theta, version, stacked, n = saved
+  buffer = [jax.tree_util.tree_map(lambda x, j=j: np.asarray(x[j]), stacked)
+            for j in range(int(n))]
+  return theta, (int(version), buffer)
 
 
 def _serve_until(prefix, num_workers, handle, finished, timeout_s, poll_s, check_s):
@@ -394,7 +443,8 @@ class DownpourWorker(_Worker):
 def serve_downpour(params0: PyTree, num_workers: int, *, momentum: float = 0.0,
                    order: Sequence[int] | None = None, timeout_s: float = 120.0,
                    poll_s: float = 0.001, check_s: float = 2.0,
-                   callback: Callable[[PyTree, np.ndarray], Any] | None = None
+                   callback: Callable[[PyTree, np.ndarray], Any] | None = None,
+                   checkpoint_dir: str | None = None, checkpoint_every: int = 100
                    ) -> tuple[PyTree, np.ndarray, list[int]]:
   """Run the master (parameter server) of asynchronous DOWNPOUR until every worker has
   closed: each push ``Delta`` is applied as it arrives (:func:`master_push`) and
@@ -404,7 +454,8 @@ def serve_downpour(params0: PyTree, num_workers: int, *, momentum: float = 0.0,
     params0: the initial parameters.
     num_workers: N, the number of worker processes.
     momentum: mu in [0, 1): MDOWNPOUR's momentum on the master's update [reconstruction].
-    order, timeout_s, poll_s, check_s, callback: as :func:`serve_easgd`.
+    order, timeout_s, poll_s, check_s, callback, checkpoint_dir, checkpoint_every:
+      as :func:`serve_easgd`.
 
   Returns:
     ``(params, served, gone)``: the master's final parameters (NumPy tree), the pushes
@@ -418,7 +469,8 @@ def serve_downpour(params0: PyTree, num_workers: int, *, momentum: float = 0.0,
   state = (x, None if momentum == 0 else _f32_zeros(x))
   return _serve(DOWNPOUR_PREFIX, state, like,
                 lambda st, delta: master_push(st, delta, momentum), num_workers, order,
-                timeout_s, poll_s, check_s, callback)
+                timeout_s, poll_s, check_s, callback,
+                checkpoint=_checkpoint(checkpoint_dir, checkpoint_every))
 
 
 def master_softsync(state: tuple, push: tuple, alpha0: float, c: int,
@@ -478,7 +530,8 @@ class SoftsyncLearner(_Worker):
 def serve_softsync(params0: PyTree, num_learners: int, n: int, *, alpha0: float,
                    modulation: str = "inverse", order: Sequence[int] | None = None,
                    timeout_s: float = 120.0, poll_s: float = 0.001, check_s: float = 2.0,
-                   callback: Callable[[PyTree, np.ndarray], Any] | None = None
+                   callback: Callable[[PyTree, np.ndarray], Any] | None = None,
+                   checkpoint_dir: str | None = None, checkpoint_every: int = 100
                    ) -> tuple[PyTree, np.ndarray, list[int]]:
   """Run the parameter server of staleness-aware n-softsync SGD until every learner has
   closed (:func:`master_softsync` for each push, served as it arrives).
@@ -489,7 +542,8 @@ def serve_softsync(params0: PyTree, num_learners: int, n: int, *, alpha0: float,
     n: the softsync degree: an update every c = lambda / n gradients (n divides lambda).
     alpha0: the base learning rate > 0.
     modulation: ``"inverse"`` (alpha0 / staleness) or ``"none"`` (plain ASGD).
-    order, timeout_s, poll_s, check_s, callback: as :func:`serve_easgd`.
+    order, timeout_s, poll_s, check_s, callback, checkpoint_dir, checkpoint_every:
+      as :func:`serve_easgd`.
 
   Returns:
     ``(params, served, gone)``: the server's final parameters, the pushes served per
@@ -508,7 +562,9 @@ def serve_softsync(params0: PyTree, num_learners: int, n: int, *, alpha0: float,
   return _serve(SOFTSYNC_PREFIX, (theta, (0, [])), like,
                 lambda st, push: master_softsync(st, push, alpha0, c, modulation),
                 num_learners, order, timeout_s, poll_s, check_s, callback,
-                version=lambda st: st[1][0])
+                version=lambda st: st[1][0],
+                checkpoint=_checkpoint(checkpoint_dir, checkpoint_every),
+                to_saved=lambda st: _softsync_saved(st, theta, c), from_saved=_softsync_state)
 
 
 def master_lsgd(state: tuple, report: tuple) -> tuple[tuple, PyTree]:
@@ -588,7 +644,8 @@ class LSGDWorker(_Worker):
 
 def serve_lsgd(params0: PyTree, num_workers: int, *, order: Sequence[int] | None = None,
                timeout_s: float = 120.0, poll_s: float = 0.001, check_s: float = 2.0,
-               callback: Callable[[PyTree, np.ndarray], Any] | None = None
+               callback: Callable[[PyTree, np.ndarray], Any] | None = None,
+               checkpoint_dir: str | None = None, checkpoint_every: int = 100
                ) -> tuple[PyTree, np.ndarray, list[int]]:
   """Run the master of asynchronous LSGD until every worker has closed: each report is
   served as it arrives (:func:`master_lsgd`); the leader starts at ``params0`` with
@@ -597,7 +654,8 @@ def serve_lsgd(params0: PyTree, num_workers: int, *, order: Sequence[int] | None
   Args:
     params0: the initial parameters.
     num_workers: N, the number of worker processes.
-    order, timeout_s, poll_s, check_s, callback: as :func:`serve_easgd`.
+    order, timeout_s, poll_s, check_s, callback, checkpoint_dir, checkpoint_every:
+      as :func:`serve_easgd`.
 
   Returns:
     ``(leader, served, gone)``: the final leader's parameters (NumPy tree), the reports
@@ -608,7 +666,8 @@ def serve_lsgd(params0: PyTree, num_workers: int, *, order: Sequence[int] | None
   like = (jax.tree_util.tree_map(lambda v: np.zeros(np.shape(v), v.dtype), L),
           np.float32(0), np.int64(0))
   return _serve(LSGD_PREFIX, (L, (np.inf, -1)), like, master_lsgd, num_workers, order,
-                timeout_s, poll_s, check_s, callback)
+                timeout_s, poll_s, check_s, callback,
+                checkpoint=_checkpoint(checkpoint_dir, checkpoint_every))
 
 
 def wpsgd_scores(steps: Sequence[int], weighting: str = "samples",

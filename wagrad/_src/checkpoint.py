@@ -16,25 +16,34 @@ import numpy as np
 from wagrad._src.base import PyTree
 
 
-def save_checkpoint(path: str, tree: PyTree, *, force: bool = True) -> str:
-  """Save ``tree`` under the directory ``path`` (absolute or relative) with orbax."""
+def _checkpointer(alone):
+  """orbax's checkpointer; ``alone``: only this process takes part (a multi-process
+  run's master saving its own state), not every process of the run."""
   import orbax.checkpoint as ocp
 
+  if not alone:
+    return ocp.StandardCheckpointer()
+  me = jax.process_index()
+  return ocp.StandardCheckpointer(multiprocessing_options=ocp.options.MultiprocessingOptions(
+      primary_host=me, active_processes={me}))
+
+
+def save_checkpoint(path: str, tree: PyTree, *, force: bool = True, alone: bool = False) -> str:
+  """Save ``tree`` under the directory ``path`` (absolute or relative) with orbax.
+  ``alone``: this process saves by itself (every process takes part by default)."""
   path = os.path.abspath(path)
   leaves = jax.tree_util.tree_leaves(tree)
   payload = {f"{i:06d}": np.asarray(jax.device_get(x)) for i, x in enumerate(leaves)}
-  with ocp.StandardCheckpointer() as ckptr:
+  with _checkpointer(alone) as ckptr:
     ckptr.save(path, payload, force=force)
   return path
 
 
-def restore_checkpoint(path: str, like: PyTree) -> PyTree:
+def restore_checkpoint(path: str, like: PyTree, *, alone: bool = False) -> PyTree:
   """Restore a tree saved by :func:`save_checkpoint`, with the structure of ``like``."""
-  import orbax.checkpoint as ocp
-
   path = os.path.abspath(path)
   leaves, treedef = jax.tree_util.tree_flatten(like)
-  with ocp.StandardCheckpointer() as ckptr:
+  with _checkpointer(alone) as ckptr:
     payload = ckptr.restore(path)
   if len(payload) != len(leaves):
     raise ValueError(f"checkpoint at {path} has {len(payload)} arrays; the state to restore "
