@@ -1,22 +1,30 @@
-"""Asynchronous EASGD across processes against the same rule in lockstep, one straggler.
+"""Asynchronous algorithms across processes against the same rule in lockstep, one
+straggler.
 
 3 worker processes on this machine (one CPU device each, loopback), scikit-learn's
 digits split over the workers, an MLP 64 -> 64 -> 10, inner SGD 0.1, 32 examples per
-step, tau = 4, alpha = 0.3. Every step costs ``--step-ms`` (a sleep standing for the
-compute of a larger model); worker 0 is ``--slow``x slower. Variants:
+step, tau = 4 (EASGD alpha = 0.3, LSGD pull = 0.1). Every step costs ``--step-ms`` (a
+sleep standing for the compute of a larger model); worker 0 is ``--slow``x slower.
+For each algorithm (``--algos``), two variants:
 
-* ``async``: ``wagrad.async_`` -- process 0 is the master keeping the center (it
-  evaluates the center every 4 exchanges), processes 1..3 the workers, each at its own
-  pace;
-* ``lockstep``: ``wagrad.easgd`` on ``Runner("shard_map", 3)`` across the 3 processes
-  (``jax.distributed``, gloo): every exchange waits for the slowest worker; process 0
-  evaluates the center every 4 steps.
+* ``async``: ``wagrad.async_`` -- process 0 is the master (it evaluates its model every
+  4 exchanges), processes 1..3 the workers, each at its own pace;
+* ``lockstep``: the synchronous transform on ``Runner("shard_map", 3)`` across the 3
+  processes (``jax.distributed``, gloo), every step waiting for the slowest worker;
+  every 4 steps ``wagrad.evaluated_params`` (its time is not counted).
 
-Every worker runs ``--steps`` of its own steps. Reported: the center's test accuracy
-against wall-clock seconds (from a barrier after compilation) and the time to reach
-``--target``; in ``results/async_stragglers.json`` and ``.png``.
+Pairs: ``easgd`` / ``easgd``, ``downpour`` / ``downpour``, ``lsgd`` / ``lsgd``,
+``softsync`` (fully asynchronous, alpha0 / staleness) / ``sync_sgd``, and ``wpsgd`` in
+the wall-clock budget of ``--steps`` fast steps: asynchronous workers each step at their
+own speed, then the combination weighted by steps; in lockstep ``--steps / --slow``
+steps (every one at the slow worker's pace), then the combination.
+
+Every worker runs ``--steps`` of its own steps. Reported: the evaluated model's test
+accuracy against wall-clock seconds (from a barrier after compilation) and the time to
+reach ``--target``; in ``results/async_stragglers.json`` and ``.png``.
 
     python benchmarks/async_stragglers.py
+    python benchmarks/async_stragglers.py --algos easgd,lsgd --steps 200
 """
 import argparse
 import json
@@ -55,13 +63,40 @@ def accuracy(p, X, y):
   return float(np.mean(np.argmax(h @ np.asarray(p["w1"]) + np.asarray(p["b1"]), -1) == y))
 
 
+PULL = 0.1
+
+
+def algo_setup(algo, sgd):
+  """(async worker factory, async master, lockstep transform) of one algorithm."""
+  import wagrad
+  from wagrad import async_
+  master_kw = dict(timeout_s=300)
+  return {
+      "easgd": (lambda i: async_.EASGDWorker(i, TAU, timeout_s=300),
+                lambda p0, log: async_.serve_easgd(p0, K, alpha=ALPHA, callback=log, **master_kw),
+                lambda ax: wagrad.easgd(sgd, TAU, alpha=ALPHA, axis_name=ax)),
+      "downpour": (lambda i: async_.DownpourWorker(i, TAU, timeout_s=300),
+                   lambda p0, log: async_.serve_downpour(p0, K, callback=log, **master_kw),
+                   lambda ax: wagrad.downpour(sgd, TAU, axis_name=ax)),
+      "lsgd": (lambda i: async_.LSGDWorker(i, TAU, pull=PULL, timeout_s=300),
+               lambda p0, log: async_.serve_lsgd(p0, K, callback=log, **master_kw),
+               lambda ax: wagrad.lsgd(sgd, TAU, pull=PULL, axis_name=ax)),
+      "softsync": (lambda i: async_.SoftsyncLearner(i, timeout_s=300),
+                   lambda p0, log: async_.serve_softsync(p0, K, K, alpha0=LR, callback=log,
+                                                         **master_kw),
+                   lambda ax: wagrad.sync_sgd(sgd, axis_name=ax)),
+      "wpsgd": (lambda i: async_.WPSGDWorker(i, budget_s=None, timeout_s=300),
+                lambda p0, log: async_.serve_wpsgd(p0, K, timeout_s=300),
+                lambda ax: wagrad.wpsgd(sgd, weighting="samples", axis_name=ax)),
+  }[algo]
+
+
 def worker_main(a):
   import jax
   import jax.numpy as jnp
   import optax
 
   import wagrad
-  from wagrad import async_
   from wagrad._src import kvstore
 
   if a.variant == "async":
@@ -71,7 +106,9 @@ def worker_main(a):
   Xs, ys, Xte, yte = data()
   idx = np.random.default_rng(1).integers(0, Xs.shape[1], size=(a.steps, K, BATCH))
   p0, sgd = init_params(), optax.sgd(LR)
+  make_worker, serve, lockstep_tx = algo_setup(a.algo, sgd)
   timeline = []
+  budget = a.steps * a.step_ms / 1000  # wpsgd: a fast worker's time for --steps steps
 
   def loss_fn(p, x, y):
     h = jax.nn.relu(x @ p["w0"] + p["b0"])
@@ -80,37 +117,49 @@ def worker_main(a):
   def pause(i):
     time.sleep(a.step_ms / 1000 * (a.slow if i == 0 else 1.0))
 
-  if a.variant == "async":
-    if a.rank == 0:
-      kvstore.barrier("start", 300)
-      t0 = time.perf_counter()
+  if a.variant == "async" and a.rank == 0:
+    kvstore.barrier("start", 300)
+    t0 = time.perf_counter()
 
-      def log(center, served):
-        if served.sum() % 4 == 0:
-          timeline.append((time.perf_counter() - t0, accuracy(center, Xte, yte)))
-      async_.serve_easgd(p0, K, alpha=ALPHA, timeout_s=300, callback=log)
-    else:
-      i = a.rank - 1
-      worker = async_.EASGDWorker(i, TAU, timeout_s=300)
+    def log(params, served):
+      if served.sum() % 4 == 0:
+        timeline.append((time.perf_counter() - t0, accuracy(params, Xte, yte)))
+    final = serve(p0, log)[0]
+    timeline.append((time.perf_counter() - t0, accuracy(final, Xte, yte)))
+  elif a.variant == "async":
+    i = a.rank - 1
+    worker = make_worker(i)
 
-      @jax.jit
-      def local(p, s, x, y):
-        u, s = sgd.update(jax.grad(loss_fn)(p, x, y), s, p)
-        return u, s
-      p, s = jax.tree_util.tree_map(jnp.asarray, p0), sgd.init(p0)
-      jax.block_until_ready(local(p, s, Xs[i, idx[0, i]], ys[i, idx[0, i]]))  # compile
-      kvstore.barrier("start", 300)
-      for t in range(a.steps):
-        pause(i)
-        u, s = local(p, s, Xs[i, idx[t, i]], ys[i, idx[t, i]])
+    @jax.jit
+    def local(p, s, x, y):
+      loss, g = jax.value_and_grad(loss_fn)(p, x, y)
+      u, s = sgd.update(g, s, p)
+      return loss, g, u, s
+    p, s = jax.tree_util.tree_map(jnp.asarray, p0), sgd.init(p0)
+    jax.block_until_ready(local(p, s, Xs[i, idx[0, i]], ys[i, idx[0, i]]))  # compile
+    kvstore.barrier("start", 300)
+    t0 = time.perf_counter()
+    for t in range(a.steps):
+      if a.algo == "wpsgd" and time.perf_counter() - t0 > budget:
+        break
+      pause(i)
+      loss, g, u, s = local(p, s, Xs[i, idx[t, i]], ys[i, idx[t, i]])
+      if a.algo == "softsync":
+        p = worker.push_pull(p, g)
+      elif a.algo == "lsgd":
+        p = worker.apply_updates(p, u, loss)
+      else:
         p = worker.apply_updates(p, u)
-      worker.close()
+    if a.algo == "wpsgd":
+      p = worker.combine(p)
+    worker.close()
   else:
     runner = wagrad.Runner("shard_map", K)
-    tx = wagrad.easgd(sgd, TAU, alpha=ALPHA, axis_name=runner.axis_name)
+    tx = lockstep_tx(runner.axis_name)
 
     def step(p, s, x, y):
-      u, s = tx.update(jax.grad(loss_fn)(p, x, y), s, p)
+      loss, g = jax.value_and_grad(loss_fn)(p, x, y)
+      u, s = tx.update(g, s, p, value=loss)
       return wagrad.apply_updates(p, u, s), s
     f = runner.map(step, donate_argnums=(0, 1))
     p, s = runner.replicate(p0), runner.init(tx, p0)
@@ -118,14 +167,18 @@ def worker_main(a):
                                   ys[np.arange(K)[:, None], idx[t]]))
     p, s = f(p, s, *batch(0))  # compile (one untimed step)
     kvstore.barrier("start", 300)
-    t0 = time.perf_counter()
-    for t in range(1, a.steps):
+    t0, evaluating = time.perf_counter(), 0.0
+    # wpsgd in the same budget: every step waits for the slowest worker
+    steps = a.steps if a.algo != "wpsgd" else max(int(a.steps / a.slow), 2)
+    for t in range(1, steps):
       pause(a.rank)
       p, s = f(p, s, *batch(t))
-      if a.rank == 0 and t % 4 == 0:
-        center = jax.tree_util.tree_map(lambda x: np.asarray(x.addressable_data(0)),
-                                        wagrad.easgd_center(s))
-        timeline.append((time.perf_counter() - t0, accuracy(center, Xte, yte)))
+      if (t % 4 == 0 and a.algo != "wpsgd") or t == steps - 1:
+        e0 = time.perf_counter()  # evaluation time is not counted (a collective here)
+        model = wagrad.evaluated_params(p, s)
+        if a.rank == 0:
+          timeline.append((e0 - t0 - evaluating, accuracy(model, Xte, yte)))
+        evaluating += time.perf_counter() - e0
   if a.rank == 0:
     with open(a.tmp, "w") as fh:
       json.dump(timeline, fh)
@@ -136,12 +189,13 @@ def launch(variant, a):
     sk.bind(("127.0.0.1", 0))
     port = sk.getsockname()[1]
   n = K + 1 if variant == "async" else K
-  tmp = os.path.join(a.tmpdir, variant + ".json")
+  tmp = os.path.join(a.tmpdir, f"{a.algo}_{variant}.json")
   env = dict(os.environ, JAX_PLATFORMS="cpu", OMP_NUM_THREADS="1")
   env.pop("XLA_FLAGS", None)
   procs = [subprocess.Popen(
       [sys.executable, os.path.abspath(__file__), "--worker", variant, "--rank", str(r),
        "--port", str(port), "--processes", str(n), "--tmp", tmp, "--steps", str(a.steps),
+       "--algo", a.algo,
        "--step-ms", str(a.step_ms), "--slow", str(a.slow)],
       env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for r in range(n)]
   try:
@@ -164,7 +218,8 @@ def main(argv=None):
   ap.add_argument("--target", type=float, default=0.9)
   ap.add_argument("--deadline", type=float, default=600)
   ap.add_argument("--out", default="async_stragglers")
-  for name in ("--worker", "--rank", "--port", "--processes", "--tmp"):
+  ap.add_argument("--algos", default="easgd,downpour,lsgd,softsync,wpsgd")
+  for name in ("--worker", "--rank", "--port", "--processes", "--tmp", "--algo"):
     ap.add_argument(name, help=argparse.SUPPRESS)
   a = ap.parse_args(argv)
   if a.worker:
@@ -178,29 +233,35 @@ def main(argv=None):
          "steps": a.steps, "step_ms": a.step_ms, "slow": a.slow, "target": a.target,
          "cpu_count": os.cpu_count()}
   with tempfile.TemporaryDirectory() as a.tmpdir:
-    for variant in ("async", "lockstep"):
-      tl = launch(variant, a)
-      hit = next((t for t, acc in tl if acc >= a.target), None)
-      res[variant] = {"timeline": tl, "time_to_target_s": hit,
-                      "final_accuracy": tl[-1][1] if tl else None,
-                      "wall_s": tl[-1][0] if tl else None}
-      print(f"{variant:9s} time to {a.target:.2f}: {hit} s, final accuracy "
-            f"{res[variant]['final_accuracy']}, last at {res[variant]['wall_s']:.1f} s",
-            flush=True)
+    for a.algo in a.algos.split(","):
+      res[a.algo] = {}
+      for variant in ("async", "lockstep"):
+        tl = launch(variant, a)
+        hit = next((t for t, acc in tl if acc >= a.target), None)
+        res[a.algo][variant] = {"timeline": tl, "time_to_target_s": hit,
+                                "final_accuracy": tl[-1][1] if tl else None,
+                                "wall_s": tl[-1][0] if tl else None}
+        print(f"{a.algo:9s} {variant:9s} time to {a.target:.2f}: {hit} s, final accuracy "
+              f"{tl[-1][1]:.3f} at {tl[-1][0]:.1f} s", flush=True)
   common.save(a.out, res)
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
-  fig, ax = plt.subplots(figsize=(6, 3.5))
-  for variant in ("async", "lockstep"):
-    t, acc = zip(*res[variant]["timeline"])
-    ax.plot(t, acc, label=variant)
-  ax.axhline(a.target, color="gray", lw=0.5)
-  ax.set_xlabel("wall-clock s"), ax.set_ylabel("center test accuracy")
-  ax.set_title(f"EASGD, {K} worker processes, one {a.slow:g}x slower")
-  ax.legend()
+  algos = a.algos.split(",")
+  fig, axes = plt.subplots(1, len(algos), figsize=(3.2 * len(algos), 3.2), squeeze=False)
+  for ax, algo in zip(axes[0], algos):
+    for variant in ("async", "lockstep"):
+      t, acc = zip(*res[algo][variant]["timeline"])
+      ax.plot(t, acc, marker="o" if len(t) < 3 else None, label=variant)
+    ax.axhline(a.target, color="gray", lw=0.5)
+    ax.set_ylim(0.5, 1.0)
+    ax.set_xlabel("wall-clock s")
+    ax.set_title(algo)
+  axes[0][0].set_ylabel("test accuracy of the evaluated model")
+  axes[0][0].legend()
+  fig.suptitle(f"{K} worker processes, one {a.slow:g}x slower")
   fig.tight_layout()
-  fig.savefig(os.path.join(common.OUT, a.out + ".png"), dpi=120)
+  fig.savefig(os.path.join(common.OUT, a.out + ".png"), dpi=110)
   return res
 
 

@@ -12,6 +12,7 @@ the per-seed differences acc(A) - acc(B) give a mean and a 95% bootstrap interva
 hold** when below, and is **not resolved** otherwise.
 
     python benchmarks/convergence.py [--quick] [--seeds 5]
+    python benchmarks/convergence.py --authors     # the authors' hyperparameters
 """
 
 import argparse
@@ -44,6 +45,20 @@ CLAIMS = [
 ]
 
 
+# The same comparisons with the hyperparameters the authors' code gives
+# (digits_lib.PAPER_SETTINGS; shared design notes): EASGD's launch script (EASGD eta 0.1;
+# EAMSGD eta 0.01, delta 0.99), the LSGD authors' defaults (pulls and proximal terms
+# 0.1; Nesterov 0.9, weight decay 1e-4; l_comm = g_comm / 4 with g_comm 16).
+AUTHORS_CLAIMS = [
+    ("EAMSGD beats EASGD at large tau, the authors' eta and delta", "arXiv 1412.6651",
+     "eamsgd_authors", "easgd_authors", 32, ("whole",)),
+    ("LSGD beats EASGD, the LSGD authors' local optimizer for both", "arXiv 1905.10395",
+     "lsgd_authors", "easgd_lsgd_inner", 16, ("whole",)),
+    ("multi-leader LSGD (2 groups) beats single-leader LSGD, the authors' defaults",
+     "arXiv 1905.10395", "multi_leader_lsgd_authors", "lsgd_authors", 16, ("whole",)),
+]
+
+
 def bootstrap_interval(diffs, resamples=10_000, seed=0):
   """95% percentile bootstrap interval of the mean of ``diffs``."""
   d = np.asarray(diffs, np.float64)
@@ -56,35 +71,10 @@ def verdict(lo, hi):
   return "holds" if lo > 0 else ("does not hold" if hi < 0 else "not resolved")
 
 
-def main(argv=None):
-  ap = argparse.ArgumentParser()
-  ap.add_argument("--quick", action="store_true")
-  ap.add_argument("--seeds", type=int, default=None)
-  ap.add_argument("--steps", type=int, default=None)
-  args = ap.parse_args(argv)
-  seeds = list(range(args.seeds or (2 if args.quick else 5)))
-  steps = args.steps or (150 if args.quick else 400)
-  batch, lr, K = 16, 0.1, 8
-  names = list(ALGORITHMS)
-  curves = {}
-  final = {}
-
-  def run(name, tau, sampling, seed, eval_every):
-    return train_digits([name], workers=K, steps=steps, batch=batch, lr=lr, sync_period=tau,
-                        eval_every=eval_every, seed=seed, progress=False,
-                        sampling=sampling)[0]
-
-  # 1) every algorithm at sync_period 8, disjoint shards
-  for seed in seeds:
-    for r in train_digits(names, workers=K, steps=steps, batch=batch, lr=lr, sync_period=8,
-                          eval_every=max(steps // 10, 1), seed=seed, progress=False):
-      curves.setdefault(r["algorithm"], []).append(r["curve_acc"])
-      final.setdefault((r["algorithm"], 8, "shards"), []).append(r["test_acc"])
-      steps_axis = r["curve_steps"]
-    print(f"seed {seed}: all algorithms done", flush=True)
-  # 2) each claim in the paper's sampling mode and period
+def check_claims(claims, final, run, seeds, steps):
+  """Each claim over the seeds (runs not yet in ``final`` are made); its table rows."""
   table = []
-  for claim, paper, a, b, tau, modes in CLAIMS:
+  for claim, paper, a, b, tau, modes in claims:
     for sampling in modes:
       for name in (a, b):
         if (name, tau, sampling) not in final:
@@ -98,6 +88,46 @@ def main(argv=None):
                     "interval_95": [lo, hi], "verdict": verdict(lo, hi)})
       print(f"{claim:62s} [{sampling}] {a} {np.mean(acc_a):.3f} vs {b} {np.mean(acc_b):.3f}: "
             f"{diffs.mean():+.4f} [{lo:+.4f}, {hi:+.4f}] {verdict(lo, hi)}", flush=True)
+  return table
+
+
+def main(argv=None):
+  ap = argparse.ArgumentParser()
+  ap.add_argument("--quick", action="store_true")
+  ap.add_argument("--seeds", type=int, default=None)
+  ap.add_argument("--steps", type=int, default=None)
+  ap.add_argument("--authors", action="store_true",
+                  help="only the claims with the authors' hyperparameters "
+                       "(writes convergence_authors.json)")
+  args = ap.parse_args(argv)
+  seeds = list(range(args.seeds or (2 if args.quick else 5)))
+  steps = args.steps or (150 if args.quick else 400)
+  batch, lr, K = 16, 0.1, 8
+  names = list(ALGORITHMS)
+  curves = {}
+  final = {}
+
+  def run(name, tau, sampling, seed, eval_every):
+    return train_digits([name], workers=K, steps=steps, batch=batch, lr=lr, sync_period=tau,
+                        eval_every=eval_every, seed=seed, progress=False,
+                        sampling=sampling)[0]
+
+  if args.authors:
+    table = check_claims(AUTHORS_CLAIMS, final, run, seeds, steps)
+    data = {"device": common.device_info(), "workers": K, "batch_per_worker": batch,
+            "lr": lr, "steps": steps, "seeds": seeds, "claims": table}
+    common.save("convergence_authors", data)
+    return data
+  # 1) every algorithm at sync_period 8, disjoint shards
+  for seed in seeds:
+    for r in train_digits(names, workers=K, steps=steps, batch=batch, lr=lr, sync_period=8,
+                          eval_every=max(steps // 10, 1), seed=seed, progress=False):
+      curves.setdefault(r["algorithm"], []).append(r["curve_acc"])
+      final.setdefault((r["algorithm"], 8, "shards"), []).append(r["test_acc"])
+      steps_axis = r["curve_steps"]
+    print(f"seed {seed}: all algorithms done", flush=True)
+  # 2) each claim in the paper's sampling mode and period
+  table = check_claims(CLAIMS, final, run, seeds, steps)
   # 3) simulated wall-clock under a heterogeneous-speed schedule (half the workers 4x
   # slower): a synchronous algorithm waits for the slowest worker (4 time units per step);
   # wpsgd / averaging_unbalanced let every worker go at its own pace (1 unit per step,

@@ -121,6 +121,43 @@ def _straggler_rows(K, T, seed, speeds=None):
 ALGORITHMS = _make_registry()
 
 
+def _authors_inner(lr):
+  """The LSGD authors' local optimizer: SGD, Nesterov momentum 0.9, weight decay 1e-4."""
+  return optax.chain(optax.add_decayed_weights(1e-4),
+                     optax.sgd(lr, momentum=0.9, nesterov=True))
+
+
+def _multi_leader(inner):
+  """Multi-leader LSGD over 2 groups: local leader every tau / 4 steps (the authors'
+  l_comm = g_comm / 4), global leader every tau; pulls and proximal terms 0.1."""
+  return lambda lr, tau, ax, K, T, seed, opts: Algo(wagrad.multi_leader_lsgd(
+      inner(lr), group_axis=opts["axes"][0], global_axis=opts["axes"][1],
+      local_period=max(tau // 4, 1), global_period=tau, num_workers=K), "leader")
+
+
+# The papers' comparisons with the hyperparameters the authors' code gives
+# (benchmarks/convergence.py); not part of the CPU example's default run.
+PAPER_SETTINGS = {
+    "easgd_authors": (lambda lr, tau, ax, K, T, seed, opts: Algo(
+        wagrad.easgd(optax.sgd(0.1), tau, axis_name=ax), "center"),
+        "EASGD as in the authors' launch script: eta 0.1"),
+    "eamsgd_authors": (lambda lr, tau, ax, K, T, seed, opts: Algo(
+        wagrad.eamsgd(optax.sgd(0.01), tau, momentum=0.99, axis_name=ax), "center",
+        grad_point=wagrad.eamsgd_lookahead),
+        "EAMSGD as in the authors' launch script: eta 0.01, delta 0.99"),
+    "lsgd_authors": (lambda lr, tau, ax, K, T, seed, opts: Algo(
+        wagrad.lsgd(_authors_inner(lr), tau, pull=0.1, proximal=0.1, axis_name=ax,
+                    num_workers=K), "leader"),
+        "LSGD, the authors' defaults: c = p = 0.1, Nesterov 0.9, weight decay 1e-4"),
+    "easgd_lsgd_inner": (lambda lr, tau, ax, K, T, seed, opts: Algo(
+        wagrad.easgd(_authors_inner(lr), tau, axis_name=ax), "center"),
+        "EASGD with the LSGD authors' local optimizer (their baseline)"),
+    "multi_leader_lsgd_authors": (_multi_leader(_authors_inner),
+                                  "multi-leader LSGD, 2 groups, the authors' defaults"),
+}
+GROUPS = {"multi_leader_lsgd_authors": 2}  # algorithms run on a runner with groups
+
+
 SAMPLING = ("shards", "whole")
 
 
@@ -152,7 +189,10 @@ def train_digits(names, *, workers=8, steps=300, batch=16, lr=0.1, sync_period=8
 
   results = []
   for name in names:
-    algo = ALGORITHMS[name][0](lr, sync_period, runner.axis_name, workers, steps, seed, opts)
+    run = runner if name not in GROUPS else wagrad.Runner(backend, workers, groups=GROUPS[name])
+    opts["axes"] = (run.group_axis, run.global_axis)
+    factory = (ALGORITHMS.get(name) or PAPER_SETTINGS[name])[0]
+    algo = factory(lr, sync_period, run.axis_name, workers, steps, seed, opts)
     tx = algo.tx
 
     def step(p, s, x, y, extra, algo=algo):
@@ -169,8 +209,8 @@ def train_digits(names, *, workers=8, steps=300, batch=16, lr=0.1, sync_period=8
       logits = model.apply({"params": wagrad.evaluated_params(params, state)}, Xte)
       return float(jnp.mean(jnp.argmax(logits, -1) == yte))
 
-    step_fn = runner.map(step)
-    params, state = runner.replicate(p0), runner.init(tx, p0)
+    step_fn = run.map(step)
+    params, state = run.replicate(p0), run.init(tx, p0)
     rng = np.random.default_rng(seed + 1)
     curve_steps, curve_acc = [], []
     it = range(steps)

@@ -152,14 +152,36 @@ def np_softsync(K, n, alpha0):
   return x, theta
 
 
+def _simulated_softsync(K, alpha0):
+  """wagrad.staleness_aware_sgd on vmap, one push per server update (c = 1) in the
+  process run's serving order (by step, then learner index)."""
+  A, b, w0, active = problem(K)
+  r = wagrad.Runner("vmap", K)
+  tx = wagrad.staleness_aware_sgd(optax.sgd(1.0), alpha0=alpha0, axis_name=r.axis_name)
+
+  def step(p, s, A, b, push):
+    u, s = tx.update(jax.grad(loss)(p, A, b), s, p, push=push, apply=True)
+    return wagrad.apply_updates(p, u, s), s
+  f = r.map(step)
+  p, s = r.replicate({"w": jnp.asarray(w0)}), r.init(tx, {"w": jnp.asarray(w0)})
+  for t in range(STEPS):
+    for i in range(K):
+      if active[t, i]:
+        p, s = f(p, s, A, b, np.arange(K) == i)
+  return np.asarray(p["w"]), np.asarray(wagrad.find_shared(s, "server").server["w"])
+
+
 @pytest.mark.slow
-def test_async_softsync_across_processes_equals_numpy(tmp_path):
-  """3 learners, 3-softsync (an update per gradient, staleness up to 2) with alpha0 / tau."""
+def test_async_softsync_across_processes_equals_numpy_and_the_simulation(tmp_path):
+  """3 learners, 3-softsync (an update per gradient, staleness up to 2) with alpha0 / tau:
+  equal to a NumPy reference and to the simulated staleness_aware_sgd."""
   K, n, alpha0 = 3, 3, 0.1
   out = str(tmp_path / "run")
   _run(K + 1, out, n, alpha0, algo="softsync")
   x, theta = np_softsync(K, n, alpha0)
   _check_against(out, K, theta, x)
+  x_sim, theta_sim = _simulated_softsync(K, alpha0)
+  _check_against(out, K, theta_sim, x_sim)
   plain = np_softsync(K, n, alpha0 * 1e-9)[1]  # the test can tell an update from none
   assert not np.allclose(plain, theta)
 

@@ -72,6 +72,19 @@ def test_convergence_benchmark_tiny(tmp_path, monkeypatch):
   assert json.load(open(tmp_path / "convergence.json"))["steps"] == 20
 
 
+@pytest.mark.slow
+def test_convergence_authors_claims_tiny(tmp_path, monkeypatch):
+  """The authors'-hyperparameter claims run (multi-leader LSGD on a runner with groups)."""
+  import common
+  monkeypatch.setattr(common, "OUT", str(tmp_path))
+  import convergence
+  data = convergence.main(["--authors", "--seeds", "2", "--steps", "16"])
+  assert len(data["claims"]) == len(convergence.AUTHORS_CLAIMS)
+  assert all(len(c["multi_leader_lsgd_authors"]) == 2 for c in data["claims"]
+             if "multi_leader_lsgd_authors" in c)
+  assert (tmp_path / "convergence_authors.json").exists()
+
+
 def test_claim_verdicts_follow_the_bootstrap_interval():
   import convergence
   lo, hi = convergence.bootstrap_interval([0.01, 0.02, 0.015, 0.01, 0.03])
@@ -110,14 +123,17 @@ def test_scaling_benchmark_measures_one_program(backend):
 
 @pytest.mark.slow
 def test_async_stragglers_benchmark_tiny(tmp_path, monkeypatch):
-  """Both variants run across real processes and log the center's accuracy."""
+  """Both variants run across real processes and log the evaluated model's accuracy
+  (LSGD's leader; WP-SGD's combination in a wall-clock budget)."""
   import common
   monkeypatch.setattr(common, "OUT", str(tmp_path))
   import async_stragglers
-  res = async_stragglers.main(["--steps", "16", "--step-ms", "1", "--deadline", "240"])
-  for variant in ("async", "lockstep"):
-    tl = res[variant]["timeline"]
-    assert tl and all(0.0 <= acc <= 1.0 for _, acc in tl), variant
+  res = async_stragglers.main(["--steps", "16", "--step-ms", "1", "--deadline", "240",
+                               "--algos", "lsgd,wpsgd"])
+  for algo in ("lsgd", "wpsgd"):
+    for variant in ("async", "lockstep"):
+      tl = res[algo][variant]["timeline"]
+      assert tl and all(0.0 <= acc <= 1.0 for _, acc in tl), (algo, variant)
   assert (tmp_path / "async_stragglers.png").exists()
 
 
