@@ -24,6 +24,7 @@ import common  # noqa: E402
 
 import numpy as np  # noqa: E402
 
+from claims import bootstrap_interval, judge, verdict  # noqa: E402,F401  (tests use them)
 from digits_lib import ALGORITHMS, train_digits  # noqa: E402
 
 # (claim, paper, better, worse, sync_period, sampling modes): "better reaches higher
@@ -59,18 +60,6 @@ AUTHORS_CLAIMS = [
 ]
 
 
-def bootstrap_interval(diffs, resamples=10_000, seed=0):
-  """95% percentile bootstrap interval of the mean of ``diffs``."""
-  d = np.asarray(diffs, np.float64)
-  idx = np.random.default_rng(seed).integers(0, len(d), size=(resamples, len(d)))
-  means = d[idx].mean(1)
-  return float(np.quantile(means, 0.025)), float(np.quantile(means, 0.975))
-
-
-def verdict(lo, hi):
-  return "holds" if lo > 0 else ("does not hold" if hi < 0 else "not resolved")
-
-
 def check_claims(claims, final, run, seeds, steps):
   """Each claim over the seeds (runs not yet in ``final`` are made); its table rows."""
   table = []
@@ -81,13 +70,13 @@ def check_claims(claims, final, run, seeds, steps):
           final[(name, tau, sampling)] = [run(name, tau, sampling, seed, steps)["test_acc"]
                                           for seed in seeds]
       acc_a, acc_b = final[(a, tau, sampling)], final[(b, tau, sampling)]
-      diffs = np.asarray(acc_a) - np.asarray(acc_b)
-      lo, hi = bootstrap_interval(diffs)
+      res = judge(acc_a, acc_b)
+      (lo, hi), d = res["interval_95"], res["mean_difference"]
       table.append({"claim": claim, "paper": paper, "sync_period": tau, "sampling": sampling,
-                    a: acc_a, b: acc_b, "mean_difference": float(diffs.mean()),
-                    "interval_95": [lo, hi], "verdict": verdict(lo, hi)})
+                    a: acc_a, b: acc_b, "mean_difference": d, "interval_95": [lo, hi],
+                    "verdict": res["verdict"]})
       print(f"{claim:62s} [{sampling}] {a} {np.mean(acc_a):.3f} vs {b} {np.mean(acc_b):.3f}: "
-            f"{diffs.mean():+.4f} [{lo:+.4f}, {hi:+.4f}] {verdict(lo, hi)}", flush=True)
+            f"{d:+.4f} [{lo:+.4f}, {hi:+.4f}] {res['verdict']}", flush=True)
   return table
 
 

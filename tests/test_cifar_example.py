@@ -165,4 +165,24 @@ def test_time_budget_stops_and_compare_collects_the_runs(tmp_path, capsys):
   for r in data["runs"]:
     assert r["steps_done"] == 1 and r["sampling"] == "whole" and r["time_budget"] == 0
     assert 0.0 <= r["final"]["test_accuracy"] <= 1.0
-  assert "| 8 | lsgd | 1 |" in capsys.readouterr().out
+  assert "| 8 | lsgd | 0 | 1 |" in capsys.readouterr().out
+  assert [c["claim"] for c in data["claims"]] == ["LSGD beats synchronous SGD"]
+
+
+def test_compare_judges_each_claim_from_paired_seeds():
+  """Synthetic runs: a claim gets its verdict per worker count from the seeds both of
+  its algorithms ran; a claim whose algorithms did not both run is left out."""
+  from examples.cifar import compare
+
+  def row(algo, k, seed, acc):
+    return {"algorithm": algo, "workers": k, "seed": seed, "final": {"test_accuracy": acc}}
+  rows = ([row("lsgd", 4, s, 0.90 + 0.01 * s) for s in range(5)]
+          + [row("easgd", 4, s, 0.88 + 0.01 * s) for s in range(5)]          # lsgd +0.02
+          + [row("lsgd", 8, s, 0.90) for s in range(3)]
+          + [row("easgd", 8, s, 0.90 + (0.01 if s else -0.01)) for s in range(4)])
+  out = {(c["claim"], c["workers"]): c for c in compare.claims_report(rows)}
+  assert set(out) == {("LSGD beats EASGD", 4), ("LSGD beats EASGD", 8)}
+  assert out[("LSGD beats EASGD", 4)]["verdict"] == "holds"
+  assert abs(out[("LSGD beats EASGD", 4)]["mean_difference"] - 0.02) < 1e-9
+  assert out[("LSGD beats EASGD", 8)]["seeds"] == 3           # seed 3 has no lsgd run
+  assert out[("LSGD beats EASGD", 8)]["verdict"] == "not resolved"
