@@ -27,8 +27,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
-import subprocess
 import sys
 import time
 
@@ -70,37 +68,6 @@ def parse_args(argv=None):
       a.softsync_n < 1 or n % a.softsync_n):
     ap.error(f"--softsync-n must divide the number of workers ({n}), got {a.softsync_n}")
   return a
-
-
-def launch(a, argv):
-  """Start the master and the workers on this host; return the master's exit code."""
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-  env = dict(os.environ)
-  env.pop("XLA_FLAGS", None)  # one device per process
-  base = [sys.executable, os.path.abspath(__file__), *argv,
-          "--coordinator", f"127.0.0.1:{port}", "--processes", str(a.workers + 1)]
-  procs = [subprocess.Popen(base + ["--rank", str(r)], env=env,
-                            stdout=None if r == 0 else subprocess.PIPE,
-                            stderr=None if r == 0 else subprocess.STDOUT, text=True)
-           for r in range(a.workers + 1)]
-  deadline = time.monotonic() + a.deadline
-  try:
-    outs = [p.communicate(timeout=max(deadline - time.monotonic(), 1))[0] for p in procs]
-  except subprocess.TimeoutExpired:
-    print(f"error: the run did not finish within --deadline {a.deadline} s; killed",
-          file=sys.stderr)
-    return 1
-  finally:
-    for p in procs:
-      if p.poll() is None:
-        p.kill()  # SIGKILL: a hung JAX process ignores SIGTERM
-  for r, (p, out) in enumerate(zip(procs, outs)):
-    if p.returncode and out:
-      print(f"--- worker process {r} exited with {p.returncode}:\n{out[-3000:]}",
-            file=sys.stderr)
-  return max(abs(p.returncode) for p in procs)
 
 
 def run_process(a):
@@ -208,7 +175,10 @@ def main(argv=None):
     if a.coordinator is not None:
       print("error: --coordinator needs --rank (and --processes)", file=sys.stderr)
       return 2
-    return launch(a, argv)
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from processes import launch
+    return launch([sys.executable, os.path.abspath(__file__), *argv], a.workers + 1,
+                  a.deadline)
   if a.coordinator is None or a.processes is None:
     print("error: --rank needs --coordinator host:port and --processes N+1", file=sys.stderr)
     return 2

@@ -186,3 +186,29 @@ def test_compare_judges_each_claim_from_paired_seeds():
   assert abs(out[("LSGD beats EASGD", 4)]["mean_difference"] - 0.02) < 1e-9
   assert out[("LSGD beats EASGD", 8)]["seeds"] == 3           # seed 3 has no lsgd run
   assert out[("LSGD beats EASGD", 8)]["verdict"] == "not resolved"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("algo", ["lsgd", "wpsgd"])
+def test_async_cifar_runs_a_master_and_worker_processes(algo, tmp_path):
+  """examples.cifar.async_main starts a master and 2 worker processes (each mocks the
+  data itself); the workers exchange the whole model, BatchNorm statistics included, and
+  the master tests its model and writes summary.json. The launcher's deadline kills
+  every process."""
+  import subprocess
+  import sys
+  root = os.path.join(os.path.dirname(__file__), "..")
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  out = str(tmp_path / "run")
+  p = subprocess.run([sys.executable, "-m", "examples.cifar.async_main", "--algo", algo,
+                      "--workers", "2", "--model", "resnet8", "--width-multiplier", "0.25",
+                      "--batch-size", "4", "--sync-period", "2", "--steps", "4",
+                      "--eval-every", "2", "--time-budget", "60", "--mock-data", "64",
+                      "--deadline", "150", "--out", out],
+                     cwd=root, env=env, capture_output=True, text=True, timeout=200)
+  assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
+  summary = json.load(open(os.path.join(out, "summary.json")))
+  assert 0.0 <= summary["final"]["test_accuracy"] <= 1.0 and summary["gone"] == []
+  assert summary["served"] == ([4, 4] if algo == "wpsgd" else [2, 2])  # steps / reports
+  if algo == "lsgd":
+    assert len(open(os.path.join(out, "metrics.jsonl")).readlines()) == 2

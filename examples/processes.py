@@ -1,0 +1,48 @@
+"""Start a multi-process run on this host: one command for the master and its workers.
+
+Every process gets the same command line plus ``--coordinator 127.0.0.1:PORT
+--processes N --rank r``; rank 0's output is the run's, the others' is shown only when
+they fail. Every process is killed (SIGKILL: a hung JAX process ignores SIGTERM) at the
+deadline.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+
+
+def free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def launch(command: list, num_processes: int, deadline_s: float) -> int:
+  """Run ``command`` (argv) as ``num_processes`` processes; the largest exit code."""
+  env = dict(os.environ)
+  env.pop("XLA_FLAGS", None)  # one device per process
+  base = command + ["--coordinator", f"127.0.0.1:{free_port()}",
+                    "--processes", str(num_processes)]
+  procs = [subprocess.Popen(base + ["--rank", str(r)], env=env,
+                            stdout=None if r == 0 else subprocess.PIPE,
+                            stderr=None if r == 0 else subprocess.STDOUT, text=True)
+           for r in range(num_processes)]
+  deadline = time.monotonic() + deadline_s
+  try:
+    outs = [p.communicate(timeout=max(deadline - time.monotonic(), 1))[0] for p in procs]
+  except subprocess.TimeoutExpired:
+    print(f"error: the run did not finish within {deadline_s:g} s (--deadline); killed",
+          file=sys.stderr)
+    return 1
+  finally:
+    for p in procs:
+      if p.poll() is None:
+        p.kill()
+  for r, (p, out) in enumerate(zip(procs, outs)):
+    if p.returncode and out:
+      print(f"--- process {r} exited with {p.returncode}:\n{out[-3000:]}", file=sys.stderr)
+  return max(abs(p.returncode) for p in procs)
