@@ -2,8 +2,8 @@
 
 argv: port, number of processes, process id, output prefix, sync period, alpha (EASGD;
 DOWNPOUR: the master's momentum; softsync: alpha0; LSGD: the pull), mode, algorithm
-("easgd", "downpour", "softsync", whose n is given as the sync period, "lsgd", whose
-workers step one at a time, or "wpsgd", "samples" weighting).
+("easgd", "downpour", "softsync", whose n is given as the sync period, "lsgd", or
+"wpsgd", "samples" weighting); DOWNPOUR's and LSGD's workers step one at a time.
 Process 0 is the master; process i >= 1 is worker i - 1, stepping on the active steps
 of a seeded speed schedule. Mode "order": the master serves in the simulation's order
 (by step, then worker index). Mode "kill": the master serves what arrives, and worker 1
@@ -70,7 +70,7 @@ def main():
   K = n - 1
   A, b, w0, active = problem(K)
   p = {"w": w0}
-  if algo == "lsgd":
+  if algo in ("lsgd", "downpour"):
     active = one_at_a_time(K)
   if pid == 0:
     if algo == "wpsgd":

@@ -100,10 +100,11 @@ def test_async_easgd_across_processes_equals_the_simulation(tmp_path):
 
 
 def np_async_downpour(K, tau, mu):
-  """NumPy: the workers' active steps taken in the serving order (by step, then worker
-  index); a push adds the worker's accumulated updates to the master through the
-  momentum m <- mu m + Delta and the worker takes the master's parameters."""
-  A, b, w0, active = problem(K)
+  """NumPy: the workers' active steps (one worker at a time) taken in the serving order;
+  a push adds the worker's accumulated updates to the master through the momentum
+  m <- mu m + Delta and the worker takes the master's parameters."""
+  A, b, w0, _ = problem(K)
+  active = one_at_a_time(K)
   x = np.repeat(w0[None].astype(np.float64), K, 0)
   xm, m, acc = w0.astype(np.float64), np.zeros(3), np.zeros((K, 3))
   push = downpour_pushes(active, tau)
@@ -121,9 +122,27 @@ def np_async_downpour(K, tau, mu):
   return x, xm, push.sum(0)
 
 
+def _simulated_downpour(K, tau, mu):
+  """wagrad.downpour(asynchronous=True) on vmap, one worker stepping at each step."""
+  A, b, w0, _ = problem(K)
+  active = one_at_a_time(K)
+  r = wagrad.Runner("vmap", K)
+  tx = wagrad.downpour(ETA, tau, master_momentum=mu, asynchronous=True,
+                       axis_name=r.axis_name)
+
+  def step(p, s, A, b, act):
+    u, s = tx.update(jax.grad(loss)(p, A, b), s, p, active=act)
+    return wagrad.apply_updates(p, u, s), s
+  f = r.map(step)
+  p, s = r.replicate({"w": jnp.asarray(w0)}), r.init(tx, {"w": jnp.asarray(w0)})
+  for t in range(STEPS):
+    p, s = f(p, s, A, b, active[t])
+  return np.asarray(p["w"]), np.asarray(wagrad.easgd_center(s)["w"])
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("mu", [0.0, 0.5])
-def test_async_downpour_across_processes_equals_numpy(tmp_path, mu):
+def test_async_downpour_across_processes_equals_numpy_and_the_simulation(tmp_path, mu):
   K, tau = 3, 2
   out = str(tmp_path / "run")
   _run(K + 1, out, tau, mu, algo="downpour")
@@ -131,6 +150,7 @@ def test_async_downpour_across_processes_equals_numpy(tmp_path, mu):
   master, _ = _check_against(out, K, xm, x)
   assert list(master["served"]) == list(pushes) and min(pushes) > 0
   assert not np.allclose(x[0], x[1])
+  _check_against(out, K, *reversed(_simulated_downpour(K, tau, mu)))
 
 
 def np_softsync(K, n, alpha0):

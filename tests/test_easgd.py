@@ -541,6 +541,58 @@ def test_downpour_matches_numpy(backend, K, mu):
   assert not bool(s.shared.assign)
 
 
+def async_downpour_np(A, b, w0, c0, active, tau, mu, eta):
+  """Own clocks: worker i pushes after every tau-th of its active steps; the pushes of
+  one step are added together (m <- mu m + sum, x_M <- x_M + m) and only the pushers
+  take x_M."""
+  x, xm = w0.astype(np.float64), c0.astype(np.float64)
+  acc, m = np.zeros_like(x), np.zeros_like(xm)
+  own = np.zeros(len(x), int)
+  for t in range(len(active)):
+    act = active[t]
+    u = -eta * _grads_np(x, A, b) * act[:, None]
+    acc += u
+    x = x + u
+    own += act
+    push = act & (own % tau == 0)
+    if push.any():
+      m = mu * m + acc[push].sum(0)
+      xm = xm + m
+      x[push] = xm
+      acc[push] = 0
+  return x, xm
+
+
+ASYNC_DOWNPOUR_CASES = [(b, k, 0.5) for b, k in BACKENDS] + [("vmap", 8, 0.0)]
+
+
+@pytest.mark.parametrize("backend,K,mu", ASYNC_DOWNPOUR_CASES,
+                         ids=[f"{b}-K{k}-mu{m}" for b, k, m in ASYNC_DOWNPOUR_CASES])
+def test_async_downpour_matches_numpy(backend, K, mu):
+  """asynchronous=True: workers at their own speeds push on their own clocks."""
+  runner = wagrad.Runner(backend, K)
+  A, b, w0, c0 = _problem(K)
+  tau, eta, T = 2, 0.02, 9
+  active = schedules.speed_schedule(K, T, np.linspace(1.0, 0.4, K), seed=2)
+  tx = wagrad.downpour(eta, tau, axis_name=runner.axis_name, master_momentum=mu,
+                       asynchronous=True)
+
+  def step(p, s, A, b, act):
+    g = jax.grad(ls_loss)(p, A, b)
+    u, s = tx.update(g, s, p, active=act)
+    return wagrad.apply_updates(p, u, s), s, _shared_equal(s, runner.axis_name)
+
+  p, s = _loop(runner, tx, step, {"w0": w0, "c0": c0}, (A, b), T, rows=(active.T.copy(),))
+  x, xm = async_downpour_np(A, b, w0, c0, active, tau, mu, eta)
+  _assert_close(p["w"], x)
+  _assert_close(E.easgd_center(s)["w"], xm)
+  own = active.sum(0)
+  assert np.array_equal(np.asarray(s.own_steps), own) and len(set(own)) > 1
+  sync, z = wagrad.downpour(eta, tau), {"w": jnp.zeros(3)}
+  with pytest.raises(TypeError, match="asynchronous=True"):
+    sync.update(z, sync.init(z), z, active=True)
+
+
 def _due_steps(period_fn, steps):
   """1-based ends of the exchange steps of a schedule (a period since the last one)."""
   out, last = [], 0

@@ -476,12 +476,15 @@ class DownpourState(NamedTuple):
   inner: Any                # inner optimizer state, per worker
   accumulated: Any          # sum of this worker's updates since its last push (float32)
   shared: DownpourShared
+  own_steps: Any = None     # asynchronous: this worker's own (active) steps
+  reset: Any = None         # asynchronous: this worker pushed and takes x_M exactly
 
 
 def downpour(learning_rate: optax.ScalarOrSchedule | optax.GradientTransformation,
              sync_period: Period = 1, *, axis_name: AxisName = "workers",
-             master_momentum: float = 0.0) -> optax.GradientTransformationExtraArgs:
-  """DOWNPOUR (and MDOWNPOUR), simulated synchronously.
+             master_momentum: float = 0.0,
+             asynchronous: bool = False) -> optax.GradientTransformationExtraArgs:
+  """DOWNPOUR (and MDOWNPOUR), simulated synchronously or asynchronously.
 
   Each worker takes local steps ``u_i = inner(g_i)`` and accumulates
   ``Delta_i += u_i``; at the end of every ``sync_period``-th step all workers push::
@@ -495,12 +498,22 @@ def downpour(learning_rate: optax.ScalarOrSchedule | optax.GradientTransformatio
   updates. A non-finite worker's push is dropped (it still receives ``x_M``).
   MDOWNPOUR (``master_momentum > 0``) is a [reconstruction].
 
+  ``asynchronous=True``: workers run at their own speeds (``active=`` masks from
+  :mod:`wagrad` schedules; an inactive worker keeps its state) and each pushes after
+  every ``sync_period`` of its *own* steps; pushes arriving in the same step are added
+  together, and only the pushing workers take ``x_M`` (the others keep going). One
+  worker pushing at a time, this is the parameter server of
+  :func:`wagrad.async_.serve_downpour` across processes. Decided by a ``pmax`` of the
+  per-worker flag (one scalar all-reduce every step).
+
   Args:
     learning_rate: eta > 0 (local ``optax.sgd(eta)``), or an optax transform used as
       the local optimizer.
     sync_period: tau >= 1 or a schedule ``step -> period``.
     axis_name: the worker axis.
     master_momentum: mu in [0, 1).
+    asynchronous: each worker on its own clock (``sync_period`` an integer; extra
+      argument ``active=`` per step).
 
   Returns:
     A ``GradientTransformationExtraArgs`` whose state is ``DownpourState``.
@@ -522,23 +535,67 @@ def downpour(learning_rate: optax.ScalarOrSchedule | optax.GradientTransformatio
     inner = optax.sgd(learning_rate)
   period_fn = periodic.check_common(inner, sync_period, 0, "local", axis_name)
   base.check_range("master_momentum", master_momentum, 0.0, 1.0, hi_open=True)
+  if asynchronous:
+    base.check_positive_int("sync_period", sync_period)
   mu = float(master_momentum)
   inner = periodic.inner_with_extra_args(inner)
 
   def init_fn(params):
     p = base.tree_copy(params)
+    zero = jnp.zeros([], jnp.int32)
     return DownpourState(
         inner.init(params), _tmap(lambda x: jnp.zeros(jnp.shape(x), _f32(x).dtype), params),
         DownpourShared(
             **base.clock(0), target=p,
             momentum=None if mu == 0 else _tmap(
-                           lambda x: jnp.zeros(jnp.shape(x), _f32(x).dtype), params)))
+                           lambda x: jnp.zeros(jnp.shape(x), _f32(x).dtype), params)),
+        own_steps=zero if asynchronous else None,
+        reset=jnp.bool_(False) if asynchronous else None)
 
-  def update_fn(grads, state, params=None, **extra):
+  def push(sh, acc, pushing):
+    """The master adds the pushing (finite) workers' accumulated updates:
+    ``m <- mu m + sum_i Delta_i``, ``x_M <- x_M + m``."""
+    finite = C.tree_is_finite(acc) & pushing
+    tot = C.send(_tmap(lambda d: jnp.where(finite, d, jnp.zeros_like(d)), acc),
+                 lambda v: lax.psum(v, axis_name))
+    if mu == 0:
+      mom, step = None, tot
+    else:
+      mom = _tmap(lambda m, t: mu * m + t, sh.momentum, tot)
+      step = mom
+    master = _tmap(lambda xm, s: (_f32(xm) + s).astype(xm.dtype), sh.target, step)
+    return dict(target=master, momentum=mom)
+
+  def async_update(grads, state, params, active, extra):
+    """Own clocks: worker i pushes after every tau-th of its active steps."""
+    sh = state.shared
+    act = jnp.bool_(True) if active is None else jnp.asarray(base.unshared(active), jnp.bool_)
+    u, new_inner = inner.update(grads, state.inner, params, **extra)
+    u = _tmap(lambda x: jnp.where(act, x, jnp.zeros_like(x)), u)
+    inner_state = base.tree_where(act, new_inner, state.inner)
+    acc = _tmap(lambda s, x: s + _f32(x), state.accumulated, u)
+    own = state.own_steps + act.astype(jnp.int32)
+    pushing = act & (own % sync_period == 0)
+    anyone = lax.pmax(pushing.astype(jnp.int32), axis_name) > 0
+    clock = periodic.next_clock(anyone.astype(jnp.int32), sh, False)
+    new_shared = lax.cond(
+        anyone, lambda: dataclasses.replace(sh, **clock, **push(sh, acc, pushing)),
+        lambda: dataclasses.replace(sh, **clock))
+    x_half = base.tree_add(params, u)
+    x_new = base.tree_where(pushing, base.tree_cast_like(new_shared.target, x_half), x_half)
+    acc = _tmap(lambda a: jnp.where(pushing, jnp.zeros_like(a), a), acc)
+    return periodic.updates_to(x_new, params), DownpourState(
+        inner_state, acc, new_shared, own, pushing)
+
+  def update_fn(grads, state, params=None, *, active=None, **extra):
     if params is None:
       raise TypeError("downpour needs `params`: tx.update(grads, state, params).")
+    if active is not None and not asynchronous:
+      raise TypeError("downpour takes `active=` only with asynchronous=True.")
     base.check_axis_name(axis_name)
     base.check_same_structure("grads", grads, "params", params)
+    if asynchronous:
+      return async_update(grads, state, params, active, extra)
     sh = state.shared
     u, inner_state = inner.update(grads, state.inner, params, **extra)
     acc = _tmap(lambda s, x: s + _f32(x), state.accumulated, u)
@@ -547,16 +604,7 @@ def downpour(learning_rate: optax.ScalarOrSchedule | optax.GradientTransformatio
     def exchange(x_half):
       """The master adds every (finite) worker's accumulated update; the workers take
       the master's parameters."""
-      finite = C.tree_is_finite(acc)
-      tot = C.send(_tmap(lambda d: jnp.where(finite, d, jnp.zeros_like(d)), acc),
-                   lambda v: lax.psum(v, axis_name))
-      if mu == 0:
-        mom, step = None, tot
-      else:
-        mom = _tmap(lambda m, t: mu * m + t, sh.momentum, tot)
-        step = mom
-      master = _tmap(lambda xm, s: (_f32(xm) + s).astype(xm.dtype), sh.target, step)
-      return dict(target=master, momentum=mom), True
+      return push(sh, acc, True), True
 
     x_new, new_shared, _, _ = periodic.exchange_step(
         ex.astype(jnp.int32), sh, base.tree_add(params, u), exchange, warmup_steps=0,
