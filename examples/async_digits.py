@@ -171,18 +171,10 @@ def serve(a, K, params0, accuracy, async_):
 def main(argv=None):
   argv = sys.argv[1:] if argv is None else list(argv)
   a = parse_args(argv)
-  if a.rank is None:
-    if a.coordinator is not None:
-      print("error: --coordinator needs --rank (and --processes)", file=sys.stderr)
-      return 2
-    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    from processes import launch
-    return launch([sys.executable, os.path.abspath(__file__), *argv], a.workers + 1,
-                  a.deadline)
-  if a.coordinator is None or a.processes is None:
-    print("error: --rank needs --coordinator host:port and --processes N+1", file=sys.stderr)
-    return 2
-  return run_process(a)
+  sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+  import processes
+  return processes.run(a, argv, [sys.executable, os.path.abspath(__file__)], run_process,
+                       a.deadline)
 
 
 if __name__ == "__main__":

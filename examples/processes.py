@@ -46,3 +46,18 @@ def launch(command: list, num_processes: int, deadline_s: float) -> int:
     if p.returncode and out:
       print(f"--- process {r} exited with {p.returncode}:\n{out[-3000:]}", file=sys.stderr)
   return max(abs(p.returncode) for p in procs)
+
+
+def run(a, argv: list, command: list, run_process, deadline_s: float) -> int:
+  """A script's entry: without ``--rank``, start ``a.workers + 1`` processes of
+  ``command + argv`` on this host; with it (and ``--coordinator``, ``--processes``), be
+  that one process: ``run_process(a)``."""
+  if a.rank is None:
+    if a.coordinator is not None:
+      print("error: --coordinator needs --rank (and --processes)", file=sys.stderr)
+      return 2
+    return launch(command + list(argv), a.workers + 1, deadline_s)
+  if a.coordinator is None or a.processes is None:
+    print("error: --rank needs --coordinator host:port and --processes N+1", file=sys.stderr)
+    return 2
+  return run_process(a)

@@ -59,20 +59,32 @@ def _run(n, out, tau, alpha, mode="order", algo="easgd"):
   _finish(procs, {2} if mode == "kill" else set())  # process 2 = worker 1 kills itself
 
 
-def _simulated(K, tau, alpha):
-  A, b, w0, active = problem(K)
+def _simulate(K, make_tx, rows, value=False):
+  """A simulated transform on vmap over the test problem, one step per row of extra
+  ``update`` arguments (per-worker ``[K]`` arrays or ``wagrad.Shared``); ``value``: pass
+  the loss. Returns ``(runner, params, state)``."""
+  A, b, w0, _ = problem(K)
   r = wagrad.Runner("vmap", K)
-  tx = wagrad.async_easgd(optax.sgd(ETA), tau, alpha=alpha, order="sequential",
-                          axis_name=r.axis_name)
-  _, anyx = wagrad.async_easgd_schedule(active, tau)
+  tx = make_tx(r.axis_name)
 
-  def step(p, s, A, b, act, flag):
-    u, s = tx.update(jax.grad(loss)(p, A, b), s, p, active=act, any_exchange=flag)
+  def step(p, s, A, b, extra):
+    v, g = jax.value_and_grad(loss)(p, A, b)
+    u, s = tx.update(g, s, p, **({"value": v} if value else {}), **extra)
     return wagrad.apply_updates(p, u, s), s
   f = r.map(step)
   p, s = r.replicate({"w": jnp.asarray(w0)}), r.init(tx, {"w": jnp.asarray(w0)})
-  for t in range(STEPS):
-    p, s = f(p, s, A, b, active[t], wagrad.Shared(jnp.asarray(anyx[t])))
+  for extra in rows:
+    p, s = f(p, s, A, b, extra)
+  return r, p, s
+
+
+def _simulated(K, tau, alpha):
+  active = problem(K)[3]
+  _, anyx = wagrad.async_easgd_schedule(active, tau)
+  _, p, s = _simulate(K, lambda ax: wagrad.async_easgd(
+      optax.sgd(ETA), tau, alpha=alpha, order="sequential", axis_name=ax),
+      [{"active": active[t], "any_exchange": wagrad.Shared(jnp.asarray(anyx[t]))}
+       for t in range(STEPS)])
   return np.asarray(p["w"]), np.asarray(wagrad.easgd_center(s)["w"])
 
 
@@ -124,19 +136,9 @@ def np_async_downpour(K, tau, mu):
 
 def _simulated_downpour(K, tau, mu):
   """wagrad.downpour(asynchronous=True) on vmap, one worker stepping at each step."""
-  A, b, w0, _ = problem(K)
-  active = one_at_a_time(K)
-  r = wagrad.Runner("vmap", K)
-  tx = wagrad.downpour(ETA, tau, master_momentum=mu, asynchronous=True,
-                       axis_name=r.axis_name)
-
-  def step(p, s, A, b, act):
-    u, s = tx.update(jax.grad(loss)(p, A, b), s, p, active=act)
-    return wagrad.apply_updates(p, u, s), s
-  f = r.map(step)
-  p, s = r.replicate({"w": jnp.asarray(w0)}), r.init(tx, {"w": jnp.asarray(w0)})
-  for t in range(STEPS):
-    p, s = f(p, s, A, b, active[t])
+  _, p, s = _simulate(K, lambda ax: wagrad.downpour(
+      ETA, tau, master_momentum=mu, asynchronous=True, axis_name=ax),
+      [{"active": a} for a in one_at_a_time(K)])
   return np.asarray(p["w"]), np.asarray(wagrad.easgd_center(s)["w"])
 
 
@@ -175,19 +177,11 @@ def np_softsync(K, n, alpha0):
 def _simulated_softsync(K, alpha0):
   """wagrad.staleness_aware_sgd on vmap, one push per server update (c = 1) in the
   process run's serving order (by step, then learner index)."""
-  A, b, w0, active = problem(K)
-  r = wagrad.Runner("vmap", K)
-  tx = wagrad.staleness_aware_sgd(optax.sgd(1.0), alpha0=alpha0, axis_name=r.axis_name)
-
-  def step(p, s, A, b, push):
-    u, s = tx.update(jax.grad(loss)(p, A, b), s, p, push=push, apply=True)
-    return wagrad.apply_updates(p, u, s), s
-  f = r.map(step)
-  p, s = r.replicate({"w": jnp.asarray(w0)}), r.init(tx, {"w": jnp.asarray(w0)})
-  for t in range(STEPS):
-    for i in range(K):
-      if active[t, i]:
-        p, s = f(p, s, A, b, np.arange(K) == i)
+  active = problem(K)[3]
+  _, p, s = _simulate(K, lambda ax: wagrad.staleness_aware_sgd(
+      optax.sgd(1.0), alpha0=alpha0, axis_name=ax),
+      [{"push": np.arange(K) == i, "apply": wagrad.Shared(jnp.bool_(True))}
+       for t in range(STEPS) for i in range(K) if active[t, i]])
   return np.asarray(p["w"]), np.asarray(wagrad.find_shared(s, "server").server["w"])
 
 
@@ -208,19 +202,9 @@ def test_async_softsync_across_processes_equals_numpy_and_the_simulation(tmp_pat
 
 def _simulated_lsgd(K, tau, pull):
   """wagrad.async_lsgd on vmap, one worker stepping at each step."""
-  A, b, w0, _ = problem(K)
-  active = one_at_a_time(K)
-  r = wagrad.Runner("vmap", K)
-  tx = wagrad.async_lsgd(optax.sgd(ETA), tau, pull=pull, axis_name=r.axis_name)
-
-  def step(p, s, A, b, act):
-    value, g = jax.value_and_grad(loss)(p, A, b)
-    u, s = tx.update(g, s, p, value=value, active=act)
-    return wagrad.apply_updates(p, u, s), s
-  f = r.map(step)
-  p, s = r.replicate({"w": jnp.asarray(w0)}), r.init(tx, {"w": jnp.asarray(w0)})
-  for t in range(STEPS):
-    p, s = f(p, s, A, b, active[t])
+  _, p, s = _simulate(K, lambda ax: wagrad.async_lsgd(optax.sgd(ETA), tau, pull=pull,
+                                                      axis_name=ax),
+                      [{"active": a} for a in one_at_a_time(K)], value=True)
   sh = wagrad.find_shared(s, "leader_params")
   return np.asarray(p["w"]), np.asarray(sh.leader_params["w"]), int(sh.num_replacements)
 
@@ -241,17 +225,10 @@ def test_async_lsgd_across_processes_equals_the_simulation(tmp_path):
 
 def _simulated_wpsgd(K):
   """wagrad.wpsgd (one-shot, "samples") on vmap over the speed schedule, then combined."""
-  A, b, w0, active = problem(K)
-  r = wagrad.Runner("vmap", K)
-  tx = wagrad.wpsgd(optax.sgd(ETA), weighting="samples", axis_name=r.axis_name)
-
-  def step(p, s, A, b, act):
-    u, s = tx.update(jax.grad(loss)(p, A, b), s, p, active=act)
-    return wagrad.apply_updates(p, u, s), s
-  f = r.map(step)
-  p, s = r.replicate({"w": jnp.asarray(w0)}), r.init(tx, {"w": jnp.asarray(w0)})
-  for t in range(STEPS):
-    p, s = f(p, s, A, b, active[t])
+  active = problem(K)[3]
+  r, p, s = _simulate(K, lambda ax: wagrad.wpsgd(optax.sgd(ETA), weighting="samples",
+                                                 axis_name=ax),
+                      [{"active": a} for a in active])
   combined = r.map(lambda p, s: wagrad.wpsgd_combine(p, s, r.axis_name).value)(p, s)
   return np.asarray(combined["w"]), active.sum(0)
 

@@ -198,18 +198,9 @@ def serve(a, K, model, variables0, data, async_) -> int:
 def main(argv=None) -> int:
   argv = sys.argv[1:] if argv is None else list(argv)
   a = parse_args(argv)
-  if a.rank is None:
-    if a.coordinator is not None:
-      print("error: --coordinator needs --rank (and --processes)", file=sys.stderr)
-      return 2
-    from examples.processes import launch
-    deadline = a.deadline or a.time_budget + 600
-    return launch([sys.executable, "-m", "examples.cifar.async_main", *argv], a.workers + 1,
-                  deadline)
-  if a.coordinator is None or a.processes is None:
-    print("error: --rank needs --coordinator host:port and --processes N+1", file=sys.stderr)
-    return 2
-  return run_process(a)
+  from examples import processes
+  return processes.run(a, argv, [sys.executable, "-m", "examples.cifar.async_main"],
+                       run_process, a.deadline or a.time_budget + 600)
 
 
 if __name__ == "__main__":
