@@ -10,7 +10,8 @@ of a seeded speed schedule. Mode "order": the master serves in the simulation's 
 kills itself (SIGKILL) at its third step. Mode "rejoin": as "kill", and the test starts
 worker 1 again in mode "rejoined": it rejoins from the master's center, then runs its
 steps; worker 0 closes only after that join. Mode "slow": worker 2 pauses 4 s (longer
-than the master's check_s) before its last step, alive all the while. Mode "ckpt": the
+than the master's check_s) before its last step, alive all the while; mode "late": worker
+2 starts 4 s late. Mode "ckpt": the
 master checkpoints after every exchange and kills itself after the fifth; mode "resume":
 a new job whose master resumes from that checkpoint and whose workers rejoin (all
 joins before any step).
@@ -123,6 +124,8 @@ def main():
   elif algo == "lsgd":
     worker = async_.LSGDWorker(i, tau, pull=alpha, timeout_s=60)
   else:
+    if mode == "late" and i == 2:
+      time.sleep(4.0)  # still starting (data, compilation): no heartbeat yet
     make = async_.DownpourWorker if algo == "downpour" else async_.EASGDWorker
     worker = make(i, tau, timeout_s=60)
   if mode in ("rejoined", "resume"):

@@ -265,12 +265,14 @@ def test_a_killed_worker_stops_no_one(tmp_path):
 
 
 @pytest.mark.slow
-def test_a_slow_worker_is_not_taken_for_dead(tmp_path):
-  """Worker 2 pauses longer than the master's check_s while the others finish: its
-  heartbeat keeps it alive, and its last exchange is served."""
+@pytest.mark.parametrize("mode", ["slow", "late"])
+def test_a_slow_or_late_worker_is_not_taken_for_dead(tmp_path, mode):
+  """Worker 2 pauses longer than the master's check_s while the others finish (its
+  heartbeat keeps it alive), or starts that late (a worker not heard from yet has
+  timeout_s to start): every exchange is served, no one is taken for dead."""
   K, tau, alpha = 3, 2, 0.3
   out = str(tmp_path / "run")
-  _run(K + 1, out, tau, alpha, mode="slow")
+  _run(K + 1, out, tau, alpha, mode=mode)
   master = np.load(f"{out}_master.npz")
   assert list(master["gone"]) == []
   exch, _ = wagrad.async_easgd_schedule(problem(K)[3], tau)

@@ -129,12 +129,13 @@ def work(a, i, K, model, variables, data, async_, input_pipeline) -> int:
             "wpsgd": lambda: async_.WPSGDWorker(i, budget_s=a.time_budget)}[a.algo]()
   v = jax.tree_util.tree_map(jnp.asarray, variables)
   opt_state = inner.init(v["params"])
-  t0, t = time.monotonic(), 0
-  while time.monotonic() - t0 < a.time_budget and (a.steps is None or t < a.steps):
+  t0, t = None, 0  # the budget starts after the first step (its compilation)
+  while (t0 is None or time.monotonic() - t0 < a.time_budget) and (
+      a.steps is None or t < a.steps):
     images, labels = batches(t)
     loss, u, opt_state = local(v, opt_state, images[0], labels[0])
     v = worker.apply_updates(v, u, loss) if a.algo == "lsgd" else worker.apply_updates(v, u)
-    t += 1
+    t, t0 = t + 1, time.monotonic() if t0 is None else t0
   if a.algo == "wpsgd":
     v = worker.combine(v)
   worker.close()

@@ -227,7 +227,8 @@ def serve_easgd(params0: PyTree, num_workers: int, *, alpha: float,
       time with nothing arriving before ``TimeoutError``.
     check_s: a worker whose heartbeat (written every ``HEARTBEAT_S`` = 0.25 s by a
       thread of the worker) has not moved for this long is dead (its process killed)
-      and no longer waited for, until it rejoins (:meth:`EASGDWorker.rejoin`).
+      and no longer waited for, until it rejoins (:meth:`EASGDWorker.rejoin`); a worker
+      not heard from at all (still starting) gets ``timeout_s``.
       Keeping the others running when a process dies needs
       ``jax.config.update("jax_enable_recoverability", True)`` in every process before
       ``wagrad.initialize_distributed`` (JAX otherwise stops every process).
@@ -366,10 +367,11 @@ def _serve_until(prefix, num_workers, handle, finished, timeout_s, poll_s, check
     elif now - idle_since > check_s / 4:  # idle: has a worker's heartbeat stopped?
       for i in set(range(num_workers)) - finished() - gone:
         beat = kvstore.try_get(_key("alive", i, prefix=prefix))
-        if beat != beats.get(i, (None, started))[0]:
+        seen, since = beats.get(i, (None, started))
+        if beat != seen:
           beats[i] = (beat, now)
-        elif now - beats.get(i, (None, started))[1] > check_s:
-          gone.add(i)
+        elif now - since > (check_s if beat is not None else timeout_s):
+          gone.add(i)  # its heartbeat stopped (one never heard from: timeout_s to start)
       time.sleep(max(poll_s, check_s / 8))
     else:
       time.sleep(poll_s)
@@ -712,7 +714,7 @@ class WPSGDWorker(_Worker):
 
   Args:
     worker: this worker's index in ``[0, N)``.
-    budget_s: wall-clock seconds of training from the worker's creation (None: no
+    budget_s: wall-clock seconds of training from the end of the first step (None: no
       budget; :meth:`running` is then always True).
     timeout_s: longest wait for the combination (``TimeoutError`` after it).
   """
@@ -723,14 +725,18 @@ class WPSGDWorker(_Worker):
     super().__init__(worker, 1, timeout_s=timeout_s)
     if budget_s is not None and not budget_s > 0:
       raise ValueError(f"`budget_s` must be > 0 seconds or None, got {budget_s!r}.")
-    self.budget_s, self.start = budget_s, time.monotonic()
+    self.budget_s, self.start = budget_s, None
 
   def running(self) -> bool:
-    """The wall-clock budget is not spent yet."""
-    return self.budget_s is None or time.monotonic() - self.start < self.budget_s
+    """The wall-clock budget is not spent yet (it starts at the first step's end, after
+    the step's compilation)."""
+    return (self.budget_s is None or self.start is None
+            or time.monotonic() - self.start < self.budget_s)
 
   def apply_updates(self, params, updates):
     """``params + updates``, one local step counted."""
+    if self.start is None:
+      self.start = time.monotonic()
     self.clock += 1
     return optax.apply_updates(params, updates)
 
