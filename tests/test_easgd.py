@@ -591,6 +591,8 @@ def test_async_downpour_matches_numpy(backend, K, mu):
   sync, z = wagrad.downpour(eta, tau), {"w": jnp.zeros(3)}
   with pytest.raises(TypeError, match="asynchronous=True"):
     sync.update(z, sync.init(z), z, active=True)
+  with pytest.raises(ValueError, match="asynchronous=True"):
+    wagrad.downpour(eta, lambda t: 4, asynchronous=True)
 
 
 def _due_steps(period_fn, steps):

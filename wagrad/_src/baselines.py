@@ -535,8 +535,10 @@ def downpour(learning_rate: optax.ScalarOrSchedule | optax.GradientTransformatio
     inner = optax.sgd(learning_rate)
   period_fn = periodic.check_common(inner, sync_period, 0, "local", axis_name)
   base.check_range("master_momentum", master_momentum, 0.0, 1.0, hi_open=True)
-  if asynchronous:
-    base.check_positive_int("sync_period", sync_period)
+  if asynchronous and (isinstance(sync_period, bool) or not isinstance(sync_period, int)
+                       or sync_period < 1):
+    raise ValueError(f"downpour(asynchronous=True) needs an integer `sync_period` >= 1 "
+                     f"(each worker's own clock; no schedule), got {sync_period!r}.")
   mu = float(master_momentum)
   inner = periodic.inner_with_extra_args(inner)
 
