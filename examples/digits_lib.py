@@ -154,6 +154,10 @@ PAPER_SETTINGS = {
         "EASGD with the LSGD authors' local optimizer (their baseline)"),
     "multi_leader_lsgd_authors": (_multi_leader(_authors_inner),
                                   "multi-leader LSGD, 2 groups, the authors' defaults"),
+    "downpour_async": (lambda lr, tau, ax, K, T, seed, opts: Algo(
+        wagrad.downpour(lr / K, tau, axis_name=ax, asynchronous=True), "master",
+        rows=_straggler_rows(K, T, seed, opts.get("speeds"))),
+        "DOWNPOUR on each worker's own clock, half the workers 4x slower"),
 }
 GROUPS = {"multi_leader_lsgd_authors": 2}  # algorithms run on a runner with groups
 

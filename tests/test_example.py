@@ -88,3 +88,13 @@ def test_async_digits_bad_options_are_named(capsys):
   assert "must divide" in capsys.readouterr().err
   assert async_digits.main(["--rank", "1"]) == 2
   assert "--coordinator" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_async_downpour_simulation_converges_on_digits():
+  """downpour(asynchronous=True) with half the workers 4x slower, each pushing on its own
+  clock: the master's model beats chance (0.1) by a wide margin."""
+  from digits_lib import train_digits
+  (r,) = train_digits(["downpour_async"], steps=200, eval_every=200, sync_period=4,
+                      progress=False, sampling="whole")
+  assert r["test_acc"] > 0.8, r
