@@ -53,6 +53,23 @@ def overhead_tables(data):
   return "\n".join(out)
 
 
+def api_floor_tables(data):
+  """benchmarks/api_floor.py: the update API's shape against the parameter-returning
+  hand-written step, and wagrad against that shape; paired medians [q25, q75]; the
+  compiled temp arena and the memory faulted in per step (hand / api / wagrad)."""
+  out = ["| size | backend | algo | tau | api / hand | wagrad / api | wagrad / hand | "
+         "temp MiB | faulted MiB/step |", "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+  cell = lambda q: f"{q[1]:.3f} [{q[0]:.2f}, {q[2]:.2f}]"  # noqa: E731
+  three = lambda d: " / ".join(f"{d[k]:.0f}" for k in ("hand", "api", "wagrad"))  # noqa: E731
+  for run in data["runs"]:
+    for r in run["rows"]:
+      out.append(f"| {run['size']} | {run['backend']} | {r['algo']} | {r['tau']} | "
+                 f"{cell(r['api_over_hand'])} | {cell(r['wagrad_over_api'])} | "
+                 f"{cell(r['wagrad_over_hand'])} | {three(r['temp_mib'])} | "
+                 f"{three(r['page_faults_mib_per_step'])} |")
+  return "\n".join(out)
+
+
 def scaling_text(data):
   v = ", ".join(f"K={r['workers']}: {r['median_ms']:.2f} ms ({r['program_bytes'] / 1e6:.1f} MB)"
                 for r in data["vmap"])
@@ -66,6 +83,11 @@ def main():
     name = os.path.basename(path)[:-5]
     print(f"{name}:\n")
     print(overhead_tables(load(name)))
+    print()
+  for path in sorted(glob.glob(os.path.join(RES, "api_floor_*.json"))):
+    name = os.path.basename(path)[:-5]
+    print(f"{name}:\n")
+    print(api_floor_tables(load(name)))
     print()
   print(scaling_text(load("scaling")))
 

@@ -61,6 +61,52 @@ def test_hand_written_steps_do_the_same_math(backend):
     assert not np.allclose(w[0], w[1]), algo
 
 
+@pytest.mark.parametrize("backend", ["shard_map", "vmap"])
+def test_update_api_shaped_steps_do_the_same_math(backend):
+  """benchmarks/api_floor.py: the hand-written math in the update API's shape computes
+  what the parameter-returning hand-written step computes, for both of its rules."""
+  import jax
+  import numpy as np
+  import wagrad
+  import api_floor
+  import overhead
+  r = wagrad.Runner(backend, 8)
+  p0 = overhead.init_params(16)
+  rng = np.random.default_rng(1)
+  x = r.put(rng.normal(size=(8, 4, overhead.IN)).astype(np.float32))
+  y = r.put(rng.integers(0, 10, size=(8, 4)).astype(np.int32))
+  for algo in api_floor.ALGOS:
+    api, st = api_floor.api_variant(r, algo, 3, p0)
+    hand, hs = overhead.hand_variant(r, algo, 3, p0)
+    for _ in range(7):
+      st, hs = api(*st, x, y), hand(*hs, x, y)
+    for a, b in zip(jax.tree_util.tree_leaves(st[0]), jax.tree_util.tree_leaves(hs[0])):
+      np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-5, atol=1e-6,
+                                 err_msg=algo)
+    w = np.asarray(jax.tree_util.tree_leaves(st[0])[0])
+    assert not np.allclose(w[0], w[1]), algo
+
+
+@pytest.mark.slow
+def test_api_floor_benchmark_tiny(tmp_path, monkeypatch):
+  import common
+  monkeypatch.setattr(common, "OUT", str(tmp_path))
+  import api_floor
+  import overhead
+  monkeypatch.setitem(overhead.SIZES, "test", 16)
+  data = api_floor.main(["--sizes", "test", "--taus", "2", "--steps", "2", "--reps", "2",
+                         "--out", "af"])
+  saved = json.load(open(tmp_path / "af.json"))
+  assert [r["backend"] for r in saved["runs"]] == ["shard_map", "vmap"]
+  for run in data["runs"]:
+    assert [r["algo"] for r in run["rows"]] == list(api_floor.ALGOS)
+    for row in run["rows"]:
+      for key in ("api_over_hand", "wagrad_over_api", "wagrad_over_hand"):
+        assert 0 < row[key][0] <= row[key][1] <= row[key][2]
+      assert set(row["temp_mib"]) == {"hand", "api", "wagrad"}
+      assert all(v >= 0 for v in row["page_faults_mib_per_step"].values())
+
+
 @pytest.mark.slow
 def test_convergence_benchmark_tiny(tmp_path, monkeypatch):
   import common
