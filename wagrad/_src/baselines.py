@@ -231,88 +231,24 @@ def model_averaging(inner: optax.GradientTransformation, sync_period: Period | N
     Lin et al., 2020, arXiv 1808.07217; Douillard et al., 2023, arXiv 2311.08455;
     Douillard et al., "Streaming DiLoCo", 2025, arXiv 2501.18512.
   """
-  if sync_period is None and outer_optimizer is not None:
-    raise ValueError("`outer_optimizer` needs periodic exchanges: it cannot be used with "
-                     "`sync_period=None` (one-shot averaging).")
-  period_fn = periodic.check_common(inner, sync_period, warmup_steps, opt_state_sync, axis_name)
-  if outer_optimizer is not None:
-    base.check_transform("outer_optimizer", outer_optimizer)
-    if not exact:
-      raise ValueError("`exact=False` cannot be used with `outer_optimizer`: the outer "
-                       "step needs x_global, which `exact=True` keeps.")
-  compression_mod.check_mode(compression)
-  base.check_range("update_alpha", update_alpha, 0.0, 1.0, hi_open=True)
-  base.check_positive_int("num_fragments", num_fragments)
-  alpha, F = float(update_alpha), int(num_fragments)
-  for name, on in (("compression", compression is not None), ("update_alpha", alpha > 0),
-                   ("num_fragments", F > 1)):
-    if on and not exact:
-      raise ValueError(f"`{name}` needs `exact=True`: it works from x_global, which "
-                       "`exact=False` does not keep.")
-    if on and sync_period is None:
-      raise ValueError(f"`{name}` needs periodic exchanges, not `sync_period=None`.")
-  if F > 1:
-    if not isinstance(sync_period, (int, np.integer)) or sync_period < F:
-      raise ValueError(f"`num_fragments`={F} needs an integer `sync_period` >= {F} (each "
-                       f"fragment has its own step in the period), got {sync_period!r}.")
-    if opt_state_sync != "local":
-      raise ValueError("`num_fragments` > 1 keeps each worker's inner state: use "
-                       "`opt_state_sync='local'`.")
-  feedback = compression is not None and bool(error_feedback)
+  period_fn = _check_averaging(inner, sync_period, axis_name, warmup_steps, outer_optimizer,
+                               opt_state_sync, exact, compression, update_alpha,
+                               num_fragments)
+  cfg = _Averaging(axis_name, warmup_steps, sync_period, int(num_fragments),
+                   float(update_alpha), compression,
+                   compression is not None and bool(error_feedback), outer_optimizer)
   inner = periodic.inner_with_extra_args(inner)
 
   def init_fn(params):
-    outer = None
-    if outer_optimizer is not None:
-      if F == 1:
-        outer = outer_optimizer.init(params)
-      else:  # one outer state per fragment, over the fragment's leaves (a list)
-        frag, leaves = _fragments(params, F), jax.tree_util.tree_leaves(params)
-        outer = tuple(outer_optimizer.init([x for x, g in zip(leaves, frag) if g == f])
-                      for f in range(F))
-    elif F > 1:
-      _fragments(params, F)  # refuses too few leaves now, not at the first update
     clock = base.clock(0)
-    if F > 1:  # a flag per leaf: each fragment is assigned on its own steps
+    if cfg.F > 1:  # a flag per leaf: each fragment is assigned on its own steps
       clock["assign"] = _tmap(lambda x: jnp.bool_(False), params)
     return ModelAveragingState(
         inner.init(params),
         AveragingShared(**clock, target=base.tree_copy(params) if exact else None,
-                        outer=outer),
-        residuals(params) if feedback else None, jnp.bool_(False) if F > 1 else None)
-
-  def residuals(params):
-    if F == 1:
-      return compression_mod.residual_like(params)
-    frag, leaves = _fragments(params, F), jax.tree_util.tree_leaves(params)
-    return tuple(compression_mod.residual_like([x for x, g in zip(leaves, frag) if g == f])
-                 for f in range(F))
-
-  def global_mean(x_half, target, weight, error):
-    """``(xbar, new_error)``: the mean of the finite, active workers' ``x_half``
-    (``target`` if none), in float32, or through the compressed exchange."""
-    if compression is None:
-      return C.weighted_mean(x_half, weight, axis_name, fallback=target).value, error
-    d = _tmap(lambda x, t: _f32(x) - _f32(t), x_half, target)
-    include = (jnp.asarray(weight) > 0) & C.tree_is_finite(d)
-    md, error, _ = compression_mod.compressed_mean(d, include, axis_name, compression, error)
-    return _tmap(lambda t, m: _f32(t) + m, target, md), error
-
-  def outer_step(target, xbar, outer_state):
-    """``(x_global, outer_state)`` after an exchange whose mean is ``xbar``."""
-    if outer_optimizer is None:
-      return base.tree_cast_like(xbar, target), outer_state
-    ou, outer_state = outer_optimizer.update(base.tree_sub(target, xbar), outer_state, target)
-    return optax.apply_updates(target, ou), outer_state
-
-  def take(target, x_half):
-    """A worker's parameters after an exchange: x_global, or the update_alpha mix."""
-    x = base.tree_cast_like(target, x_half)
-    if alpha == 0:
-      return x
-    finite = C.tree_is_finite(x_half)
-    return _tmap(lambda t, h: jnp.where(finite, ((1 - alpha) * _f32(t) + alpha * _f32(h))
-                                        .astype(h.dtype), t), x, x_half)
+                        outer=cfg.outer_init(params)),
+        cfg.residuals(params) if cfg.feedback else None,
+        jnp.bool_(False) if cfg.F > 1 else None)
 
   def update_fn(grads, state, params=None, *, active=None, **extra):
     if params is None:
@@ -328,8 +264,8 @@ def model_averaging(inner: optax.GradientTransformation, sync_period: Period | N
       inner_state = base.tree_where(active, inner_state, state.inner)
       weight = active.astype(jnp.float32)
     x_half = base.tree_add(params, u)
-    if F > 1:
-      return streaming_update(x_half, params, sh, inner_state, weight, state.error)
+    if cfg.F > 1:
+      return _streaming_update(cfg, x_half, params, sh, inner_state, weight, state.error)
     idx = periodic.branch_index(sh.count, sh.last_exchange, warmup_steps, period_fn)
 
     def exchange(operand):
@@ -338,78 +274,175 @@ def model_averaging(inner: optax.GradientTransformation, sync_period: Period | N
       if not exact:  # no stored x_global: the mean itself leaves the branch
         return {}, C.weighted_mean(operand, weight, axis_name, fallback=operand).value
       x_half, error = operand
-      xbar, error = global_mean(x_half, sh.target, weight, error)
-      target, outer_state = outer_step(sh.target, xbar, sh.outer)
+      xbar, error = cfg.global_mean(x_half, sh.target, weight, error)
+      target, outer_state = cfg.outer_step(sh.target, xbar, sh.outer)
       return {"target": target, "outer": outer_state}, error
 
     if exact:  # the residual is the per-worker aux that leaves the branch
       exchanged = idx != periodic.NO_EXCHANGE
       kw = dict(operand=(x_half, state.error), local_aux=lambda operand: operand[1],
-                move=lambda x, shared, aux: take(shared.target, x),
-                assign=(idx == periodic.WARMUP_END) if alpha > 0 else exchanged)
+                move=lambda x, shared, aux: cfg.take(shared.target, x),
+                assign=(idx == periodic.WARMUP_END) if cfg.alpha > 0 else exchanged)
     else:
       kw = dict(assign=False, aux_is_params=True)
     x_new, shared, inner_state, error = periodic.exchange_step(
         idx, sh, x_half, exchange, warmup_steps=warmup_steps, axis_name=axis_name,
         opt_state=(opt_state_sync, inner, inner_state), **kw)
     return (periodic.updates_to(x_new, params),
-            ModelAveragingState(inner_state, shared, error if feedback else None))
-
-  def streaming_update(x_half, params, sh, inner_state, weight, error):
-    """Streaming fragments: branch 1 + f exchanges fragment f's leaves alone (its own
-    outer state), the last branch ends the warm-up; ``assign`` is a per-leaf tree."""
-    leaves_x, treedef = jax.tree_util.tree_flatten(x_half)
-    leaves_t = jax.tree_util.tree_leaves(sh.target)
-    frag = _fragments(sh.target, F)
-    due = fragment_due(sh.count, warmup_steps, sync_period, F)
-    idx = jnp.where(sh.count == warmup_steps - 1, F + 1, due + 1).astype(jnp.int32)
-    mine = [[j for j, g in enumerate(frag) if g == f] for f in range(F)]
-
-    def local(operand):
-      return sh.target, sh.outer, operand
-
-    def exchange_fragment(f):
-      def branch(operand):
-        part = lambda xs: [xs[j] for j in mine[f]]  # noqa: E731
-        xbar, new_err = global_mean(part(leaves_x), part(leaves_t), weight,
-                                    None if error is None else operand[f])
-        target, outer_f = outer_step(part(leaves_t), xbar,
-                                     None if sh.outer is None else sh.outer[f])
-        t = list(leaves_t)
-        for j, v in zip(mine[f], target):
-          t[j] = v
-        outer = sh.outer if sh.outer is None else tuple(
-            outer_f if g == f else o for g, o in enumerate(sh.outer))
-        out_err = operand if error is None else tuple(
-            new_err if g == f else e for g, e in enumerate(operand))
-        return jax.tree_util.tree_unflatten(treedef, t), outer, out_err
-      return branch
-
-    def warmup_end(operand):
-      x0 = periodic.warmup_target(x_half, axis_name)
-      return base.tree_cast_like(x0, sh.target), sh.outer, operand
-
-    branches = [local] + [exchange_fragment(f) for f in range(F)]
-    if warmup_steps > 0:
-      branches.append(warmup_end)
-    target, outer, new_error = lax.switch(idx, branches, error)
-    took = [(idx == frag[j] + 1) | (idx == F + 1) for j in range(len(leaves_x))]
-    # a non-finite worker takes x_global whole at any exchange: healed one fragment at a
-    # time, its other fragments' NaN would spoil the healed one's next gradient
-    reset = (idx > 0) & ~C.tree_is_finite(x_half)
-    assign = [t & ((alpha == 0) | (idx == F + 1)) for t in took]
-    new_t = jax.tree_util.tree_leaves(target)
-    mixed = jax.tree_util.tree_leaves(take(target, x_half))
-    x_new = [jnp.where(tk | reset, jnp.where((idx == F + 1) | reset, nt.astype(x.dtype), m), x)
-             for tk, nt, m, x in zip(took, new_t, mixed, leaves_x)]
-    clock = periodic.next_clock(jnp.where(idx > 0, periodic.EXCHANGE, periodic.NO_EXCHANGE),
-                                sh)
-    clock["assign"] = jax.tree_util.tree_unflatten(treedef, assign)
-    shared = dataclasses.replace(sh, **clock, target=target, outer=outer)
-    return (periodic.updates_to(jax.tree_util.tree_unflatten(treedef, x_new), params),
-            ModelAveragingState(inner_state, shared, new_error, reset))
+            ModelAveragingState(inner_state, shared, error if cfg.feedback else None))
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def _check_averaging(inner, sync_period, axis_name, warmup_steps, outer_optimizer,
+                     opt_state_sync, exact, compression, update_alpha, num_fragments):
+  """Validate :func:`model_averaging`'s arguments; return the period function."""
+  if sync_period is None and outer_optimizer is not None:
+    raise ValueError("`outer_optimizer` needs periodic exchanges: it cannot be used with "
+                     "`sync_period=None` (one-shot averaging).")
+  period_fn = periodic.check_common(inner, sync_period, warmup_steps, opt_state_sync, axis_name)
+  if outer_optimizer is not None:
+    base.check_transform("outer_optimizer", outer_optimizer)
+    if not exact:
+      raise ValueError("`exact=False` cannot be used with `outer_optimizer`: the outer "
+                       "step needs x_global, which `exact=True` keeps.")
+  compression_mod.check_mode(compression)
+  base.check_range("update_alpha", update_alpha, 0.0, 1.0, hi_open=True)
+  base.check_positive_int("num_fragments", num_fragments)
+  for name, on in (("compression", compression is not None), ("update_alpha", update_alpha > 0),
+                   ("num_fragments", num_fragments > 1)):
+    if on and not exact:
+      raise ValueError(f"`{name}` needs `exact=True`: it works from x_global, which "
+                       "`exact=False` does not keep.")
+    if on and sync_period is None:
+      raise ValueError(f"`{name}` needs periodic exchanges, not `sync_period=None`.")
+  if num_fragments > 1:
+    if not isinstance(sync_period, (int, np.integer)) or sync_period < num_fragments:
+      raise ValueError(f"`num_fragments`={num_fragments} needs an integer `sync_period` >= "
+                       f"{num_fragments} (each fragment has its own step in the period), "
+                       f"got {sync_period!r}.")
+    if opt_state_sync != "local":
+      raise ValueError("`num_fragments` > 1 keeps each worker's inner state: use "
+                       "`opt_state_sync='local'`.")
+  return period_fn
+
+
+@dataclasses.dataclass(frozen=True)
+class _Averaging:
+  """:func:`model_averaging`'s static settings and the pieces of its exchange."""
+  axis_name: Any
+  warmup_steps: int
+  sync_period: Any
+  F: int                    # fragments
+  alpha: float              # update_alpha
+  compression: str | None
+  feedback: bool            # error feedback (with compression)
+  outer_optimizer: Any
+
+  def outer_init(self, params):
+    """The outer optimizer's state: one, or one per fragment over its leaves (a list)."""
+    if self.outer_optimizer is None:
+      if self.F > 1:
+        _fragments(params, self.F)  # refuses too few leaves now, not at the first update
+      return None
+    if self.F == 1:
+      return self.outer_optimizer.init(params)
+    return tuple(self.outer_optimizer.init(part) for part in _parts(params, self.F))
+
+  def residuals(self, params):
+    if self.F == 1:
+      return compression_mod.residual_like(params)
+    return tuple(compression_mod.residual_like(part) for part in _parts(params, self.F))
+
+  def global_mean(self, x_half, target, weight, error):
+    """``(xbar, new_error)``: the mean of the finite, active workers' ``x_half``
+    (``target`` if none), in float32, or through the compressed exchange."""
+    if self.compression is None:
+      return C.weighted_mean(x_half, weight, self.axis_name, fallback=target).value, error
+    d = _tmap(lambda x, t: _f32(x) - _f32(t), x_half, target)
+    include = (jnp.asarray(weight) > 0) & C.tree_is_finite(d)
+    md, error, _ = compression_mod.compressed_mean(d, include, self.axis_name,
+                                                   self.compression, error)
+    return _tmap(lambda t, m: _f32(t) + m, target, md), error
+
+  def outer_step(self, target, xbar, outer_state):
+    """``(x_global, outer_state)`` after an exchange whose mean is ``xbar``."""
+    if self.outer_optimizer is None:
+      return base.tree_cast_like(xbar, target), outer_state
+    ou, outer_state = self.outer_optimizer.update(base.tree_sub(target, xbar), outer_state,
+                                                  target)
+    return optax.apply_updates(target, ou), outer_state
+
+  def take(self, target, x_half):
+    """A worker's parameters after an exchange: x_global, or the update_alpha mix."""
+    x = base.tree_cast_like(target, x_half)
+    if self.alpha == 0:
+      return x
+    a, finite = self.alpha, C.tree_is_finite(x_half)
+    return _tmap(lambda t, h: jnp.where(finite, ((1 - a) * _f32(t) + a * _f32(h))
+                                        .astype(h.dtype), t), x, x_half)
+
+
+def _parts(params, num_fragments):
+  """The leaves of ``params`` as one list per fragment."""
+  frag, leaves = _fragments(params, num_fragments), jax.tree_util.tree_leaves(params)
+  return [[x for x, g in zip(leaves, frag) if g == f] for f in range(num_fragments)]
+
+
+def _streaming_update(cfg, x_half, params, sh, inner_state, weight, error):
+  """Streaming fragments: branch 1 + f exchanges fragment f's leaves alone (its own
+  outer state), the last branch ends the warm-up; ``assign`` is a per-leaf tree."""
+  F = cfg.F
+  leaves_x, treedef = jax.tree_util.tree_flatten(x_half)
+  leaves_t = jax.tree_util.tree_leaves(sh.target)
+  frag = _fragments(sh.target, F)
+  due = fragment_due(sh.count, cfg.warmup_steps, cfg.sync_period, F)
+  idx = jnp.where(sh.count == cfg.warmup_steps - 1, F + 1, due + 1).astype(jnp.int32)
+  mine = [[j for j, g in enumerate(frag) if g == f] for f in range(F)]
+
+  def local(operand):
+    return sh.target, sh.outer, operand
+
+  def exchange_fragment(f):
+    def branch(operand):
+      part = lambda xs: [xs[j] for j in mine[f]]  # noqa: E731
+      xbar, new_err = cfg.global_mean(part(leaves_x), part(leaves_t), weight,
+                                      None if error is None else operand[f])
+      target, outer_f = cfg.outer_step(part(leaves_t), xbar,
+                                       None if sh.outer is None else sh.outer[f])
+      t = list(leaves_t)
+      for j, v in zip(mine[f], target):
+        t[j] = v
+      outer = sh.outer if sh.outer is None else tuple(
+          outer_f if g == f else o for g, o in enumerate(sh.outer))
+      out_err = operand if error is None else tuple(
+          new_err if g == f else e for g, e in enumerate(operand))
+      return jax.tree_util.tree_unflatten(treedef, t), outer, out_err
+    return branch
+
+  def warmup_end(operand):
+    x0 = periodic.warmup_target(x_half, cfg.axis_name)
+    return base.tree_cast_like(x0, sh.target), sh.outer, operand
+
+  branches = [local] + [exchange_fragment(f) for f in range(F)]
+  if cfg.warmup_steps > 0:
+    branches.append(warmup_end)
+  target, outer, new_error = lax.switch(idx, branches, error)
+  took = [(idx == frag[j] + 1) | (idx == F + 1) for j in range(len(leaves_x))]
+  # a non-finite worker takes x_global whole at any exchange: healed one fragment at a
+  # time, its other fragments' NaN would spoil the healed one's next gradient
+  reset = (idx > 0) & ~C.tree_is_finite(x_half)
+  assign = [t & ((cfg.alpha == 0) | (idx == F + 1)) for t in took]
+  new_t = jax.tree_util.tree_leaves(target)
+  mixed = jax.tree_util.tree_leaves(cfg.take(target, x_half))
+  x_new = [jnp.where(tk | reset, jnp.where((idx == F + 1) | reset, nt.astype(x.dtype), m), x)
+           for tk, nt, m, x in zip(took, new_t, mixed, leaves_x)]
+  clock = periodic.next_clock(jnp.where(idx > 0, periodic.EXCHANGE, periodic.NO_EXCHANGE),
+                              sh)
+  clock["assign"] = jax.tree_util.tree_unflatten(treedef, assign)
+  shared = dataclasses.replace(sh, **clock, target=target, outer=outer)
+  return (periodic.updates_to(jax.tree_util.tree_unflatten(treedef, x_new), params),
+          ModelAveragingState(inner_state, shared, new_error, reset))
 
 
 def diloco(inner_learning_rate: optax.ScalarOrSchedule = 4e-4,

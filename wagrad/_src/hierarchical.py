@@ -332,6 +332,89 @@ def _heal(finite, leader, x, inner, inner_state):
   return x, periodic.reset_inner_where(~finite, inner, inner_state, x)
 
 
+@dataclasses.dataclass(frozen=True)
+class _MultiLeader:
+  """:func:`multi_leader_lsgd`'s static settings."""
+  inner: Any
+  group_axis: Any
+  full_axis: Any
+  c1: float                 # local pull
+  c2: float                 # global pull
+  use_local: bool           # the group level is on
+  opt_state_sync: str
+  warmup_steps: int
+
+
+def _multi_leader_rounds(cfg, idx, x, inner_state, state, params, run_loss):
+  """The round of this step (``lax.switch`` on :func:`_round_index`): none, local (group
+  leaders), global (group leaders, then the global leader) or the warm-up's end.
+  Returns ``(x, inner_state, group_leader_params, group_leader, group_leader_loss,
+  shared, finite)``."""
+  sh, inner, full_axis = state.shared, cfg.inner, cfg.full_axis
+  Ll_old = base.tree_cast_like(state.group_leader_params, params)
+  group_start = lax.axis_index(full_axis) - lax.axis_index(cfg.group_axis)
+  mix = sh.mix_weights
+  n_global = sh.num_global_exchanges + (idx == 2).astype(jnp.int32)
+  last_global = jnp.where((idx == 2) | (idx == 3), sh.count + 1,
+                          sh.last_global_exchange).astype(jnp.int32)
+
+  def shared_after(assign, exchanged=False, leader=None, **changes):
+    if leader is not None:
+      changes.update(leader=jnp.asarray(leader, jnp.int32),
+                     mix_weights=None if mix is None else _one_hot(leader, mix.shape[0]))
+    return dataclasses.replace(sh, **periodic.next_clock(idx, sh, assign),
+                               num_global_exchanges=n_global,
+                               last_global_exchange=last_global,
+                               exchanged=jnp.bool_(exchanged), **changes)
+
+  def group_round(x):
+    if not cfg.use_local:
+      return x, Ll_old, state.group_leader, state.group_leader_loss, jnp.bool_(True)
+    return _group_round(x, run_loss, Ll_old, state, cfg.group_axis, group_start, cfg.c1)
+
+  def none(x, inner_state):
+    return (x, inner_state, Ll_old, state.group_leader, state.group_leader_loss,
+            shared_after(False), jnp.bool_(True))
+
+  def local_round(x, inner_state):
+    x, Ll, gi, gl, finite = group_round(x)
+    if cfg.opt_state_sync == "reset":
+      inner_state = periodic.sync_opt_state("reset", inner, inner_state, x, full_axis)
+    x, inner_state = _heal(finite, sh.global_leader_params, x, inner, inner_state)
+    return (x, inner_state, Ll, gi, gl, shared_after(False), finite)
+
+  def global_round(x, inner_state):
+    x, Ll, gi, gl, _ = group_round(x)
+    finite = C.tree_is_finite(x)
+    Lg_prev = base.tree_cast_like(sh.global_leader_params, params)  # read here: see lsgd
+    ld, dist = _elect_with_drift(run_loss, x, Lg_prev, full_axis)
+    Lg = C.broadcast_from(x, ld.index, full_axis)
+    c2 = cfg.c2
+    if c2 > 0:
+      x = base.tree_where(ld.ok, Lg if c2 == 1.0 else _pull(x, Lg, c2), x)
+    inner_state = periodic.sync_opt_state(cfg.opt_state_sync, inner, inner_state, x,
+                                          full_axis)
+    elected = shared_after(
+        c2 == 1.0, True, ld.index,
+        global_leader_params=base.tree_cast_like(Lg, sh.global_leader_params),
+        leader_loss=jnp.asarray(ld.loss, jnp.float32),
+        pull_distance=jnp.asarray(dist, jnp.float32))
+    new_shared = base.tree_where(ld.ok, elected, shared_after(False))  # none finite: none
+    x, inner_state = _heal(finite, new_shared.global_leader_params, x, inner, inner_state)
+    return (x, inner_state, Ll, gi, gl, new_shared, finite)
+
+  def warmup_end(x, inner_state):
+    t = base.tree_cast_like(periodic.warmup_target(x, full_axis), params)
+    return (t, inner_state, t, jnp.int32(0), state.group_leader_loss,
+            shared_after(True, True, 0,
+                         global_leader_params=base.tree_cast_like(t, sh.global_leader_params),
+                         pull_distance=jnp.zeros([], jnp.float32)), jnp.bool_(True))
+
+  branches = (none, local_round, global_round) + (
+      (warmup_end,) if cfg.warmup_steps > 0 else ())
+  return lax.switch(idx, branches, x, inner_state)
+
+
 def multi_leader_lsgd(inner: optax.GradientTransformation, *, group_axis: AxisName,
                       global_axis: AxisName, local_period: Period, global_period: Period,
                       local_pull: float = 0.1, global_pull: float = 0.1,
@@ -401,8 +484,9 @@ def multi_leader_lsgd(inner: optax.GradientTransformation, *, group_axis: AxisNa
       opt_state_sync, local_pull, global_pull, local_proximal, global_proximal, avg_size,
       num_workers)
   c1, c2, p1, p2 = map(float, (local_pull, global_pull, local_proximal, global_proximal))
-  use_local = c1 > 0 or p1 > 0
   inner = periodic.inner_with_extra_args(inner)
+  cfg = _MultiLeader(inner, group_axis, full_axis, c1, c2, c1 > 0 or p1 > 0, opt_state_sync,
+                     warmup_steps)
 
   def init_fn(params):
     zero = jnp.zeros([], jnp.int32)
@@ -431,82 +515,23 @@ def multi_leader_lsgd(inner: optax.GradientTransformation, *, group_axis: AxisNa
         inner, grads, state.inner, params, sh.count, warmup_steps, full_axis, **extra)
     x = base.tree_add(params, u)
     losses, num_losses = _push_loss(state.losses, state.num_losses, loss, True)
-    run_loss = _running_mean(losses, num_losses)
 
-    Lg_old = base.tree_cast_like(sh.global_leader_params, params)
-    Ll_old = base.tree_cast_like(state.group_leader_params, params)
+    # the proximal pulls of every step: p / period (a constant for an integer period)
     after_warmup = sh.count >= warmup_steps
-    def per_step(p, period, fn):  # p / period (a constant for an integer period)
+    def per_step(p, period, fn):
       return p / fn(sh.count).astype(jnp.float32) if callable(period) else p / period
     if p2 > 0:
       coef = per_step(p2, global_period, global_fn)
-      x = base.tree_where(after_warmup, _pull(x, Lg_old, coef), x)
-    if use_local and p1 > 0:
+      x = base.tree_where(after_warmup, _pull(
+          x, base.tree_cast_like(sh.global_leader_params, params), coef), x)
+    if cfg.use_local and p1 > 0:
       coef = per_step(p1, local_period, period_fn)
-      x = base.tree_where(after_warmup, _pull(x, Ll_old, coef), x)
+      x = base.tree_where(after_warmup, _pull(
+          x, base.tree_cast_like(state.group_leader_params, params), coef), x)
 
     idx = _round_index(sh, warmup_steps, period_fn, global_fn)
-    me = lax.axis_index(full_axis)
-    group_start = me - lax.axis_index(group_axis)
-
-    mix = sh.mix_weights
-    n_global = sh.num_global_exchanges + (idx == 2).astype(jnp.int32)
-    last_global = jnp.where((idx == 2) | (idx == 3), sh.count + 1,
-                            sh.last_global_exchange).astype(jnp.int32)
-
-    def shared_after(assign, exchanged=False, leader=None, **changes):
-      if leader is not None:
-        changes.update(leader=jnp.asarray(leader, jnp.int32),
-                       mix_weights=None if mix is None else _one_hot(leader, mix.shape[0]))
-      return dataclasses.replace(sh, **periodic.next_clock(idx, sh, assign),
-                          num_global_exchanges=n_global, last_global_exchange=last_global,
-                          exchanged=jnp.bool_(exchanged),
-                          **changes)
-
-    def group_round(x):
-      if not use_local:
-        return x, Ll_old, state.group_leader, state.group_leader_loss, jnp.bool_(True)
-      return _group_round(x, run_loss, Ll_old, state, group_axis, group_start, c1)
-
-    def none(x, inner_state):
-      return (x, inner_state, Ll_old, state.group_leader, state.group_leader_loss,
-              shared_after(False), jnp.bool_(True))
-
-    def local_round(x, inner_state):
-      x, Ll, gi, gl, finite = group_round(x)
-      if opt_state_sync == "reset":
-        inner_state = periodic.sync_opt_state("reset", inner, inner_state, x, full_axis)
-      x, inner_state = _heal(finite, sh.global_leader_params, x, inner, inner_state)
-      return (x, inner_state, Ll, gi, gl, shared_after(False), finite)
-
-    def global_round(x, inner_state):
-      x, Ll, gi, gl, _ = group_round(x)
-      finite = C.tree_is_finite(x)
-      Lg_prev = base.tree_cast_like(sh.global_leader_params, params)  # read here: see lsgd
-      ld, dist = _elect_with_drift(run_loss, x, Lg_prev, full_axis)
-      Lg = C.broadcast_from(x, ld.index, full_axis)
-      if c2 > 0:
-        x = base.tree_where(ld.ok, Lg if c2 == 1.0 else _pull(x, Lg, c2), x)
-      inner_state = periodic.sync_opt_state(opt_state_sync, inner, inner_state, x, full_axis)
-      elected = shared_after(
-          c2 == 1.0, True, ld.index,
-          global_leader_params=base.tree_cast_like(Lg, sh.global_leader_params),
-          leader_loss=jnp.asarray(ld.loss, jnp.float32),
-          pull_distance=jnp.asarray(dist, jnp.float32))
-      new_shared = base.tree_where(ld.ok, elected, shared_after(False))  # none finite: none
-      x, inner_state = _heal(finite, new_shared.global_leader_params, x, inner, inner_state)
-      return (x, inner_state, Ll, gi, gl, new_shared, finite)
-
-    def warmup_end(x, inner_state):
-      t = base.tree_cast_like(periodic.warmup_target(x, full_axis), params)
-      return (t, inner_state, t, jnp.int32(0), state.group_leader_loss,
-              shared_after(True, True, 0,
-                           global_leader_params=base.tree_cast_like(t, sh.global_leader_params),
-                           pull_distance=jnp.zeros([], jnp.float32)), jnp.bool_(True))
-
-    branches = (none, local_round, global_round) + ((warmup_end,) if warmup_steps > 0 else ())
-    x_new, inner_state, Ll, gi, gl, new_shared, finite = lax.switch(
-        idx, branches, x, inner_state)
+    x_new, inner_state, Ll, gi, gl, new_shared, finite = _multi_leader_rounds(
+        cfg, idx, x, inner_state, state, params, _running_mean(losses, num_losses))
     reset = ~finite  # set only by a round (inside the switch, where it was healed)
     updates = periodic.updates_to(x_new, params)
     return updates, MultiLeaderState(

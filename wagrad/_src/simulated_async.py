@@ -100,6 +100,42 @@ class AsyncEASGDState(NamedTuple):
   due: Any = None           # with a period schedule: the clock of the next exchange
 
 
+def _async_centers(order, params, c, ex, a, axis_name):
+  """Asynchronous EASGD's master over the workers exchanging this step (``ex``), in
+  ``order``: ``(seen, new_c, m)``, the center this worker sees (float32), the center
+  after all of them and how many exchanged.
+
+  Sequential, by worker index: with ``r`` this worker's rank among the ``m``
+  exchanging workers, ``c_r = (1-a)^r c + sum_{rank_k < r} a (1-a)^(r-1-rank_k) x_k``
+  and ``c_m`` likewise. Simultaneous: every one sees ``c``, and
+  ``c <- c + a sum_k (x_k - c)``."""
+  ex_all = C.all_gather(ex, axis_name)                       # [K], shared
+  rank_all = jnp.cumsum(ex_all.astype(jnp.int32)) - ex_all.astype(jnp.int32)
+  m = jnp.sum(ex_all.astype(jnp.int32))
+  r = rank_all[lax.axis_index(axis_name)]
+  one_m = jnp.float32(1.0 - a)
+  if order == "simultaneous":
+    step = C.send(_tmap(lambda x, cc: jnp.where(ex, a * (_f32(x) - _f32(cc)),
+                                                 jnp.zeros_like(_f32(x))), params, c),
+                  lambda v: lax.psum(v, axis_name))
+    return _tmap(_f32, c), _tmap(lambda cc, s: (_f32(cc) + s).astype(cc.dtype), c, step), m
+  xs = C.all_gather(_tmap(lambda x: jnp.where(ex, _f32(x), jnp.zeros_like(_f32(x))),
+                          params), axis_name)              # [K, ...], shared
+  rf = rank_all.astype(jnp.float32)
+  w_seen = jnp.where(ex_all & (rank_all < r),
+                     a * jnp.power(one_m, r.astype(jnp.float32) - 1.0 - rf), 0.0)
+  w_end = jnp.where(ex_all, a * jnp.power(one_m, m.astype(jnp.float32) - 1.0 - rf), 0.0)
+
+  def comb(w, scale, cc, x):
+    return scale * _f32(cc) + jnp.tensordot(w, x, axes=1)
+
+  seen = _tmap(lambda cc, x: comb(w_seen, jnp.power(one_m, r.astype(jnp.float32)), cc, x),
+               c, xs)
+  new_c = _tmap(lambda cc, x: comb(w_end, jnp.power(one_m, m.astype(jnp.float32)), cc,
+                                   x).astype(cc.dtype), c, xs)
+  return seen, new_c, m
+
+
 def async_easgd(inner: optax.GradientTransformation, sync_period: Period = 1, *,
                 alpha: float | None = None, beta: float = 0.9,
                 axis_name: AxisName = "workers", order: str = "sequential"
@@ -205,37 +241,8 @@ def async_easgd(inner: optax.GradientTransformation, sync_period: Period = 1, *,
     def exchange(u):
       finite = C.tree_is_finite(params) & C.tree_is_finite(u)
       ex = me & finite
-      ex_all = C.all_gather(ex, axis_name)                       # [K], shared
-      rank_all = jnp.cumsum(ex_all.astype(jnp.int32)) - ex_all.astype(jnp.int32)
-      m = jnp.sum(ex_all.astype(jnp.int32))
       n_me = jnp.sum(C.all_gather(me, axis_name).astype(jnp.int32))
-      idx = lax.axis_index(axis_name)
-      r = rank_all[idx]
-      c = sh.center
-      one_m = jnp.float32(1.0 - a)
-      if order == "simultaneous":
-        seen = _tmap(_f32, c)
-        step = C.send(_tmap(lambda x, cc: jnp.where(ex, a * (_f32(x) - _f32(cc)),
-                                                     jnp.zeros_like(_f32(x))), params, c),
-                       lambda v: lax.psum(v, axis_name))
-        new_c = _tmap(lambda cc, s: (_f32(cc) + s).astype(cc.dtype), c, step)
-      else:
-        xs = C.all_gather(_tmap(lambda x: jnp.where(ex, _f32(x), jnp.zeros_like(_f32(x))),
-                                params), axis_name)              # [K, ...], shared
-        rf = rank_all.astype(jnp.float32)
-        # center seen by this worker: c_r = (1-a)^r c + sum_{rank_k < r} a (1-a)^(r-1-rank_k) x_k
-        w_seen = jnp.where(ex_all & (rank_all < r),
-                           a * jnp.power(one_m, r.astype(jnp.float32) - 1.0 - rf), 0.0)
-        # center after all m exchanges: (1-a)^m c + sum_k a (1-a)^(m-1-rank_k) x_k
-        w_end = jnp.where(ex_all, a * jnp.power(one_m, m.astype(jnp.float32) - 1.0 - rf), 0.0)
-
-        def comb(w, scale, cc, x):
-          return scale * _f32(cc) + jnp.tensordot(w, x, axes=1)
-
-        seen = _tmap(lambda cc, x: comb(w_seen, jnp.power(one_m, r.astype(jnp.float32)), cc, x),
-                     c, xs)
-        new_c = _tmap(lambda cc, x: comb(w_end, jnp.power(one_m, m.astype(jnp.float32)), cc,
-                                         x).astype(cc.dtype), c, xs)
+      seen, new_c, m = _async_centers(order, params, sh.center, ex, a, axis_name)
       diff = _tmap(lambda x, s: _f32(x) - s, params, seen)
       upd = _tmap(lambda uu, d, x: jnp.where(ex, _f32(uu) - a * d, _f32(uu)).astype(x.dtype),
                   u, diff, params)

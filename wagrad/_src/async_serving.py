@@ -1,0 +1,228 @@
+"""What every asynchronous algorithm across processes shares: the keys of the
+coordination-service store, a worker's heartbeat and rejoin, and the master's serving
+loop (requests served as they arrive, dead workers found by their heartbeats, orbax
+checkpoints of the master's state). The algorithms' rules and workers:
+:mod:`wagrad._src.async_processes`.
+
+A worker writes its request under ``<prefix>/req/<worker>/<k>`` and waits for the
+answer under ``<prefix>/resp/<worker>/<k>``; it writes a heartbeat under
+``<prefix>/alive/<worker>`` every :data:`HEARTBEAT_S` seconds and ``<prefix>/done/<worker>``
+when it closes.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+
+import jax
+import numpy as np
+
+from wagrad._src import kvstore
+from wagrad._src.checkpoint import restore_checkpoint, save_checkpoint
+
+HEARTBEAT_S = 0.25  # a worker's heartbeat period; the master's check_s should be >= 4x
+
+
+def _join_backend():
+  """Start this process's JAX backend: with several processes its start-up waits for
+  every process's, so the master must start it too even if it computes in NumPy."""
+  jax.devices()
+
+
+def _key(kind, worker, k=None, prefix="wagrad/easgd"):
+  return f"{prefix}/{kind}/{worker:05d}" + ("" if k is None else f"/{k:09d}")
+
+
+def _check_worker(worker, sync_period):
+  if not isinstance(sync_period, int) or sync_period < 1:
+    raise ValueError(f"`sync_period` must be an integer >= 1, got {sync_period!r}.")
+  if not isinstance(worker, int) or worker < 0:
+    raise ValueError(f"`worker` must be an integer >= 0 (process index - 1), got {worker!r}.")
+
+
+def _ask(prefix, worker, k, payload, like, timeout_s):
+  """Send exchange k's request and wait for the master's answer (a NumPy tree)."""
+  kvstore.put(_key("req", worker, k, prefix), kvstore.pack(payload))
+  answer = _key("resp", worker, k, prefix)
+  out = kvstore.unpack(kvstore.get(answer, timeout_s), like)
+  kvstore.delete(answer)
+  return out
+
+
+def _f32_zeros(tree):
+  return jax.tree_util.tree_map(lambda x: np.zeros(np.shape(x), np.float32), tree)
+
+
+class _Worker:
+  """What every worker process keeps: its index, period, own clock and exchange count.
+  A subclass names its algorithm's key prefix (``_prefix``)."""
+  _prefix: str
+
+  def __init__(self, worker: int, sync_period: int, *, timeout_s: float = 120.0):
+    _check_worker(worker, sync_period)
+    _join_backend()
+    self.worker, self.tau, self.timeout_s = worker, sync_period, timeout_s
+    self.clock = 0      # this worker's own steps
+    self.exchanges = 0  # exchanges done
+    self._beating = threading.Event()
+    try:
+      kvstore.client()
+    except RuntimeError:
+      return  # no runtime: the first exchange says so
+    threading.Thread(target=self._beat, daemon=True).start()
+
+  def _beat(self):
+    """Write a heartbeat every HEARTBEAT_S seconds, so that the master can tell a slow
+    worker from a dead one (JAX's ``get_live_nodes`` waits for every live process to
+    call it, so a master cannot ask it alone)."""
+    n = 0
+    while not self._beating.is_set():
+      kvstore.put(_key("alive", self.worker, prefix=self._prefix), np.int64(n).tobytes())
+      n += 1
+      self._beating.wait(HEARTBEAT_S)
+
+  def close(self):
+    """Tell the master this worker has finished."""
+    self._beating.set()
+    kvstore.put(_key("done", self.worker, prefix=self._prefix), b"1")
+
+  def _joined(self, version):
+    """What a worker keeps from a join besides the parameters (softsync: the version)."""
+
+  def rejoin(self, params):
+    """Start from the master's current parameters (the center, the server's parameters
+    or the leader): what a restarted worker process does before its first step, so that
+    it continues where the master is and its exchanges carry on the count the master
+    kept for this worker. Returns the master's parameters, cast like ``params``. Needs
+    a master serving as messages arrive (no forced ``order``)."""
+    kvstore.put(f"{self._prefix}/req/{self.worker:05d}/join", b"")
+    like = (jax.tree_util.tree_map(lambda v: np.zeros(np.shape(v), v.dtype),
+                                   jax.device_get(params)), np.int64(0), np.int64(0))
+    answer = _key("joined", self.worker, prefix=self._prefix)
+    theirs, served, version = kvstore.unpack(kvstore.get(answer, self.timeout_s), like)
+    kvstore.delete(answer)
+    self.exchanges = int(served)
+    self._joined(int(version))
+    return jax.tree_util.tree_map(lambda x, v: jax.numpy.asarray(v, x.dtype), params, theirs)
+
+
+def _serve(prefix, state, like, rule, num_workers, order, timeout_s, poll_s, check_s,
+           callback, version=None, checkpoint=None, to_saved=None, from_saved=None):
+  """The master's loop: ``state, answer = rule(state, request)`` for each request
+  (``state = (params, extra)``), in ``order`` first, then as they arrive, until every
+  worker has closed or died. A worker's join (:meth:`_Worker.rejoin`) is answered with
+  the parameters, the exchanges served to it and ``version(state)``. ``checkpoint``:
+  ``(directory, every)``, the state (``to_saved(state)``, a fixed-structure tree;
+  ``from_saved`` its inverse) and the counts saved with orbax every ``every`` exchanges
+  and at the end, and restored from there at the start when a checkpoint exists."""
+  served = np.zeros(num_workers, np.int64)
+  version = version or (lambda state: 0)
+  to_saved = to_saved or (lambda state: state)
+  from_saved = from_saved or (lambda saved: saved)
+  path = None if checkpoint is None else os.path.join(checkpoint[0], "master")
+  if path is not None and os.path.exists(path):
+    saved = restore_checkpoint(path, {"state": to_saved(state), "served": served}, alone=True)
+    state, served = from_saved(saved["state"]), np.asarray(saved["served"], np.int64)
+
+  def save():
+    save_checkpoint(path, {"state": to_saved(state), "served": served}, alone=True)
+
+  def serve(i, data):
+    nonlocal state
+    if data is None:  # a (re)starting worker joins: answer the parameters, its count
+      joined = (_params(state), np.int64(served[i]), np.int64(version(state)))
+      kvstore.put(_key("joined", i, prefix=prefix), kvstore.pack(joined))
+      done.discard(i)
+      return
+    state, answer = rule(state, kvstore.unpack(data, like))
+    kvstore.put(_key("resp", i, served[i], prefix), kvstore.pack(answer))
+    served[i] += 1
+    if path is not None and served.sum() % checkpoint[1] == 0:
+      save()
+    if callback is not None:
+      callback(_params(state), served)
+
+  done: set[int] = set()
+  if order is not None:
+    for i in order:
+      key = _key("req", int(i), served[int(i)], prefix)
+      data = kvstore.get(key, timeout_s)
+      kvstore.delete(key)
+      serve(int(i), data)
+
+  def finished():
+    done.update(i for i in range(num_workers) if i not in done
+                and kvstore.try_get(_key("done", i, prefix=prefix)) is not None)
+    return done
+  gone = _serve_until(prefix, num_workers, serve, finished, timeout_s, poll_s, check_s)
+  if path is not None:
+    save()
+  kvstore.put(f"{prefix}/center", kvstore.pack(_params(state)))
+  _outlive_workers(num_workers, timeout_s)
+  return _params(state), served, sorted(gone)
+
+
+def _checkpoint(directory, every):
+  if directory is None:
+    return None
+  if not isinstance(every, int) or every < 1:
+    raise ValueError(f"`checkpoint_every` must be an integer >= 1, got {every!r}.")
+  return directory, every
+
+
+def _serve_until(prefix, num_workers, handle, finished, timeout_s, poll_s, check_s):
+  """Hand each request under ``prefix`` to ``handle(worker, data)`` as it arrives, until
+  every worker is in ``finished()`` or found dead (asked after ``check_s`` idle
+  seconds); ``TimeoutError`` after ``timeout_s`` with nothing arriving. A join (key
+  ``.../join``, data None to ``handle``) brings a dead worker back. Returns the dead
+  workers."""
+  gone: set[int] = set()
+  beats: dict[int, tuple] = {}  # worker -> (last heartbeat seen, when it last moved)
+  idle_since = started = time.monotonic()
+  while len(finished() | gone) < num_workers:
+    pending = kvstore.listing(f"{prefix}/req/")
+    for key, data in pending:
+      kvstore.delete(key)
+      i = int(key.split("/")[-2])
+      if key.endswith("/join"):  # a restarted worker is back
+        gone.discard(i)
+        beats.pop(i, None)
+        data = None
+      handle(i, data)
+    now = time.monotonic()
+    if pending:
+      idle_since = now
+    elif now - idle_since > timeout_s:
+      raise TimeoutError(f"nothing arrived and no worker finished for {timeout_s} s; "
+                         f"finished: {sorted(finished())} of {num_workers}.")
+    elif now - idle_since > check_s / 4:  # idle: has a worker's heartbeat stopped?
+      for i in set(range(num_workers)) - finished() - gone:
+        beat = kvstore.try_get(_key("alive", i, prefix=prefix))
+        seen, since = beats.get(i, (None, started))
+        if beat != seen:
+          beats[i] = (beat, now)
+        elif now - since > (check_s if beat is not None else timeout_s):
+          gone.add(i)  # its heartbeat stopped (one never heard from: timeout_s to start)
+      time.sleep(max(poll_s, check_s / 8))
+    else:
+      time.sleep(poll_s)
+  return gone
+
+
+def _params(state):
+  """The parameters in a master's state ``(params, extra)`` (DOWNPOUR's extra: the
+  momentum)."""
+  return state[0]
+
+
+def _outlive_workers(num_workers, timeout_s):
+  """With recoverable tasks JAX's shutdown barrier no longer holds process 0 (which hosts
+  the coordination service) until the others leave; a worker still disconnecting when
+  it has gone is terminated. Wait until no worker process is alive."""
+  if not jax.config.jax_enable_recoverability:
+    return  # the shutdown barrier waits for everyone
+  deadline = time.monotonic() + timeout_s
+  while kvstore.live(range(1, num_workers + 1)) and time.monotonic() < deadline:
+    time.sleep(0.1)
