@@ -577,22 +577,52 @@ def test_async_downpour_matches_numpy(backend, K, mu):
   tx = wagrad.downpour(eta, tau, axis_name=runner.axis_name, master_momentum=mu,
                        asynchronous=True)
 
-  def step(p, s, A, b, act):
+  def step(p, s, A, b, act, any_push=None):
     g = jax.grad(ls_loss)(p, A, b)
-    u, s = tx.update(g, s, p, active=act)
+    u, s = tx.update(g, s, p, active=act, any_push=any_push)
     return wagrad.apply_updates(p, u, s), s, _shared_equal(s, runner.axis_name)
 
-  p, s = _loop(runner, tx, step, {"w0": w0, "c0": c0}, (A, b), T, rows=(active.T.copy(),))
   x, xm = async_downpour_np(A, b, w0, c0, active, tau, mu, eta)
-  _assert_close(p["w"], x)
-  _assert_close(E.easgd_center(s)["w"], xm)
-  own = active.sum(0)
-  assert np.array_equal(np.asarray(s.own_steps), own) and len(set(own)) > 1
+  # whether anyone pushes: a pmax of the workers' flags, or the precomputed table
+  _, anyone = wagrad.async_report_steps(active, tau)
+  assert anyone.any() and not anyone.all()
+  for rows in ((active.T.copy(),), (active.T.copy(), wagrad.Shared(jnp.asarray(anyone)))):
+    p, s = _loop(runner, tx, step, {"w0": w0, "c0": c0}, (A, b), T, rows=rows)
+    _assert_close(p["w"], x)
+    _assert_close(E.easgd_center(s)["w"], xm)
+    own = active.sum(0)
+    assert np.array_equal(np.asarray(s.own_steps), own) and len(set(own)) > 1
   sync, z = wagrad.downpour(eta, tau), {"w": jnp.zeros(3)}
   with pytest.raises(TypeError, match="asynchronous=True"):
     sync.update(z, sync.init(z), z, active=True)
+  with pytest.raises(TypeError, match="any_push.*asynchronous=True"):
+    sync.update(z, sync.init(z), z, any_push=True)
   with pytest.raises(ValueError, match="asynchronous=True"):
     wagrad.downpour(eta, lambda t: 4, asynchronous=True)
+
+
+def test_async_downpour_any_push_runs_no_collective_between_pushes():
+  """With the precomputed shared ``any_push=`` flag, the compiled shard_map step has no
+  all-reduce outside the push branch; by default a scalar pmax runs every step."""
+  runner = wagrad.Runner("shard_map", 8)
+  tx = wagrad.downpour(0.02, 2, axis_name=runner.axis_name, asynchronous=True)
+  A, b, w0, c0 = _problem(8)
+  p, s = runner.put({"w": jnp.asarray(w0)}), runner.init(tx, {"w": jnp.asarray(c0)})
+  act = jnp.ones(8, bool)
+
+  def entry_ops(use_flag):
+    def step(p, s, A, b, act, anyone):
+      u, s = tx.update(jax.grad(ls_loss)(p, A, b), s, p, active=act,
+                       any_push=anyone if use_flag else None)
+      return wagrad.apply_updates(p, u, s), s
+    hlo = runner.map(step).lower(p, s, A, b, act, wagrad.Shared(jnp.bool_(True))
+                                 ).compile().as_text()
+    entry = hlo[hlo.index("ENTRY"):]
+    return entry[: entry.index("\n}")], hlo
+
+  entry, hlo = entry_ops(True)
+  assert "all-reduce" not in entry and "conditional" in entry and "all-reduce" in hlo
+  assert "all-reduce" in entry_ops(False)[0]
 
 
 def _due_steps(period_fn, steps):

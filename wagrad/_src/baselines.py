@@ -536,8 +536,11 @@ def downpour(learning_rate: optax.ScalarOrSchedule | optax.GradientTransformatio
   every ``sync_period`` of its *own* steps; pushes arriving in the same step are added
   together, and only the pushing workers take ``x_M`` (the others keep going). One
   worker pushing at a time, this is the parameter server of
-  :func:`wagrad.async_.serve_downpour` across processes. Decided by a ``pmax`` of the
-  per-worker flag (one scalar all-reduce every step).
+  :func:`wagrad.async_.serve_downpour` across processes. Whether anyone pushes is by
+  default a ``pmax`` of the per-worker flag (one scalar all-reduce every step); pass
+  the precomputed shared flag instead (``any_push=``, row t of
+  ``wagrad.async_report_steps(active, sync_period)[1]``) and no collective runs on
+  steps without a push.
 
   Args:
     learning_rate: eta > 0 (local ``optax.sgd(eta)``), or an optax transform used as
@@ -546,7 +549,7 @@ def downpour(learning_rate: optax.ScalarOrSchedule | optax.GradientTransformatio
     axis_name: the worker axis.
     master_momentum: mu in [0, 1).
     asynchronous: each worker on its own clock (``sync_period`` an integer; extra
-      argument ``active=`` per step).
+      arguments per step: ``active=`` and, optional, the shared ``any_push=``).
 
   Returns:
     A ``GradientTransformationExtraArgs`` whose state is ``DownpourState``.
@@ -601,7 +604,7 @@ def downpour(learning_rate: optax.ScalarOrSchedule | optax.GradientTransformatio
     master = _tmap(lambda xm, s: (_f32(xm) + s).astype(xm.dtype), sh.target, step)
     return dict(target=master, momentum=mom)
 
-  def async_update(grads, state, params, active, extra):
+  def async_update(grads, state, params, active, any_push, extra):
     """Own clocks: worker i pushes after every tau-th of its active steps."""
     sh = state.shared
     act = jnp.bool_(True) if active is None else jnp.asarray(base.unshared(active), jnp.bool_)
@@ -611,7 +614,10 @@ def downpour(learning_rate: optax.ScalarOrSchedule | optax.GradientTransformatio
     acc = _tmap(lambda s, x: s + _f32(x), state.accumulated, u)
     own = state.own_steps + act.astype(jnp.int32)
     pushing = act & (own % sync_period == 0)
-    anyone = lax.pmax(pushing.astype(jnp.int32), axis_name) > 0
+    if any_push is None:
+      anyone = lax.pmax(pushing.astype(jnp.int32), axis_name) > 0
+    else:
+      anyone = jnp.asarray(base.unshared(any_push), jnp.bool_)
     clock = periodic.next_clock(anyone.astype(jnp.int32), sh, False)
     new_shared = lax.cond(
         anyone, lambda: dataclasses.replace(sh, **clock, **push(sh, acc, pushing)),
@@ -622,15 +628,16 @@ def downpour(learning_rate: optax.ScalarOrSchedule | optax.GradientTransformatio
     return periodic.updates_to(x_new, params), DownpourState(
         inner_state, acc, new_shared, own, pushing)
 
-  def update_fn(grads, state, params=None, *, active=None, **extra):
+  def update_fn(grads, state, params=None, *, active=None, any_push=None, **extra):
     if params is None:
       raise TypeError("downpour needs `params`: tx.update(grads, state, params).")
-    if active is not None and not asynchronous:
-      raise TypeError("downpour takes `active=` only with asynchronous=True.")
+    for name, given in (("active", active), ("any_push", any_push)):
+      if given is not None and not asynchronous:
+        raise TypeError(f"downpour takes `{name}=` only with asynchronous=True.")
     base.check_axis_name(axis_name)
     base.check_same_structure("grads", grads, "params", params)
     if asynchronous:
-      return async_update(grads, state, params, active, extra)
+      return async_update(grads, state, params, active, any_push, extra)
     sh = state.shared
     u, inner_state = inner.update(grads, state.inner, params, **extra)
     acc = _tmap(lambda s, x: s + _f32(x), state.accumulated, u)
