@@ -597,6 +597,10 @@ def test_async_downpour_matches_numpy(backend, K, mu):
     sync.update(z, sync.init(z), z, active=True)
   with pytest.raises(TypeError, match="any_push.*asynchronous=True"):
     sync.update(z, sync.init(z), z, any_push=True)
+  with pytest.raises(TypeError, match="one shared flag.*async_report_steps"):
+    runner.map(lambda p, s, A, b, act: step(p, s, A, b, act, jnp.ones(3, bool)))(
+        runner.put({"w": jnp.asarray(w0)}), runner.init(tx, {"w": jnp.asarray(c0)}), A, b,
+        jnp.asarray(active[0]))
   with pytest.raises(ValueError, match="asynchronous=True"):
     wagrad.downpour(eta, lambda t: 4, asynchronous=True)
 

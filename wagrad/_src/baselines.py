@@ -618,6 +618,11 @@ def downpour(learning_rate: optax.ScalarOrSchedule | optax.GradientTransformatio
       anyone = lax.pmax(pushing.astype(jnp.int32), axis_name) > 0
     else:
       anyone = jnp.asarray(base.unshared(any_push), jnp.bool_)
+      if anyone.ndim != 0:
+        raise TypeError(
+            f"`any_push` must be one shared flag for this step, got shape {anyone.shape}: "
+            f"pass row t of `wagrad.async_report_steps(active, sync_period)[1]`, wrapped "
+            f"in `wagrad.Shared` so that every worker reads the same value.")
     clock = periodic.next_clock(anyone.astype(jnp.int32), sh, False)
     new_shared = lax.cond(
         anyone, lambda: dataclasses.replace(sh, **clock, **push(sh, acc, pushing)),
