@@ -65,23 +65,22 @@ def api_step(algo, tau, ax):
   where = lambda c, a, b: tm(lambda u, v: jnp.where(c, u, v), a, b)  # noqa: E731
 
   def step(p, s, x, y):
-    loss, g = jax.value_and_grad(overhead.loss_fn)(p, x, y)
+    _, g = jax.value_and_grad(overhead.loss_fn)(p, x, y)  # as the wagrad step, which needs the loss
     count, shared = s.value
     ex = (count + 1) % tau == 0
     xh = tm(lambda a, b: a - LR * b, p, g)
-    if algo == "averaging":  # the branch returns the mean; every worker takes it exactly
+    if algo == "averaging":  # the branch returns the mean; every worker takes it
       shared = lax.cond(ex, lambda xh, t: lax.pmean(xh, ax), lambda xh, t: t, xh, shared)
       new = where(ex, shared, xh)
-      assign = ex
     else:  # EASGD: the branch moves the center; the elastic step is a select after it
       c = shared
       shared = lax.cond(ex, lambda c: tm(lambda c_, t: c_ + A * t, c, lax.psum(
           tm(lambda a, b: a - b, p, c), ax)), lambda c: c, c)
       new = where(ex, tm(lambda h, a, c_: h - A * (a - c_), xh, p, c), xh)
-      assign = False
-    updates = tm(lambda n, a: n - a, new, p)                    # tx.update's output
-    new = where(assign, shared, tm(lambda a, u: a + u, p, updates)) if algo == "averaging" \
-        else tm(lambda a, u: a + u, p, updates)                 # wagrad.apply_updates
+    updates = tm(lambda n, a: n - a, new, p)       # what tx.update returns
+    new = tm(lambda a, u: a + u, p, updates)       # wagrad.apply_updates: params + updates,
+    if algo == "averaging":                        # and the mean exactly where it assigns
+      new = where(ex, shared, new)
     return new, wagrad.Shared((count + 1, shared))
   return step
 
