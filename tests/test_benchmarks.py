@@ -34,10 +34,10 @@ def test_overhead_benchmark_tiny(tmp_path, monkeypatch):
         assert cb["in_branches"]["all-reduce"] >= 4 * run["params"]
 
 
-@pytest.mark.parametrize("backend", ["shard_map", "vmap"])
-def test_hand_written_steps_do_the_same_math(backend):
-  """The overhead benchmark's hand-written steps compute what the wagrad transforms
-  compute (over two exchanges), so the ratios compare equal work."""
+def _assert_same_math(backend, variant, algos):
+  """After 7 steps at tau 3 (two exchanges), ``variant(r, algo, tau, p0)`` holds the
+  parameters of overhead.py's hand-written step, and the workers differ between
+  exchanges (the comparison is not vacuous)."""
   import jax
   import numpy as np
   import wagrad
@@ -48,43 +48,32 @@ def test_hand_written_steps_do_the_same_math(backend):
   x = r.put(rng.normal(size=(8, 4, overhead.IN)).astype(np.float32))
   y = r.put(rng.integers(0, 10, size=(8, 4)).astype(np.int32))
   tau, steps = 3, 7
-  for algo in overhead.ALGOS:
-    ours, st = overhead.wagrad_variant(r, algo, tau, p0)
+  for algo in algos:
+    ours, st = variant(r, algo, tau, p0)
     hand, hs = overhead.hand_variant(r, algo, tau, p0)
     for _ in range(steps):
       st, hs = ours(*st, x, y), hand(*hs, x, y)
     for a, b in zip(jax.tree_util.tree_leaves(st[0]), jax.tree_util.tree_leaves(hs[0])):
       np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-5, atol=1e-6,
                                  err_msg=algo)
-    # the workers really differ between exchanges (the comparison is not vacuous)
     w = np.asarray(jax.tree_util.tree_leaves(st[0])[0])
     assert not np.allclose(w[0], w[1]), algo
+
+
+@pytest.mark.parametrize("backend", ["shard_map", "vmap"])
+def test_hand_written_steps_do_the_same_math(backend):
+  """The overhead benchmark's hand-written steps compute what the wagrad transforms
+  compute (over two exchanges), so the ratios compare equal work."""
+  import overhead
+  _assert_same_math(backend, overhead.wagrad_variant, overhead.ALGOS)
 
 
 @pytest.mark.parametrize("backend", ["shard_map", "vmap"])
 def test_update_api_shaped_steps_do_the_same_math(backend):
   """benchmarks/api_floor.py: the hand-written math in the update API's shape computes
   what the parameter-returning hand-written step computes, for both of its rules."""
-  import jax
-  import numpy as np
-  import wagrad
   import api_floor
-  import overhead
-  r = wagrad.Runner(backend, 8)
-  p0 = overhead.init_params(16)
-  rng = np.random.default_rng(1)
-  x = r.put(rng.normal(size=(8, 4, overhead.IN)).astype(np.float32))
-  y = r.put(rng.integers(0, 10, size=(8, 4)).astype(np.int32))
-  for algo in api_floor.ALGOS:
-    api, st = api_floor.api_variant(r, algo, 3, p0)
-    hand, hs = overhead.hand_variant(r, algo, 3, p0)
-    for _ in range(7):
-      st, hs = api(*st, x, y), hand(*hs, x, y)
-    for a, b in zip(jax.tree_util.tree_leaves(st[0]), jax.tree_util.tree_leaves(hs[0])):
-      np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-5, atol=1e-6,
-                                 err_msg=algo)
-    w = np.asarray(jax.tree_util.tree_leaves(st[0])[0])
-    assert not np.allclose(w[0], w[1]), algo
+  _assert_same_math(backend, api_floor.api_variant, api_floor.ALGOS)
 
 
 @pytest.mark.slow

@@ -583,7 +583,7 @@ def serve_wpsgd(params0: PyTree, num_workers: int, *, weighting: str = "samples"
   def handle(i, data):
     if data is None:  # a restarted worker starts again from params0
       joined = (x0, np.int64(0), np.int64(0))
-      kvstore.put(_key("joined", i, prefix=WPSGD_PREFIX), kvstore.pack(joined))
+      kvstore.put(_key(WPSGD_PREFIX, "joined", i), kvstore.pack(joined))
     else:
       got[i] = kvstore.unpack(data, like)
   gone = _serve_until(WPSGD_PREFIX, num_workers, handle, lambda: set(got), timeout_s,
@@ -593,7 +593,7 @@ def serve_wpsgd(params0: PyTree, num_workers: int, *, weighting: str = "samples"
                        weighting=weighting, learning_rate=learning_rate,
                        strong_convexity=strong_convexity)
   for i in ids:
-    kvstore.put(_key("resp", i, 0, WPSGD_PREFIX), kvstore.pack(model))
+    kvstore.put(_key(WPSGD_PREFIX, "resp", i, 0), kvstore.pack(model))
   steps = np.array([int(got[i][1]) if i in got else -1 for i in range(num_workers)])
   _outlive_workers(num_workers, timeout_s)
   return model, steps, sorted(gone)

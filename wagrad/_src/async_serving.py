@@ -31,7 +31,7 @@ def _join_backend():
   jax.devices()
 
 
-def _key(kind, worker, k=None, prefix="wagrad/easgd"):
+def _key(prefix, kind, worker, k=None):
   return f"{prefix}/{kind}/{worker:05d}" + ("" if k is None else f"/{k:09d}")
 
 
@@ -44,8 +44,8 @@ def _check_worker(worker, sync_period):
 
 def _ask(prefix, worker, k, payload, like, timeout_s):
   """Send exchange k's request and wait for the master's answer (a NumPy tree)."""
-  kvstore.put(_key("req", worker, k, prefix), kvstore.pack(payload))
-  answer = _key("resp", worker, k, prefix)
+  kvstore.put(_key(prefix, "req", worker, k), kvstore.pack(payload))
+  answer = _key(prefix, "resp", worker, k)
   out = kvstore.unpack(kvstore.get(answer, timeout_s), like)
   kvstore.delete(answer)
   return out
@@ -79,14 +79,14 @@ class _Worker:
     call it, so a master cannot ask it alone)."""
     n = 0
     while not self._beating.is_set():
-      kvstore.put(_key("alive", self.worker, prefix=self._prefix), np.int64(n).tobytes())
+      kvstore.put(_key(self._prefix, "alive", self.worker), np.int64(n).tobytes())
       n += 1
       self._beating.wait(HEARTBEAT_S)
 
   def close(self):
     """Tell the master this worker has finished."""
     self._beating.set()
-    kvstore.put(_key("done", self.worker, prefix=self._prefix), b"1")
+    kvstore.put(_key(self._prefix, "done", self.worker), b"1")
 
   def _joined(self, version):
     """What a worker keeps from a join besides the parameters (softsync: the version)."""
@@ -100,7 +100,7 @@ class _Worker:
     kvstore.put(f"{self._prefix}/req/{self.worker:05d}/join", b"")
     like = (jax.tree_util.tree_map(lambda v: np.zeros(np.shape(v), v.dtype),
                                    jax.device_get(params)), np.int64(0), np.int64(0))
-    answer = _key("joined", self.worker, prefix=self._prefix)
+    answer = _key(self._prefix, "joined", self.worker)
     theirs, served, version = kvstore.unpack(kvstore.get(answer, self.timeout_s), like)
     kvstore.delete(answer)
     self.exchanges = int(served)
@@ -133,11 +133,11 @@ def _serve(prefix, state, like, rule, num_workers, order, timeout_s, poll_s, che
     nonlocal state
     if data is None:  # a (re)starting worker joins: answer the parameters, its count
       joined = (_params(state), np.int64(served[i]), np.int64(version(state)))
-      kvstore.put(_key("joined", i, prefix=prefix), kvstore.pack(joined))
+      kvstore.put(_key(prefix, "joined", i), kvstore.pack(joined))
       done.discard(i)
       return
     state, answer = rule(state, kvstore.unpack(data, like))
-    kvstore.put(_key("resp", i, served[i], prefix), kvstore.pack(answer))
+    kvstore.put(_key(prefix, "resp", i, served[i]), kvstore.pack(answer))
     served[i] += 1
     if path is not None and served.sum() % checkpoint[1] == 0:
       save()
@@ -147,14 +147,14 @@ def _serve(prefix, state, like, rule, num_workers, order, timeout_s, poll_s, che
   done: set[int] = set()
   if order is not None:
     for i in order:
-      key = _key("req", int(i), served[int(i)], prefix)
+      key = _key(prefix, "req", int(i), served[int(i)])
       data = kvstore.get(key, timeout_s)
       kvstore.delete(key)
       serve(int(i), data)
 
   def finished():
     done.update(i for i in range(num_workers) if i not in done
-                and kvstore.try_get(_key("done", i, prefix=prefix)) is not None)
+                and kvstore.try_get(_key(prefix, "done", i)) is not None)
     return done
   gone = _serve_until(prefix, num_workers, serve, finished, timeout_s, poll_s, check_s)
   if path is not None:
@@ -199,7 +199,7 @@ def _serve_until(prefix, num_workers, handle, finished, timeout_s, poll_s, check
                          f"finished: {sorted(finished())} of {num_workers}.")
     elif now - idle_since > check_s / 4:  # idle: has a worker's heartbeat stopped?
       for i in set(range(num_workers)) - finished() - gone:
-        beat = kvstore.try_get(_key("alive", i, prefix=prefix))
+        beat = kvstore.try_get(_key(prefix, "alive", i))
         seen, since = beats.get(i, (None, started))
         if beat != seen:
           beats[i] = (beat, now)
