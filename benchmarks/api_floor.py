@@ -19,13 +19,19 @@ one process, interleaved, three steps of the same math with the same donated sta
 
 Paired ratios per repetition: ``api / hand`` is what the shape costs, ``wagrad / api``
 what wagrad adds on top of it. Model averaging and EASGD (the two rules whose
-exchange assigns / does not assign). Writes ``results/api_floor_<platform>.json``.
+exchange assigns / does not assign). For model averaging two diagnostic builds of the
+transform split what wagrad adds (:func:`replaced_guard`): ``no guard`` (the workers'
+mean without the guard against non-finite workers) and ``test only`` (the guard's
+finiteness test of the sum, without the second sum it falls back to). Neither keeps
+wagrad's rule for a non-finite worker; they say where its cost lies. Writes
+``results/api_floor_<platform>.json``.
 
     python benchmarks/api_floor.py                       # 1M and 10M, both backends
     python benchmarks/api_floor.py --sizes 1M --taus 1,16 --reps 3
 """
 
 import argparse
+import contextlib
 import os
 import resource
 import sys
@@ -41,6 +47,7 @@ import numpy as np  # noqa: E402
 from jax import lax  # noqa: E402
 
 import wagrad  # noqa: E402
+from wagrad._src import collectives  # noqa: E402
 
 ALGOS = ("averaging", "easgd")
 LR, K, A = overhead.LR, overhead.K, overhead.EASGD_ALPHA
@@ -91,6 +98,35 @@ def api_variant(r, algo, tau, p0):
   return f, (r.replicate(p0), r.replicate(wagrad.Shared((jnp.int32(0), cp))))
 
 
+GUARDS = {"no guard": "none", "test only": "test"}
+
+
+@contextlib.contextmanager
+def replaced_guard(guard):
+  """While a step is traced, ``weighted_mean``'s guard against non-finite workers is
+  replaced: ``"none"`` sums everyone; ``"test"`` keeps the test of the sum and takes the
+  fallback (the last global parameters) when it fails, with no second sum. Diagnostics
+  only: neither keeps wagrad's rule for a non-finite worker. Yields the list of calls
+  traced meanwhile (empty: the transform did not reach the replaced function)."""
+  weighted_mean, calls = collectives.weighted_mean, []
+
+  def replaced(tree, weight, axis_name, *, exclude_nonfinite=True, fallback=None):
+    calls.append(guard)
+    res = weighted_mean(tree, weight, axis_name, exclude_nonfinite=False, fallback=fallback)
+    if guard == "none":
+      return res
+    clean = collectives.tree_is_finite(res.value)
+    value = jax.tree_util.tree_map(lambda v, fb: jnp.where(clean, v, fb.astype(v.dtype)),
+                                   res.value, tree if fallback is None else fallback)
+    return res._replace(value=value, ok=res.ok & clean)
+
+  collectives.weighted_mean = replaced
+  try:
+    yield calls
+  finally:
+    collectives.weighted_mean = weighted_mean
+
+
 def run(size, backend, taus, algos, steps, reps):
   p0 = overhead.init_params(overhead.SIZES[size])
   n_params = int(sum(a.size for a in jax.tree_util.tree_leaves(p0)))
@@ -102,16 +138,21 @@ def run(size, backend, taus, algos, steps, reps):
   results = []
   for tau in taus:
     for algo in algos:
+      kinds = dict(make, **({k: overhead.wagrad_variant for k in GUARDS}
+                            if algo == "averaging" else {}))
       variants, states, copies, temp_mb = {}, {}, {}, {}
-      for kind, mk in make.items():
+      for kind, mk in kinds.items():
         f, st = mk(r, algo, tau, p0)
-        compiled = f.lower(*st, x, y).compile()
-        copies[kind] = overhead.param_copies(compiled.as_text(), n_params)
-        temp_mb[kind] = compiled.memory_analysis().temp_size_in_bytes / 2**20
+        with (replaced_guard(GUARDS[kind]) if kind in GUARDS
+              else contextlib.nullcontext(["real guard"])) as traced:
+          f = f.lower(*st, x, y).compile()  # timed as compiled: the guard stays replaced
+        assert traced, f"{kind}: model_averaging did not call the replaced weighted_mean"
+        copies[kind] = overhead.param_copies(f.as_text(), n_params)
+        temp_mb[kind] = f.memory_analysis().temp_size_in_bytes / 2**20
         for _ in range(2):
           st = jax.block_until_ready(f(*st, x, y))
         variants[kind], states[kind] = f, st
-      times, faults = {k: [] for k in make}, {k: [] for k in make}
+      times, faults = {k: [] for k in kinds}, {k: [] for k in kinds}
       for _ in range(reps):
         for kind, f in variants.items():
           st, t0, f0 = states[kind], time.perf_counter(), minor_faults()
@@ -129,12 +170,16 @@ def run(size, backend, taus, algos, steps, reps):
              "api_over_hand": q(t["api"] / t["hand"]),
              "wagrad_over_api": q(t["wagrad"] / t["api"]),
              "wagrad_over_hand": q(t["wagrad"] / t["hand"])}
+      for k in GUARDS.keys() & t.keys():  # e.g. "no_guard_over_api"
+        row[f"{k.replace(' ', '_')}_over_api"] = q(t[k] / t["api"])
       results.append(row)
       print(f"  {size} {backend} {algo:9s} tau={tau:<3d} hand {row['median_ms']['hand']:7.2f} ms"
             f"  api/hand x{row['api_over_hand'][1]:.3f}  wagrad/api "
             f"x{row['wagrad_over_api'][1]:.3f}  wagrad/hand x{row['wagrad_over_hand'][1]:.3f}"
             f"  temp MiB {fmt(temp_mb)}  faulted MiB/step "
-            f"{fmt(row['page_faults_mib_per_step'])}", flush=True)
+            f"{fmt(row['page_faults_mib_per_step'])}"
+            + "".join(f"  {k}/api x{row[k.replace(' ', '_') + '_over_api'][1]:.3f}"
+                      for k in GUARDS if k in t), flush=True)
       del variants, states
   return {"size": size, "params": n_params, "backend": backend, "workers": K,
           "steps_per_rep": steps, "reps": reps, "rows": results}

@@ -67,6 +67,20 @@ def api_floor_tables(data):
                  f"{cell(r['api_over_hand'])} | {cell(r['wagrad_over_api'])} | "
                  f"{cell(r['wagrad_over_hand'])} | {three(r['temp_mib'])} | "
                  f"{three(r['page_faults_mib_per_step'])} |")
+  out += ["", "Model averaging, wagrad's guard against non-finite workers replaced (diagnostic "
+          "builds; temp MiB and faulted MiB/step: wagrad / no guard / test only):", "",
+          "| size | backend | tau | wagrad / api | no guard / api | test only / api | temp MiB "
+          "| faulted MiB/step |", "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+  kinds = ("wagrad", "no guard", "test only")
+  for run in data["runs"]:
+    for r in run["rows"]:
+      if "no_guard_over_api" in r:
+        out.append(f"| {run['size']} | {run['backend']} | {r['tau']} | "
+                   f"{cell(r['wagrad_over_api'])} | {cell(r['no_guard_over_api'])} | "
+                   f"{cell(r['test_only_over_api'])} | "
+                   + " / ".join(f"{r['temp_mib'][k]:.0f}" for k in kinds) + " | "
+                   + " / ".join(f"{r['page_faults_mib_per_step'][k]:.0f}" for k in kinds)
+                   + " |")
   return "\n".join(out)
 
 

@@ -92,8 +92,32 @@ def test_api_floor_benchmark_tiny(tmp_path, monkeypatch):
     for row in run["rows"]:
       for key in ("api_over_hand", "wagrad_over_api", "wagrad_over_hand"):
         assert 0 < row[key][0] <= row[key][1] <= row[key][2]
-      assert set(row["temp_mib"]) == {"hand", "api", "wagrad"}
+      diagnostics = {"no guard", "test only"} if row["algo"] == "averaging" else set()
+      assert set(row["temp_mib"]) == {"hand", "api", "wagrad"} | diagnostics
+      for key in ("no_guard_over_api", "test_only_over_api"):
+        assert (key in row) == bool(diagnostics)
       assert all(v >= 0 for v in row["page_faults_mib_per_step"].values())
+
+
+def test_replaced_guard_builds_are_what_they_say():
+  """api_floor's diagnostic builds: with one worker non-finite, wagrad's guard averages
+  the others, "test only" takes the fallback and "no guard" gives NaN; outside the
+  context the guard is back."""
+  import api_floor
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  from wagrad._src import collectives
+  x = jnp.arange(8.0).reshape(4, 2).at[1].set(jnp.nan)
+
+  def mean():
+    return jax.vmap(lambda t: collectives.weighted_mean(t, 1.0, "w", fallback=jnp.ones(2))
+                    .value, axis_name="w")(x)[0]
+  with api_floor.replaced_guard("none") as calls:
+    assert np.isnan(mean()).all() and calls == ["none"]
+  with api_floor.replaced_guard("test"):
+    np.testing.assert_array_equal(mean(), [1.0, 1.0])
+  np.testing.assert_allclose(mean(), np.asarray(x)[[0, 2, 3]].mean(0))
 
 
 @pytest.mark.slow
