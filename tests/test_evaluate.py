@@ -76,6 +76,22 @@ def test_evaluated_params_rejects_a_state_without_wagrad():
     wagrad.evaluated_params({"w": np.zeros((2, 3))}, optax.sgd(0.1).init({"w": np.zeros(3)}))
 
 
+@pytest.mark.parametrize("params", [0, {"w": np.zeros(3), "b": np.float32(0)},
+                                    {"w": np.zeros((2, 3)), "b": np.zeros((3,))}])
+def test_evaluated_params_names_what_to_pass_for_unstacked_params(params):
+  """Not the workers' stacked parameters (an ``nnx.State`` unpacked into its keys, an
+  unstacked leaf, leaves of different worker counts): a TypeError naming the fix, not an
+  AttributeError from inside."""
+  tx = wagrad.model_averaging(optax.sgd(0.1), 2)
+  with pytest.raises(TypeError, match=r"stacked along a leading worker dimension.*nnx\.merge"):
+    wagrad.evaluated_params(params, tx.init({"w": np.zeros(3)}))
+
+
+def test_easgd_center_names_what_to_pass():
+  with pytest.raises(TypeError, match=r"no EASGD-family state.*optimizer\.opt_state"):
+    wagrad.easgd_center(wagrad.model_averaging(optax.sgd(0.1), 2).init({"w": np.zeros(3)}))
+
+
 @pytest.mark.parametrize("name", ["easgd", "lsgd", "wasgd"])
 def test_evaluated_params_reads_a_flax_nnx_state(name):
   """With nnx.Optimizer the runner stacks the whole state (shared leaves too) and the

@@ -164,7 +164,9 @@ def require_value(algorithm: str, value):
   if value is None:
     raise TypeError(
         f"{algorithm} ranks workers by their loss: call "
-        f"`tx.update(grads, state, params, value=loss)` with this worker's loss.")
+        f"`tx.update(grads, state, params, value=loss)` with this worker's loss (Flax: "
+        f"`wagrad.nnx_update(optimizer, model, grads, value=loss)`; linen's "
+        f"`TrainState.apply_gradients` does not forward it, see README's Flax section).")
 
 
 def infer_num_workers(num_workers, axis_name):

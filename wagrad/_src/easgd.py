@@ -193,7 +193,9 @@ def easgd_center(opt_state: PyTree) -> PyTree:
   """
   sh = base.find_shared(opt_state, "center")
   if sh is None:
-    raise TypeError("`opt_state` holds no EASGD-family state (no shared `center`).")
+    raise TypeError("`opt_state` holds no EASGD-family state (no shared `center`): pass the "
+                    "transform's state (the mapped step's `opt_state`; with Flax NNX, "
+                    "`optimizer.opt_state` of `nnx.merge(graphdef, state)`).")
   return sh.center
 
 

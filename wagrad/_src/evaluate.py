@@ -56,6 +56,25 @@ def _at(params, k):
   return jax.tree_util.tree_map(lambda x: x[k], params)
 
 
+_NNX_HINT = ("With Flax NNX: `models, opt = nnx.merge(graphdef, state)`, then "
+             "`wagrad.evaluated_params(nnx.state(models, nnx.Param), opt.opt_state)`.")
+
+
+def _num_workers(params) -> int:
+  """K, the leading dimension every leaf of the stacked ``params`` shares; a TypeError
+  naming what to pass otherwise."""
+  leaves = jax.tree_util.tree_leaves(params)
+  stacked = bool(leaves) and all(hasattr(x, "shape") and np.ndim(x) >= 1 for x in leaves)
+  dims = sorted({int(np.shape(x)[0]) for x in leaves}) if stacked else []
+  if len(dims) != 1:
+    got = (f"leaves with leading dimensions {dims}" if stacked
+           else f"{type(params).__name__} {params!r}"[:120])
+    raise TypeError("`params` must be the workers' parameters stacked along a leading "
+                    "worker dimension (as `runner.replicate` and the mapped step return "
+                    f"them), got {got}. {_NNX_HINT}")
+  return dims[0]
+
+
 def evaluated_params(params: PyTree, opt_state: PyTree) -> PyTree:
   """The model the transform's paper evaluates, outside the mapped step.
 
@@ -84,13 +103,14 @@ def evaluated_params(params: PyTree, opt_state: PyTree) -> PyTree:
     >>> # model = wagrad.evaluated_params(params, opt_state)
   """
   params, opt_state = _on_host(base.pure(params)), _on_host(base.pure(opt_state))
-  K = jax.tree_util.tree_leaves(params)[0].shape[0]
+  K = _num_workers(params)
   sh = base.find_shared(opt_state, "count")
   if sh is not None and np.ndim(sh.count) == 1:  # a Flax NNX state stacks shared leaves too
     sh = jax.tree_util.tree_map(lambda x: x[0], sh)
   mean = lambda: _weighted(params, np.ones(K))  # noqa: E731
   if sh is None:
-    raise TypeError("`opt_state` holds no wagrad transform state.")
+    raise TypeError("`opt_state` holds no wagrad transform state: pass the transform's "
+                    f"state as the runner holds it (the mapped step's `opt_state`). {_NNX_HINT}")
   if hasattr(sh, "center"):
     return sh.center
   if isinstance(sh, StalenessShared):
