@@ -157,6 +157,10 @@ def weighted_mean(tree: PyTree, weight: ArrayLike, axis_name: AxisName, *,
     weight: this worker's non-negative scalar weight w_i (need not be normalised).
     axis_name: the worker axis.
     exclude_nonfinite: give weight 0 to a worker whose tree or weight is non-finite.
+      Costs a finiteness test of the sum on every call and, in the compiled program,
+      the temporaries of the second sum it falls back to (run only when the test
+      fails). It is what separates :func:`wagrad.model_averaging` from the same math
+      written by hand in optax's update shape (``benchmarks/api_floor.py``).
     fallback: the value returned when the total weight is 0 (default: this worker's
       own ``tree``). Pass a shared tree (e.g. the last center) to keep the result
       shared -- identical on all workers, unbatched under vmap.
