@@ -562,76 +562,25 @@ def downpour(learning_rate: optax.ScalarOrSchedule | optax.GradientTransformatio
     Dean et al., "Large Scale Distributed Deep Networks", NeurIPS 2012; the EASGD
     paper's DOWNPOUR baseline, arXiv 1412.6651.
   """
-  if hasattr(learning_rate, "init") and hasattr(learning_rate, "update"):
-    inner = learning_rate
-  elif callable(learning_rate):
-    inner = optax.sgd(learning_rate)
-  else:
-    base.check_range("learning_rate", learning_rate, 0.0, np.inf, lo_open=True)
-    inner = optax.sgd(learning_rate)
+  inner = _local_optimizer(learning_rate)
   period_fn = periodic.check_common(inner, sync_period, 0, "local", axis_name)
   base.check_range("master_momentum", master_momentum, 0.0, 1.0, hi_open=True)
   if asynchronous and (isinstance(sync_period, bool) or not isinstance(sync_period, int)
                        or sync_period < 1):
     raise ValueError(f"downpour(asynchronous=True) needs an integer `sync_period` >= 1 "
                      f"(each worker's own clock; no schedule), got {sync_period!r}.")
-  mu = float(master_momentum)
-  inner = periodic.inner_with_extra_args(inner)
+  cfg = _Downpour(periodic.inner_with_extra_args(inner), axis_name, float(master_momentum),
+                  sync_period)
+  inner = cfg.inner
 
   def init_fn(params):
-    p = base.tree_copy(params)
-    zero = jnp.zeros([], jnp.int32)
+    zeros = lambda: _tmap(lambda x: jnp.zeros(jnp.shape(x), _f32(x).dtype), params)  # noqa: E731
     return DownpourState(
-        inner.init(params), _tmap(lambda x: jnp.zeros(jnp.shape(x), _f32(x).dtype), params),
-        DownpourShared(
-            **base.clock(0), target=p,
-            momentum=None if mu == 0 else _tmap(
-                           lambda x: jnp.zeros(jnp.shape(x), _f32(x).dtype), params)),
-        own_steps=zero if asynchronous else None,
+        inner.init(params), zeros(),
+        DownpourShared(**base.clock(0), target=base.tree_copy(params),
+                       momentum=None if cfg.mu == 0 else zeros()),
+        own_steps=jnp.zeros([], jnp.int32) if asynchronous else None,
         reset=jnp.bool_(False) if asynchronous else None)
-
-  def push(sh, acc, pushing):
-    """The master adds the pushing (finite) workers' accumulated updates:
-    ``m <- mu m + sum_i Delta_i``, ``x_M <- x_M + m``."""
-    finite = C.tree_is_finite(acc) & pushing
-    tot = C.send(_tmap(lambda d: jnp.where(finite, d, jnp.zeros_like(d)), acc),
-                 lambda v: lax.psum(v, axis_name))
-    if mu == 0:
-      mom, step = None, tot
-    else:
-      mom = _tmap(lambda m, t: mu * m + t, sh.momentum, tot)
-      step = mom
-    master = _tmap(lambda xm, s: (_f32(xm) + s).astype(xm.dtype), sh.target, step)
-    return dict(target=master, momentum=mom)
-
-  def async_update(grads, state, params, active, any_push, extra):
-    """Own clocks: worker i pushes after every tau-th of its active steps."""
-    sh = state.shared
-    act = jnp.bool_(True) if active is None else jnp.asarray(base.unshared(active), jnp.bool_)
-    u, new_inner = inner.update(grads, state.inner, params, **extra)
-    u = _tmap(lambda x: jnp.where(act, x, jnp.zeros_like(x)), u)
-    inner_state = base.tree_where(act, new_inner, state.inner)
-    acc = _tmap(lambda s, x: s + _f32(x), state.accumulated, u)
-    own = state.own_steps + act.astype(jnp.int32)
-    pushing = act & (own % sync_period == 0)
-    if any_push is None:
-      anyone = lax.pmax(pushing.astype(jnp.int32), axis_name) > 0
-    else:
-      anyone = jnp.asarray(base.unshared(any_push), jnp.bool_)
-      if anyone.ndim != 0:
-        raise TypeError(
-            f"`any_push` must be one shared flag for this step, got shape {anyone.shape}: "
-            f"pass row t of `wagrad.async_report_steps(active, sync_period)[1]`, wrapped "
-            f"in `wagrad.Shared` so that every worker reads the same value.")
-    clock = periodic.next_clock(anyone.astype(jnp.int32), sh, False)
-    new_shared = lax.cond(
-        anyone, lambda: dataclasses.replace(sh, **clock, **push(sh, acc, pushing)),
-        lambda: dataclasses.replace(sh, **clock))
-    x_half = base.tree_add(params, u)
-    x_new = base.tree_where(pushing, base.tree_cast_like(new_shared.target, x_half), x_half)
-    acc = _tmap(lambda a: jnp.where(pushing, jnp.zeros_like(a), a), acc)
-    return periodic.updates_to(x_new, params), DownpourState(
-        inner_state, acc, new_shared, own, pushing)
 
   def update_fn(grads, state, params=None, *, active=None, any_push=None, **extra):
     if params is None:
@@ -642,7 +591,7 @@ def downpour(learning_rate: optax.ScalarOrSchedule | optax.GradientTransformatio
     base.check_axis_name(axis_name)
     base.check_same_structure("grads", grads, "params", params)
     if asynchronous:
-      return async_update(grads, state, params, active, any_push, extra)
+      return cfg.async_update(grads, state, params, active, any_push, extra)
     sh = state.shared
     u, inner_state = inner.update(grads, state.inner, params, **extra)
     acc = _tmap(lambda s, x: s + _f32(x), state.accumulated, u)
@@ -651,7 +600,7 @@ def downpour(learning_rate: optax.ScalarOrSchedule | optax.GradientTransformatio
     def exchange(x_half):
       """The master adds every (finite) worker's accumulated update; the workers take
       the master's parameters."""
-      return push(sh, acc, True), True
+      return cfg.push(sh, acc, True), True
 
     x_new, new_shared, _, _ = periodic.exchange_step(
         ex.astype(jnp.int32), sh, base.tree_add(params, u), exchange, warmup_steps=0,
@@ -661,3 +610,68 @@ def downpour(learning_rate: optax.ScalarOrSchedule | optax.GradientTransformatio
     return upd, DownpourState(inner_state, acc, new_shared)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def _local_optimizer(learning_rate):
+  """DOWNPOUR's local optimizer: a given optax transform, else ``optax.sgd(eta)``."""
+  if hasattr(learning_rate, "init") and hasattr(learning_rate, "update"):
+    return learning_rate
+  if not callable(learning_rate):
+    base.check_range("learning_rate", learning_rate, 0.0, np.inf, lo_open=True)
+  return optax.sgd(learning_rate)
+
+
+def _shared_flag(any_push):
+  """``any_push=`` as one bool; a TypeError naming the fix for a table or a row."""
+  anyone = jnp.asarray(base.unshared(any_push), jnp.bool_)
+  if anyone.ndim != 0:
+    raise TypeError(
+        f"`any_push` must be one shared flag for this step, got shape {anyone.shape}: "
+        f"pass row t of `wagrad.async_report_steps(active, sync_period)[1]`, wrapped "
+        f"in `wagrad.Shared` so that every worker reads the same value.")
+  return anyone
+
+
+@dataclasses.dataclass(frozen=True)
+class _Downpour:
+  """:func:`downpour`'s settings and the master's side of a push."""
+  inner: Any
+  axis_name: Any
+  mu: float                 # master_momentum
+  sync_period: Any
+
+  def push(self, sh, acc, pushing):
+    """The master adds the pushing (finite) workers' accumulated updates:
+    ``m <- mu m + sum_i Delta_i``, ``x_M <- x_M + m``."""
+    finite = C.tree_is_finite(acc) & pushing
+    tot = C.send(_tmap(lambda d: jnp.where(finite, d, jnp.zeros_like(d)), acc),
+                 lambda v: lax.psum(v, self.axis_name))
+    if self.mu == 0:
+      mom, step = None, tot
+    else:
+      mom = _tmap(lambda m, t: self.mu * m + t, sh.momentum, tot)
+      step = mom
+    master = _tmap(lambda xm, s: (_f32(xm) + s).astype(xm.dtype), sh.target, step)
+    return dict(target=master, momentum=mom)
+
+  def async_update(self, grads, state, params, active, any_push, extra):
+    """Own clocks: worker i pushes after every tau-th of its active steps."""
+    sh = state.shared
+    act = jnp.bool_(True) if active is None else jnp.asarray(base.unshared(active), jnp.bool_)
+    u, new_inner = self.inner.update(grads, state.inner, params, **extra)
+    u = _tmap(lambda x: jnp.where(act, x, jnp.zeros_like(x)), u)
+    inner_state = base.tree_where(act, new_inner, state.inner)
+    acc = _tmap(lambda s, x: s + _f32(x), state.accumulated, u)
+    own = state.own_steps + act.astype(jnp.int32)
+    pushing = act & (own % self.sync_period == 0)
+    anyone = (lax.pmax(pushing.astype(jnp.int32), self.axis_name) > 0 if any_push is None
+              else _shared_flag(any_push))
+    clock = periodic.next_clock(anyone.astype(jnp.int32), sh, False)
+    new_shared = lax.cond(
+        anyone, lambda: dataclasses.replace(sh, **clock, **self.push(sh, acc, pushing)),
+        lambda: dataclasses.replace(sh, **clock))
+    x_half = base.tree_add(params, u)
+    x_new = base.tree_where(pushing, base.tree_cast_like(new_shared.target, x_half), x_half)
+    acc = _tmap(lambda a: jnp.where(pushing, jnp.zeros_like(a), a), acc)
+    return periodic.updates_to(x_new, params), DownpourState(
+        inner_state, acc, new_shared, own, pushing)
