@@ -5,7 +5,7 @@ that returns the new parameters: one ``lax.cond`` whose quiet branch passes the
 half-step parameters through. A transform cannot take that shape: optax's contract is
 ``updates, state = tx.update(grads, state, params)`` then ``params + updates``, and
 wagrad's exchanges assign the rule's value exactly (``wagrad.apply_updates`` takes
-``shared.target`` on assigning steps, architecture decision 3). This script times, in
+``shared.target`` on assigning steps, docs/design.md, Exact assignment). This script times, in
 one process, interleaved, three steps of the same math with the same donated state:
 
 * ``hand``: :func:`overhead.hand_step` (returns the new parameters);

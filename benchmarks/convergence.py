@@ -47,7 +47,7 @@ CLAIMS = [
 
 
 # The same comparisons with the hyperparameters the authors' code gives
-# (digits_lib.PAPER_SETTINGS; shared design notes): EASGD's launch script (EASGD eta 0.1;
+# (digits_lib.PAPER_SETTINGS): EASGD's launch script (EASGD eta 0.1;
 # EAMSGD eta 0.01, delta 0.99), the LSGD authors' defaults (pulls and proximal terms
 # 0.1; Nesterov 0.9, weight decay 1e-4; l_comm = g_comm / 4 with g_comm 16).
 AUTHORS_CLAIMS = [

@@ -15,7 +15,7 @@ Algorithms (``wagrad.async_``): ``easgd`` (the master keeps the center), ``downp
 (a parameter server), ``softsync`` (staleness-aware n-softsync SGD), ``lsgd`` (the master
 keeps the best leader reported), ``wpsgd`` (each worker for a wall-clock budget, then the
 weighted combination). The master prints its model's test accuracy as the run goes and
-writes ``results.json`` under ``--out``.
+writes ``<--out>/<algo>/results.json`` (one file per algorithm), printing its path.
 
 Across hosts: start one process per host with the same flags plus ``--coordinator
 host:port --processes N+1 --rank r`` (rank 0 is the master). Each process uses JAX's
@@ -36,27 +36,30 @@ ALGOS = ("easgd", "downpour", "softsync", "lsgd", "wpsgd")
 
 
 def parse_args(argv=None):
-  ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  ap.add_argument("--algo", default="easgd", choices=ALGOS)
+  ap = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                               formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+  ap.add_argument("--algo", default="easgd", choices=ALGOS, help="the asynchronous rule")
   ap.add_argument("--workers", type=int, default=3, help="worker processes (N)")
   ap.add_argument("--steps", type=int, default=300, help="own steps per worker")
-  ap.add_argument("--batch", type=int, default=16)
-  ap.add_argument("--lr", type=float, default=0.1)
+  ap.add_argument("--batch", type=int, default=16, help="examples per worker step")
+  ap.add_argument("--lr", type=float, default=0.1, help="workers' SGD learning rate")
   ap.add_argument("--sync-period", type=int, default=4, help="tau, in a worker's own steps")
   ap.add_argument("--alpha", type=float, default=0.3, help="EASGD's moving rate")
   ap.add_argument("--pull", type=float, default=0.1, help="LSGD's pull toward the leader")
   ap.add_argument("--softsync-n", type=int, default=None,
-                  help="n of n-softsync (default: the number of workers)")
+                  help="n of n-softsync; unset: the number of workers")
   ap.add_argument("--budget-s", type=float, default=None,
-                  help="wpsgd: each worker's wall-clock budget (default: --steps steps)")
+                  help="wpsgd: each worker's wall-clock budget; unset: --steps steps")
   ap.add_argument("--slow", type=float, default=1.0, help="worker 0's slowdown factor")
   ap.add_argument("--step-ms", type=float, default=0.0, help="sleep per step (ms)")
-  ap.add_argument("--sampling", default="shards", choices=["shards", "whole"])
+  ap.add_argument("--sampling", default="shards", choices=["shards", "whole"],
+                  help="a worker draws from its own shard or the whole training set")
   ap.add_argument("--eval-every", type=int, default=20, help="exchanges between reports")
-  ap.add_argument("--seed", type=int, default=0)
+  ap.add_argument("--seed", type=int, default=0, help="data split, init and sampling")
   ap.add_argument("--deadline", type=float, default=600.0,
                   help="seconds before the launcher kills every process")
-  ap.add_argument("--out", default="runs/async_digits")
+  ap.add_argument("--out", default="runs/async_digits",
+                  help="results go to OUT/ALGO/results.json")
   ap.add_argument("--coordinator", default=None, help="host:port (one process per host)")
   ap.add_argument("--processes", type=int, default=None, help="N + 1 (with --coordinator)")
   ap.add_argument("--rank", type=int, default=None, help="this process (0: the master)")
@@ -160,12 +163,19 @@ def serve(a, K, params0, accuracy, async_):
   print(f"{a.algo}: {K} worker processes, test accuracy {acc:.3f} after {wall:.1f} s; "
         f"{'steps' if a.algo == 'wpsgd' else 'exchanges'} per worker {[int(v) for v in served]}"
         + (f"; dead: {gone}" if gone else ""), flush=True)
-  os.makedirs(a.out, exist_ok=True)
-  with open(os.path.join(a.out, "results.json"), "w") as fh:
+  path = results_path(a)
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  with open(path, "w") as fh:
     json.dump({"args": vars(a), "test_accuracy": acc, "wall_s": wall,
                "served": [int(v) for v in served], "gone": list(gone), "curve": curve},
               fh, indent=1)
+  print(f"wrote {path}", flush=True)
   return 0
+
+
+def results_path(a) -> str:
+  """``<--out>/<algo>/results.json``: one algorithm's run leaves the others' results."""
+  return os.path.join(a.out, a.algo, "results.json")
 
 
 def main(argv=None):

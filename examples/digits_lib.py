@@ -47,7 +47,7 @@ class Algo(NamedTuple):
 
 def _softsync(lr, K, steps, seed, modulation, n=None):
   """n-softsync over K learners (default n = K: fully asynchronous, c = 1), random arrivals."""
-  sched = wagrad.softsync_schedule(K, n or K, steps, arrival="random", seed=seed)
+  sched = wagrad.schedules.softsync_schedule(K, n or K, steps, arrival="random", seed=seed)
   tx = wagrad.staleness_aware_sgd(optax.sgd(1.0), alpha0=lr, modulation=modulation)
 
   def rows(t):
@@ -113,8 +113,8 @@ def _make_registry():
 
 def _straggler_rows(K, T, seed, speeds=None):
   """Activity masks: the given per-worker speeds, default half the workers 4x slower."""
-  speeds = wagrad.straggler_speeds(K, 0.5, 4.0) if speeds is None else speeds
-  active = wagrad.speed_schedule(K, T, speeds, seed=seed)
+  speeds = wagrad.schedules.straggler_speeds(K, 0.5, 4.0) if speeds is None else speeds
+  active = wagrad.schedules.speed_schedule(K, T, speeds, seed=seed)
   return lambda t: {"active": active[t]}
 
 

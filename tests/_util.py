@@ -60,9 +60,9 @@ def digits(seed=0):
 # Every public transform with small settings (K = 4 workers, tau = 2) for tests that run
 # them all: ALL_STEPS steps (odd: the last step is a local one, where workers differ).
 ALL_STEPS, ALL_K = 7, 4
-_ACTIVE = wagrad.speed_schedule(ALL_K, 16, wagrad.straggler_speeds(ALL_K, 0.5, 2.0), seed=0)
-_ANYX = wagrad.async_easgd_schedule(_ACTIVE, 2)[1]
-_SOFT = wagrad.softsync_schedule(ALL_K, 2, 16, arrival="random", seed=0)
+_ACTIVE = wagrad.schedules.speed_schedule(ALL_K, 16, wagrad.schedules.straggler_speeds(ALL_K, 0.5, 2.0), seed=0)
+_ANYX = wagrad.schedules.async_easgd_schedule(_ACTIVE, 2)[1]
+_SOFT = wagrad.schedules.softsync_schedule(ALL_K, 2, 16, arrival="random", seed=0)
 _act = lambda t: {"active": _ACTIVE[t]}  # noqa: E731
 
 # name -> (transform of the runner, per-step arguments of step t, runner groups)
@@ -70,9 +70,11 @@ ALL_TRANSFORMS = {
     "sync_sgd": (lambda r: wagrad.sync_sgd(optax.sgd(0.1), axis_name=r.axis_name), None, None),
     "model_averaging": (lambda r: wagrad.model_averaging(
         optax.sgd(0.1), 2, warmup_steps=2, axis_name=r.axis_name), None, None),
-    "diloco": (lambda r: wagrad.diloco(0.01, sync_period=2, axis_name=r.axis_name), None, None),
-    "diloco_int8": (lambda r: wagrad.diloco(0.01, sync_period=2, compression="int8",
-                                            axis_name=r.axis_name), None, None),
+    "diloco": (lambda r: wagrad.diloco(optax.adamw(0.01, weight_decay=0.1), 2,
+                                       axis_name=r.axis_name), None, None),
+    "diloco_int8": (lambda r: wagrad.diloco(optax.adamw(0.01, weight_decay=0.1), 2,
+                                            compression="int8", axis_name=r.axis_name),
+                    None, None),
     "downpour": (lambda r: wagrad.downpour(0.1, 2, axis_name=r.axis_name), None, None),
     "easgd": (lambda r: wagrad.easgd(optax.sgd(0.1), 2, axis_name=r.axis_name), None, None),
     "easgd_bf16": (lambda r: wagrad.easgd(optax.sgd(0.1), 2, compression="bfloat16",

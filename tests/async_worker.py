@@ -40,7 +40,7 @@ def problem(K):
   A = rng.normal(size=(K, 6, 3)).astype(np.float32)
   b = rng.normal(size=(K, 6)).astype(np.float32)
   w0 = rng.normal(size=3).astype(np.float32)
-  active = wagrad.speed_schedule(K, STEPS, wagrad.straggler_speeds(K, 0.5, 2.0), seed=1)
+  active = wagrad.schedules.speed_schedule(K, STEPS, wagrad.schedules.straggler_speeds(K, 0.5, 2.0), seed=1)
   return A, b, w0, active
 
 
@@ -93,7 +93,7 @@ def main():
           p, K, momentum=alpha, order=order if mode == "order" else None, timeout_s=60,
           check_s=3.0)
     else:
-      exch, _ = wagrad.async_easgd_schedule(active, tau)
+      exch, _ = wagrad.schedules.async_easgd_schedule(active, tau)
       order = [i for t in range(STEPS) for i in range(K) if exch[t, i]]
       centers = [w0]
 

@@ -15,6 +15,7 @@ import optax
 import pytest
 
 import wagrad
+from wagrad._src import async_ranked
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
@@ -80,7 +81,7 @@ def _simulate(K, make_tx, rows, value=False):
 
 def _simulated(K, tau, alpha):
   active = problem(K)[3]
-  _, anyx = wagrad.async_easgd_schedule(active, tau)
+  _, anyx = wagrad.schedules.async_easgd_schedule(active, tau)
   _, p, s = _simulate(K, lambda ax: wagrad.async_easgd(
       optax.sgd(ETA), tau, alpha=alpha, order="sequential", axis_name=ax),
       [{"active": active[t], "any_exchange": wagrad.Shared(jnp.asarray(anyx[t]))}
@@ -182,7 +183,7 @@ def _simulated_softsync(K, alpha0):
       optax.sgd(1.0), alpha0=alpha0, axis_name=ax),
       [{"push": np.arange(K) == i, "apply": wagrad.Shared(jnp.bool_(True))}
        for t in range(STEPS) for i in range(K) if active[t, i]])
-  return np.asarray(p["w"]), np.asarray(wagrad.find_shared(s, "server").server["w"])
+  return np.asarray(p["w"]), np.asarray(wagrad._src.base.find_shared(s, "server").server["w"])
 
 
 @pytest.mark.slow
@@ -205,7 +206,7 @@ def _simulated_lsgd(K, tau, pull):
   _, p, s = _simulate(K, lambda ax: wagrad.async_lsgd(optax.sgd(ETA), tau, pull=pull,
                                                       axis_name=ax),
                       [{"active": a} for a in one_at_a_time(K)], value=True)
-  sh = wagrad.find_shared(s, "leader_params")
+  sh = wagrad._src.base.find_shared(s, "leader_params")
   return np.asarray(p["w"]), np.asarray(sh.leader_params["w"]), int(sh.num_replacements)
 
 
@@ -243,8 +244,7 @@ def test_async_wpsgd_across_processes_equals_the_simulation(tmp_path):
   combined, steps = _simulated_wpsgd(K)
   master, _ = _check_against(out, K, combined[0], combined)
   assert list(master["served"]) == list(steps) and len(set(steps)) > 1  # unequal loads
-  from wagrad import async_
-  assert not np.allclose(async_.wpsgd_scores(steps), 1.0)
+  assert not np.allclose(async_ranked.wpsgd_scores(steps), 1.0)
 
 
 @pytest.mark.slow
@@ -275,7 +275,7 @@ def test_a_slow_or_late_worker_is_not_taken_for_dead(tmp_path, mode):
   _run(K + 1, out, tau, alpha, mode=mode)
   master = np.load(f"{out}_master.npz")
   assert list(master["gone"]) == []
-  exch, _ = wagrad.async_easgd_schedule(problem(K)[3], tau)
+  exch, _ = wagrad.schedules.async_easgd_schedule(problem(K)[3], tau)
   assert list(master["served"]) == list(exch.sum(0))
 
 
@@ -375,7 +375,7 @@ def test_bad_arguments_and_a_missing_runtime_are_named():
     async_.serve_easgd({"w": np.zeros(2)}, 2, alpha=0.5, checkpoint_dir="unused",
                        checkpoint_every=0)
   with pytest.raises(ValueError, match="no worker has weight"):
-    async_.master_wpsgd([{"w": np.zeros(2)}], [0])
+    async_ranked.master_wpsgd([{"w": np.zeros(2)}], [0])
   worker = async_.EASGDWorker(0, 2)  # the first step exchanges: it needs the store
   with pytest.raises(RuntimeError, match="initialize_distributed"):
     worker.apply_updates({"w": jnp.zeros(2)}, {"w": jnp.ones(2)})
@@ -384,18 +384,17 @@ def test_bad_arguments_and_a_missing_runtime_are_named():
 def test_lsgd_master_keeps_the_best_finite_report_and_wpsgd_weights_by_steps():
   """The masters' rules alone (NumPy): a worse or non-finite report leaves the leader;
   WP-SGD's combination weights by step counts and drops a non-finite model."""
-  from wagrad import async_
   L0 = {"w": np.zeros(2, np.float32)}
-  st, ans = async_.master_lsgd((L0, (np.inf, -1)), ({"w": np.ones(2, np.float32)}, 0.5, 1))
+  st, ans = async_ranked.master_lsgd((L0, (np.inf, -1)), ({"w": np.ones(2, np.float32)}, 0.5, 1))
   assert st[1] == (0.5, 1) and np.all(ans["w"] == 1)
   for report in (({"w": np.full(2, 2.0, np.float32)}, 0.7, 2),        # worse loss
                  ({"w": np.array([np.nan, 0], np.float32)}, 0.1, 0),   # non-finite params
                  ({"w": np.full(2, 3.0, np.float32)}, np.nan, 2)):     # non-finite loss
-    st, ans = async_.master_lsgd(st, report)
+    st, ans = async_ranked.master_lsgd(st, report)
     assert st[1] == (0.5, 1) and np.all(ans["w"] == 1)
   models = [{"w": np.zeros(2, np.float32)}, {"w": np.full(2, 4.0, np.float32)},
             {"w": np.full(2, np.inf, np.float32)}]
-  out = async_.master_wpsgd(models, [1, 3, 5])
+  out = async_ranked.master_wpsgd(models, [1, 3, 5])
   np.testing.assert_allclose(out["w"], 3.0)          # (1*0 + 3*4) / 4; the inf one dropped
   assert out["w"].dtype == np.float32
-  np.testing.assert_allclose(async_.master_wpsgd(models[:2], [1, 3], weighting="uniform")["w"], 2.0)
+  np.testing.assert_allclose(async_ranked.master_wpsgd(models[:2], [1, 3], weighting="uniform")["w"], 2.0)

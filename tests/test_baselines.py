@@ -130,7 +130,8 @@ def np_adam_update(g, m, v, t, lr, b1=0.9, b2=0.999, eps=1e-8, wd=0.0, x=None):
 def test_diloco_matches_numpy(backend, K):
   lr_in, lr_out, mom, H, steps, wd = 0.05, 0.7, 0.9, 3, 12, 0.1
   w, s, A, b = run_tx(backend, K, lambda ax: wagrad.diloco(
-      lr_in, lr_out, H, outer_momentum=mom, inner_weight_decay=wd, axis_name=ax), steps)
+      optax.adamw(lr_in, weight_decay=wd), H, outer_learning_rate=lr_out,
+      outer_momentum=mom, axis_name=ax), steps)
   x, m, v = np.zeros((K, 3)), np.zeros((K, 3)), np.zeros((K, 3))
   xg, buf = np.zeros(3), np.zeros(3)
   for t in range(steps):
@@ -219,7 +220,7 @@ def test_skipped_local_step_still_exchanges():
 
 
 def _count_exchange_branch(backend, tau=4):
-  """Count how often the exchange branch executes (decision 7)."""
+  """Count how often the exchange branch executes (design.md, Tests that prove something)."""
   K, steps = 8, 12
   tx = wagrad.model_averaging(optax.sgd(0.1), tau)
   r = wagrad.Runner(backend, K)

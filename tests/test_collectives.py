@@ -26,10 +26,10 @@ def test_collectives_match_numpy(backend, K):
 
   def fn(ax, x, loss):
     w_soft, ok = C.softmax_weights(loss, ax, temperature=T)
-    wm = wagrad.weighted_mean({"x": x}, w_soft, ax)
-    lead = wagrad.elect_leader(loss, ax)
-    b = wagrad.broadcast_from(x, lead.index, ax)
-    cd = wagrad.consensus_distance(x, ax)
+    wm = wagrad.collectives.weighted_mean({"x": x}, w_soft, ax)
+    lead = wagrad.collectives.elect_leader(loss, ax)
+    b = wagrad.collectives.broadcast_from(x, lead.index, ax)
+    cd = wagrad.collectives.consensus_distance(x, ax)
     g = C.all_gather(loss, ax)
     idx = C.worker_index(ax)
     n = C.axis_size(ax)
@@ -70,8 +70,8 @@ def test_all_nonfinite_says_so():
 
   def fn(ax, x, loss):
     w, ok = C.softmax_weights(loss, ax)
-    wm = wagrad.weighted_mean(x, w, ax)
-    lead = wagrad.elect_leader(loss, ax)
+    wm = wagrad.collectives.weighted_mean(x, w, ax)
+    lead = wagrad.collectives.elect_leader(loss, ax)
     _, vmean = C.elect_leader_and_mean(loss, loss, ax)
     return w, ok, wm.value, wm.ok, lead.index, lead.ok, vmean
 
@@ -86,7 +86,7 @@ def test_nonfinite_params_excluded_from_mean():
   K = 8
   x = np.arange(K, dtype=np.float32)[:, None] * np.ones((K, 2), np.float32)
   x[2, 1] = np.inf
-  (v,), _ = _run("vmap", K, lambda ax, x: (wagrad.weighted_mean(x, 1.0, ax).value,), x)
+  (v,), _ = _run("vmap", K, lambda ax, x: (wagrad.collectives.weighted_mean(x, 1.0, ax).value,), x)
   keep = [i for i in range(K) if i != 2]
   np.testing.assert_allclose(v[0], x[keep].mean(0), rtol=1e-6)
 
@@ -97,7 +97,7 @@ def test_elastic_step_numpy():
   x = rng.normal(size=(K, 4)).astype(np.float32)
   c = rng.normal(size=4).astype(np.float32)
   r = wagrad.Runner("vmap", K)
-  nx, nc = jax.device_get(r.map(lambda x, c: wagrad.elastic_step(x, c.value, alpha, r.axis_name))(
+  nx, nc = jax.device_get(r.map(lambda x, c: wagrad.collectives.elastic_step(x, c.value, alpha, r.axis_name))(
       x, wagrad.Shared(c)))
   np.testing.assert_allclose(nx, x - alpha * (x - c), rtol=1e-6)
   np.testing.assert_allclose(nc, np.broadcast_to(c + alpha * (x - c).sum(0), nc.shape), rtol=1e-5)

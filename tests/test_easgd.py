@@ -1,7 +1,7 @@
 """Tests of the EASGD family (EASGD, EAMSGD, async EASGD, tree EASGD) and DOWNPOUR.
 
 Every rule is checked step by step against an independent float64 NumPy implementation
-of the equations in the design notes, on every backend.
+of the equations in the docstrings and docs/algorithms.md, on every backend.
 """
 import numpy as np
 import pytest
@@ -15,6 +15,7 @@ import wagrad
 from wagrad._src import collectives as C
 from wagrad._src import easgd as E
 from wagrad._src import schedules
+from wagrad._src import simulated_async as SA
 
 from _util import BACKENDS, BACKEND_IDS, least_squares, ls_grad_np, ls_loss
 
@@ -38,8 +39,8 @@ def _grads_np(x, A, b):
 def _shared_equal(state, axis_name):
   """True iff every leaf of every shared node is identical on all workers."""
   leaves = jax.tree_util.tree_leaves(
-      [n for n in jax.tree_util.tree_leaves(state, is_leaf=wagrad.is_shared)
-       if wagrad.is_shared(n)])
+      [n for n in jax.tree_util.tree_leaves(state, is_leaf=wagrad._src.base.is_shared)
+       if wagrad._src.base.is_shared(n)])
   return jnp.all(jnp.stack([jnp.all(C.all_equal(x, axis_name)) for x in leaves]))
 
 
@@ -195,7 +196,7 @@ def _full_matrix(eta_h, alpha, p):
 
 
 def _derived_stable(eta_h, alpha, beta):
-  """The [derived] conditions of the design notes."""
+  """The [derived] stability conditions of docs/algorithms.md (EASGD)."""
   return (eta_h * beta > 0 and (2 - eta_h) * (2 - beta) > 2 * alpha
           and abs((1 - eta_h - alpha) * (1 - beta) - alpha * beta) < 1
           and abs(1 - eta_h - alpha) < 1)
@@ -331,7 +332,7 @@ def async_easgd_np(A, b, w0, c0, active, tau, alpha, order, eta=ETA):
   return x, c, clock, n
 
 
-@pytest.mark.parametrize("order", E.ORDERS)
+@pytest.mark.parametrize("order", SA.ORDERS)
 @pytest.mark.parametrize("backend,K", BACKENDS, ids=BACKEND_IDS)
 def test_async_easgd_matches_numpy(backend, K, order):
   runner = wagrad.Runner(backend, K)
@@ -339,7 +340,7 @@ def test_async_easgd_matches_numpy(backend, K, order):
   tau, T, alpha = 2, 8, 0.15
   speeds = np.linspace(1.0, 0.3, K)
   active = schedules.speed_schedule(K, T, speeds, seed=1)
-  exch, anyx = wagrad.async_easgd_schedule(active, tau)
+  exch, anyx = wagrad.schedules.async_easgd_schedule(active, tau)
   assert exch[active.argmax(0), np.arange(K)].all()      # first active step exchanges
   tx = wagrad.async_easgd(optax.sgd(ETA), tau, alpha=alpha, order=order,
                      axis_name=runner.axis_name)
@@ -368,9 +369,9 @@ def test_async_easgd_period_schedule_matches_numpy(backend):
   active = schedules.speed_schedule(K, T, np.linspace(1.0, 0.4, K), seed=2)
   grow = lambda c: 1 + c // 3  # noqa: E731  (own clock -> period)
   # a constant schedule gives the integer period's table
-  np.testing.assert_array_equal(wagrad.async_easgd_schedule(active, lambda c: 3)[0],
-                                wagrad.async_easgd_schedule(active, 3)[0])
-  exch, anyx = wagrad.async_easgd_schedule(active, grow)
+  np.testing.assert_array_equal(wagrad.schedules.async_easgd_schedule(active, lambda c: 3)[0],
+                                wagrad.schedules.async_easgd_schedule(active, 3)[0])
+  exch, anyx = wagrad.schedules.async_easgd_schedule(active, grow)
   tx = wagrad.async_easgd(optax.sgd(ETA), grow, alpha=alpha, axis_name=runner.axis_name)
 
   def step(p, s, A, b, act, flag):
@@ -384,7 +385,7 @@ def test_async_easgd_period_schedule_matches_numpy(backend):
   _assert_close(p["w"], x)
   _assert_close(s.shared.center["w"], c)
   assert int(s.shared.num_exchanges) == n == int(exch.sum())
-  assert n < int(wagrad.async_easgd_schedule(active, 1)[0].sum())  # the period grew
+  assert n < int(wagrad.schedules.async_easgd_schedule(active, 1)[0].sum())  # the period grew
 
 
 def test_async_easgd_orders_differ_and_inactive_unchanged():
@@ -393,7 +394,7 @@ def test_async_easgd_orders_differ_and_inactive_unchanged():
   A, b, w0, c0 = _problem(K)
   active = np.array([[True, True, False, True]])
   out = {}
-  for order in E.ORDERS:
+  for order in SA.ORDERS:
     tx = wagrad.async_easgd(optax.sgd(ETA, momentum=0.9), 1, alpha=0.3, order=order)
 
     def step(p, s, A, b, act, tx=tx):
@@ -577,14 +578,14 @@ def test_async_downpour_matches_numpy(backend, K, mu):
   tx = wagrad.downpour(eta, tau, axis_name=runner.axis_name, master_momentum=mu,
                        asynchronous=True)
 
-  def step(p, s, A, b, act, any_push=None):
+  def step(p, s, A, b, act, any_exchange=None):
     g = jax.grad(ls_loss)(p, A, b)
-    u, s = tx.update(g, s, p, active=act, any_push=any_push)
+    u, s = tx.update(g, s, p, active=act, any_exchange=any_exchange)
     return wagrad.apply_updates(p, u, s), s, _shared_equal(s, runner.axis_name)
 
   x, xm = async_downpour_np(A, b, w0, c0, active, tau, mu, eta)
   # whether anyone pushes: a pmax of the workers' flags, or the precomputed table
-  _, anyone = wagrad.async_report_steps(active, tau)
+  _, anyone = wagrad.schedules.async_report_steps(active, tau)
   assert anyone.any() and not anyone.all()
   for rows in ((active.T.copy(),), (active.T.copy(), wagrad.Shared(jnp.asarray(anyone)))):
     p, s = _loop(runner, tx, step, {"w0": w0, "c0": c0}, (A, b), T, rows=rows)
@@ -595,8 +596,8 @@ def test_async_downpour_matches_numpy(backend, K, mu):
   sync, z = wagrad.downpour(eta, tau), {"w": jnp.zeros(3)}
   with pytest.raises(TypeError, match="asynchronous=True"):
     sync.update(z, sync.init(z), z, active=True)
-  with pytest.raises(TypeError, match="any_push.*asynchronous=True"):
-    sync.update(z, sync.init(z), z, any_push=True)
+  with pytest.raises(TypeError, match="any_exchange.*asynchronous=True"):
+    sync.update(z, sync.init(z), z, any_exchange=True)
   with pytest.raises(TypeError, match="one shared flag.*async_report_steps"):
     runner.map(lambda p, s, A, b, act: step(p, s, A, b, act, jnp.ones(3, bool)))(
         runner.put({"w": jnp.asarray(w0)}), runner.init(tx, {"w": jnp.asarray(c0)}), A, b,
@@ -605,8 +606,8 @@ def test_async_downpour_matches_numpy(backend, K, mu):
     wagrad.downpour(eta, lambda t: 4, asynchronous=True)
 
 
-def test_async_downpour_any_push_runs_no_collective_between_pushes():
-  """With the precomputed shared ``any_push=`` flag, the compiled shard_map step has no
+def test_async_downpour_any_exchange_runs_no_collective_between_pushes():
+  """With the precomputed shared ``any_exchange=`` flag, the compiled shard_map step has no
   all-reduce outside the push branch; by default a scalar pmax runs every step."""
   runner = wagrad.Runner("shard_map", 8)
   tx = wagrad.downpour(0.02, 2, axis_name=runner.axis_name, asynchronous=True)
@@ -617,7 +618,7 @@ def test_async_downpour_any_push_runs_no_collective_between_pushes():
   def entry_ops(use_flag):
     def step(p, s, A, b, act, anyone):
       u, s = tx.update(jax.grad(ls_loss)(p, A, b), s, p, active=act,
-                       any_push=anyone if use_flag else None)
+                       any_exchange=anyone if use_flag else None)
       return wagrad.apply_updates(p, u, s), s
     hlo = runner.map(step).lower(p, s, A, b, act, wagrad.Shared(jnp.bool_(True))
                                  ).compile().as_text()
@@ -696,7 +697,7 @@ def test_bad_hyperparameters():
     E.eamsgd(sgd, 1, momentum=1.0)
   with pytest.raises(ValueError, match="momentum"):
     E.eamsgd(sgd, 1, momentum=-0.1)
-  with pytest.raises(TypeError, match=r"optax\.sgd\(learning_rate\)"):
+  with pytest.raises(TypeError, match=r"inner optimizer first.*wagrad\.eamsgd\(optax\.sgd"):
     E.eamsgd(0.1, 1)  # the 0.1 convention: the message names the inner optimizer
   with pytest.raises(ValueError, match="order"):
     wagrad.async_easgd(sgd, 2, order="random")
@@ -719,7 +720,7 @@ def test_bad_hyperparameters():
   with pytest.raises(ValueError, match="learning_rate"):
     wagrad.downpour(0.0, 2)
   with pytest.raises(ValueError, match="sync_period"):
-    wagrad.async_easgd_schedule(np.ones((3, 2), bool), 0)
+    wagrad.schedules.async_easgd_schedule(np.ones((3, 2), bool), 0)
   # beta / p not in (0, 1): one worker with beta = 1 -> alpha = 1
   tx = E.easgd(sgd, 1, beta=1.0)
   f = jax.vmap(lambda p, s: tx.update(p, s, p), in_axes=(0, None), axis_name="workers")

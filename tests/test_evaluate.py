@@ -23,16 +23,16 @@ def _mean(p, s, ax):
 
 
 def _leader(p, s, ax):
-  return wagrad.broadcast_from(p, jnp.maximum(s.shared.leader, 0), ax)
+  return wagrad.collectives.broadcast_from(p, jnp.maximum(s.shared.leader, 0), ax)
 
 
 def _wasgd(p, s, ax):
-  return wagrad.weighted_mean(p, s.shared.weights[C.worker_index(ax)], ax).value
+  return wagrad.collectives.weighted_mean(p, s.shared.weights[C.worker_index(ax)], ax).value
 
 
 CASES = {
     "averaging": (lambda ax: wagrad.model_averaging(optax.sgd(0.1), 4, axis_name=ax), _mean),
-    "diloco": (lambda ax: wagrad.diloco(0.05, sync_period=2, axis_name=ax),
+    "diloco": (lambda ax: wagrad.diloco(optax.adamw(0.05, weight_decay=0.1), 2, axis_name=ax),
                lambda p, s, ax: s.shared.target),
     "easgd": (lambda ax: wagrad.easgd(optax.sgd(0.1), 2, axis_name=ax),
               lambda p, s, ax: wagrad.easgd_center(s)),

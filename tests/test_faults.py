@@ -15,8 +15,8 @@ K, TAU, STEPS, DROPPED = 8, 4, 12, 2
 def _active():
   """Worker 2 drops out for steps 1..6 (misses the exchange at step 3) and rejoins;
   worker 7 is a 2x straggler."""
-  a = wagrad.speed_schedule(K, STEPS, [1.0] * 7 + [0.5], seed=0)
-  return wagrad.drop_workers(a, DROPPED, 1, 7)
+  a = wagrad.schedules.speed_schedule(K, STEPS, [1.0] * 7 + [0.5], seed=0)
+  return wagrad.schedules.drop_workers(a, DROPPED, 1, 7)
 
 
 FAMILIES = {

@@ -1,6 +1,6 @@
 """Tests of LSGD, multi-leader LSGD, asynchronous LSGD (wagrad/_src/lsgd.py).
 
-The NumPy references below are written from the equations of the design notes
+The NumPy references below are written from the equations in the docstrings and docs/algorithms.md
 (float64), not by calling the library.
 """
 import re
@@ -306,7 +306,7 @@ def test_uneven_local_steps_schedule_matches_numpy():
   r = wagrad.Runner("vmap", K)
   A, b = _util.least_squares(K)
   active = schedules.speed_schedule(K, steps, schedules.straggler_speeds(K, 0.25, 4.0), seed=3)
-  rounds = wagrad.uneven_round_steps(active, l_comm)
+  rounds = wagrad.schedules.uneven_round_steps(active, l_comm)
   assert rounds.sum() >= 3
   # every round follows K * l_comm local steps in total
   ends = np.flatnonzero(rounds)
@@ -316,7 +316,7 @@ def test_uneven_local_steps_schedule_matches_numpy():
 
   def step(p, s, A, b, a, ex):
     loss, g = jax.value_and_grad(_util.ls_loss)(p, A, b)
-    u, s = tx.update(g, s, p, value=loss, active=a, exchange=ex.value)
+    u, s = tx.update(g, s, p, value=loss, active=a, any_exchange=ex.value)
     return wagrad.apply_updates(p, u, s), s
 
   f = r.map(step)
@@ -574,14 +574,14 @@ def test_async_lsgd_reconstruction_self_consistency(backend, K):
   A, b = _util.least_squares(K)
   active = schedules.speed_schedule(K, steps, [1.0, 0.5, 1.0, 0.34, 1.0, 0.7, 0.5, 1.0],
                                     seed=1)
-  reports, anyone = wagrad.async_report_steps(active, tau)
+  reports, anyone = wagrad.schedules.async_report_steps(active, tau)
   tx = wagrad.async_lsgd(optax.sgd(LR), tau, pull=0.4, axis_name=r.axis_name)
 
   def make(use_table):
     def step(p, s, A, b, a, any_r):
       loss, g = jax.value_and_grad(_util.ls_loss)(p, A, b)
       u, s = tx.update(g, s, p, value=loss, active=a,
-                       any_report=any_r.value if use_table else None)
+                       any_exchange=any_r.value if use_table else None)
       return optax.apply_updates(p, u), s
     return r.map(step)
 
@@ -615,14 +615,14 @@ def test_async_lsgd_period_schedule_matches_numpy(backend):
   active = schedules.speed_schedule(K, steps, [1.0, 0.5, 1.0, 0.34, 1.0, 0.7, 0.5, 1.0],
                                     seed=1)
   grow = lambda n: 1 + n // 4  # noqa: E731  (own local count -> period)
-  np.testing.assert_array_equal(wagrad.async_report_steps(active, lambda n: 2)[0],
-                                wagrad.async_report_steps(active, 2)[0])
-  reports, anyone = wagrad.async_report_steps(active, grow)
+  np.testing.assert_array_equal(wagrad.schedules.async_report_steps(active, lambda n: 2)[0],
+                                wagrad.schedules.async_report_steps(active, 2)[0])
+  reports, anyone = wagrad.schedules.async_report_steps(active, grow)
   tx = wagrad.async_lsgd(optax.sgd(LR), grow, pull=0.4, avg_size=2, axis_name=r.axis_name)
 
   def step(p, s, A, b, a, any_r):
     loss, g = jax.value_and_grad(_util.ls_loss)(p, A, b)
-    u, s = tx.update(g, s, p, value=loss, active=a, any_report=any_r)  # Shared, or plain (l. 584)
+    u, s = tx.update(g, s, p, value=loss, active=a, any_exchange=any_r)  # Shared, or plain (l. 584)
     return optax.apply_updates(p, u), s
 
   f = r.map(step)

@@ -5,6 +5,7 @@ import contextlib
 import io
 import os
 import re
+import warnings
 
 import pytest
 
@@ -26,7 +27,12 @@ def test_readme_has_the_two_flax_loops():
 @pytest.mark.parametrize("index", [0, 1], ids=["nnx", "linen"])
 def test_readme_flax_loop_runs_and_trains(index):
   out = io.StringIO()
-  with contextlib.redirect_stdout(out):
+  with contextlib.redirect_stdout(out), warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
     exec(compile(_flax_blocks()[index], f"README.md flax block {index}", "exec"), {})
   mse = float(out.getvalue().split()[-1])
   assert mse < 0.5, out.getvalue()
+  # no deprecation a user cannot act on (flax 0.12 deprecates nnx.State.to_pure_dict)
+  deprecated = [str(w.message) for w in caught if issubclass(w.category, DeprecationWarning)
+                and "flax" in str(w.message).lower() + w.filename]
+  assert not deprecated, deprecated

@@ -17,7 +17,8 @@ from _util import ALL_K, ALL_TRANSFORMS, least_squares, ls_loss
 def _algos():
   out = {
       "model_averaging": lambda ax: wagrad.model_averaging(optax.sgd(0.1), 4, axis_name=ax),
-      "diloco": lambda ax: wagrad.diloco(0.05, 0.7, 4, axis_name=ax),
+      "diloco": lambda ax: wagrad.diloco(optax.adamw(0.05, weight_decay=0.1), 4,
+                                         outer_learning_rate=0.7, axis_name=ax),
       "sync_sgd": lambda ax: wagrad.sync_sgd(optax.sgd(0.1), axis_name=ax),
   }
   if hasattr(wagrad, "easgd"):
@@ -30,8 +31,8 @@ def _algos():
 
 
 ALGOS = _algos()
-_ACTIVE = wagrad.speed_schedule(8, 16, wagrad.straggler_speeds(8, 0.5, 2.0), seed=0)
-_SOFTSYNC = wagrad.softsync_schedule(8, 4, 16, arrival="random", seed=0)
+_ACTIVE = wagrad.schedules.speed_schedule(8, 16, wagrad.schedules.straggler_speeds(8, 0.5, 2.0), seed=0)
+_SOFTSYNC = wagrad.schedules.softsync_schedule(8, 4, 16, arrival="random", seed=0)
 # algorithms driven by a per-step schedule row: name -> (factory, row(t) -> extra args, apply)
 SCHEDULED = {
     "wpsgd": (lambda ax: wagrad.wpsgd(optax.sgd(0.1), 4, weighting="samples", axis_name=ax),
@@ -115,7 +116,7 @@ def test_bf16_weighted_mean_accumulates_in_float32():
   xb = jnp.asarray(x32, jnp.bfloat16)
   w = rng.uniform(0.1, 1.0, size=K).astype(np.float32)
   r = wagrad.Runner("vmap", K)
-  out = r.map(lambda x, w: wagrad.weighted_mean(x, w, r.axis_name).value)(xb, w)
+  out = r.map(lambda x, w: wagrad.collectives.weighted_mean(x, w, r.axis_name).value)(xb, w)
   assert out.dtype == jnp.bfloat16
   ref = np.tensordot(w / w.sum(), np.asarray(xb, np.float64), axes=1)
   # float32 accumulation, one final rounding to bf16: within half a bf16 ulp (2^-8 rel.)

@@ -15,6 +15,7 @@ from jax import lax
 import wagrad
 from wagrad._src import schedules
 from wagrad._src import weighted
+from wagrad._src import wpsgd as wpsgd_mod
 
 import _util
 from _util import BACKENDS, BACKEND_IDS
@@ -268,14 +269,14 @@ def test_bad_hyperparameters():
       (lambda: weighted.wasgd("sgd", 2), TypeError, "inner"),
       (lambda: weighted.wasgd_plus(sgd, 2, loss_source="train"), ValueError, "loss_source"),
       (lambda: weighted.wasgd_plus(sgd, 2, temperature=-0.1), ValueError, "temperature"),
-      (lambda: weighted.wpsgd(sgd, weighting="x"), ValueError, "weighting"),
-      (lambda: weighted.wpsgd(sgd), ValueError, "learning_rate"),
-      (lambda: weighted.wpsgd(sgd, learning_rate=0.1), ValueError, "strong_convexity"),
-      (lambda: weighted.wpsgd(sgd, learning_rate=0.5, strong_convexity=2.0), ValueError,
+      (lambda: wpsgd_mod.wpsgd(sgd, weighting="x"), ValueError, "weighting"),
+      (lambda: wpsgd_mod.wpsgd(sgd), ValueError, "learning_rate"),
+      (lambda: wpsgd_mod.wpsgd(sgd, learning_rate=0.1), ValueError, "strong_convexity"),
+      (lambda: wpsgd_mod.wpsgd(sgd, learning_rate=0.5, strong_convexity=2.0), ValueError,
        "strong_convexity"),
-      (lambda: weighted.wpsgd(sgd, learning_rate=-0.1, strong_convexity=0.1), ValueError,
+      (lambda: wpsgd_mod.wpsgd(sgd, learning_rate=-0.1, strong_convexity=0.1), ValueError,
        "learning_rate"),
-      (lambda: weighted.wpsgd(sgd, 0, weighting="samples"), ValueError, "sync_period"),
+      (lambda: wpsgd_mod.wpsgd(sgd, 0, weighting="samples"), ValueError, "sync_period"),
       (lambda: weighted.wasgd_plus_sample_order(10, 2, 0, 5, 2), ValueError, "batch_size"),
       (lambda: weighted.wasgd_plus_sample_order(10, 2, 8, 5, 2), ValueError, "num_examples"),
       (lambda: weighted.wasgd_plus_sample_order(10, 2, 2, 5, 0), ValueError, "sync_period"),
@@ -285,7 +286,7 @@ def test_bad_hyperparameters():
       make()
   weighted.wasgd(sgd, 2, temperature=0.0)        # allowed: picks the best worker
   weighted.wasgd(sgd, 2, temperature=math.inf)   # allowed: plain averaging
-  weighted.wpsgd(sgd, weighting="samples")       # needs no eta, lambda
+  wpsgd_mod.wpsgd(sgd, weighting="samples")       # needs no eta, lambda
 
 
 # ----------------------------------------------------------------------------- WASGD+
@@ -437,7 +438,7 @@ def test_wpsgd_periodic_contraction_matches_numpy(backend, K):
   active = unbalanced(K, steps)
   assert not active.all()
   r = wagrad.Runner(backend, K)
-  tx = weighted.wpsgd(optax.sgd(lr, momentum=mu), tau, weighting="contraction",
+  tx = wpsgd_mod.wpsgd(optax.sgd(lr, momentum=mu), tau, weighting="contraction",
                       learning_rate=lr, strong_convexity=lam, axis_name=r.axis_name,
                       num_workers=K)
   p, s = start(r, tx)
@@ -461,7 +462,7 @@ def test_wpsgd_one_shot_samples_matches_numpy(backend, K):
   steps, lr, mu = 6, 0.05, 0.5
   active = unbalanced(K, steps, seed=5)
   r = wagrad.Runner(backend, K)
-  tx = weighted.wpsgd(optax.sgd(lr, momentum=mu), None, weighting="samples",
+  tx = wpsgd_mod.wpsgd(optax.sgd(lr, momentum=mu), None, weighting="samples",
                       axis_name=r.axis_name, num_workers=K)
   p, s = start(r, tx)
   f = r.map(make_wpsgd_step(tx))
@@ -474,10 +475,10 @@ def test_wpsgd_one_shot_samples_matches_numpy(backend, K):
   np.testing.assert_array_equal(np.asarray(s.local_steps), active.sum(0))
 
   def combine(p, s):
-    samples = weighted.wpsgd_combine(p, s, r.axis_name)
-    contr = weighted.wpsgd_combine(p, s, r.axis_name, weighting="contraction",
+    samples = wpsgd_mod.wpsgd_combine(p, s, r.axis_name)
+    contr = wpsgd_mod.wpsgd_combine(p, s, r.axis_name, weighting="contraction",
                                    learning_rate=lr, strong_convexity=0.8)
-    uni = weighted.wpsgd_combine(p, s, r.axis_name, weighting="uniform")
+    uni = wpsgd_mod.wpsgd_combine(p, s, r.axis_name, weighting="uniform")
     return samples.value, samples.weight, contr.value, uni.value
   xs, ws, xc, xu = r.map(combine)(p, s)
   for name, sc, got in (("samples", np_wpsgd_scores(t_end, "samples"), xs),
@@ -494,7 +495,7 @@ def test_wpsgd_inactive_worker_keeps_state():
   K = 8
   A, b = _util.least_squares(K)
   r = wagrad.Runner("vmap", K)
-  tx = weighted.wpsgd(optax.adam(0.1), None, weighting="samples", axis_name=r.axis_name)
+  tx = wpsgd_mod.wpsgd(optax.adam(0.1), None, weighting="samples", axis_name=r.axis_name)
   p, s = start(r, tx)
   f = r.map(make_wpsgd_step(tx))
   p, s = f(p, s, A, b, np.ones(K, bool))
@@ -587,7 +588,7 @@ def test_wpsgd_vs_averaging_unbalanced_digits():
   bx, by = _batches(Xs, ys, steps, batch, seed=1)
   speeds = schedules.straggler_speeds(K, slow_fraction=0.5, slowdown=10.0)
   active = schedules.speed_schedule(K, steps, speeds, seed=0)
-  tx = weighted.wpsgd(optax.sgd(lr), None, weighting="contraction", learning_rate=lr,
+  tx = wpsgd_mod.wpsgd(optax.sgd(lr), None, weighting="contraction", learning_rate=lr,
                       strong_convexity=lam, axis_name=r.axis_name)
   p0 = _mlp_init(jax.random.PRNGKey(1))
   p, s = r.replicate(p0), r.init(tx, p0)
@@ -601,8 +602,8 @@ def test_wpsgd_vs_averaging_unbalanced_digits():
     p, s = f(p, s, bx[t], by[t], active[t])
 
   def combine(p, s):
-    return (weighted.wpsgd_combine(p, s, r.axis_name).value,
-            weighted.wpsgd_combine(p, s, r.axis_name, weighting="samples").value,
+    return (wpsgd_mod.wpsgd_combine(p, s, r.axis_name).value,
+            wpsgd_mod.wpsgd_combine(p, s, r.axis_name, weighting="samples").value,
             wagrad.one_shot_average(p, r.axis_name).value)
   wp, ws, avg = r.map(combine)(p, s)
   first = lambda t: jax.tree_util.tree_map(lambda x: x[0], t)

@@ -14,16 +14,15 @@ inside one SPMD program; these run them for real.
 * WP-SGD on unequal workloads: :class:`WPSGDWorker` in worker processes (each at its
   own speed, for a wall-clock budget), :func:`serve_wpsgd` in process 0 (the
   weighted combination).
+
+The masters' rules themselves (``master_exchange``, ``master_push``,
+``master_softsync``, ``master_lsgd``, ``master_wpsgd``) are internals:
+``wagrad._src.async_processes`` and ``wagrad._src.async_ranked``.
 """
 
-from wagrad._src.async_processes import (DownpourWorker, EASGDWorker, LSGDWorker,
-                                         SoftsyncLearner, WPSGDWorker, master_exchange,
-                                         master_lsgd, master_push, master_softsync,
-                                         master_wpsgd, serve_downpour, serve_easgd,
-                                         serve_lsgd, serve_softsync, serve_wpsgd,
-                                         wpsgd_scores)
+from wagrad._src.async_processes import (DownpourWorker, EASGDWorker, SoftsyncLearner,
+                                         serve_downpour, serve_easgd, serve_softsync)
+from wagrad._src.async_ranked import LSGDWorker, WPSGDWorker, serve_lsgd, serve_wpsgd
 
 __all__ = ["DownpourWorker", "EASGDWorker", "LSGDWorker", "SoftsyncLearner", "WPSGDWorker",
-           "master_exchange", "master_lsgd", "master_push", "master_softsync",
-           "master_wpsgd", "serve_downpour", "serve_easgd", "serve_lsgd", "serve_softsync",
-           "serve_wpsgd", "wpsgd_scores"]
+           "serve_downpour", "serve_easgd", "serve_lsgd", "serve_softsync", "serve_wpsgd"]

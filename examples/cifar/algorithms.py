@@ -149,7 +149,7 @@ if hasattr(wagrad, "staleness_aware_sgd"):
                                       alpha0=args.alpha0, axis_name=runner.axis_name)
 
   def _softsync_rows(args, runner, num_steps):
-    sched = wagrad.softsync_schedule(runner.num_workers, args.softsync_n, num_steps,
+    sched = wagrad.schedules.softsync_schedule(runner.num_workers, args.softsync_n, num_steps,
                                      seed=args.seed)
 
     def row(t):

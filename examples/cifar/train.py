@@ -81,24 +81,24 @@ def _globalize(runner, local, tree):
   K = runner.num_workers
 
   def g(node):
-    if wagrad.is_shared(node):
+    if wagrad._src.base.is_shared(node):
       return node
     return jax.tree_util.tree_map(
         lambda x: jax.make_array_from_process_local_data(
             sharding, np.asarray(x), (K,) + np.shape(x)[1:]), node)
-  return jax.tree_util.tree_map(g, tree, is_leaf=wagrad.is_shared)
+  return jax.tree_util.tree_map(g, tree, is_leaf=wagrad._src.base.is_shared)
 
 
 def _replicate_on_host(tree, num_workers):
   """``runner.replicate`` in NumPy (no per-leaf device program): K copies of each
   per-worker leaf, shared nodes as they are."""
   def rep(node):
-    if wagrad.is_shared(node):
+    if wagrad._src.base.is_shared(node):
       return jax.tree_util.tree_map(np.asarray, node)
     return jax.tree_util.tree_map(
         lambda x: np.ascontiguousarray(np.broadcast_to(np.asarray(x), (num_workers,) +
                                                        np.shape(x))), node)
-  return jax.tree_util.tree_map(rep, tree, is_leaf=wagrad.is_shared)
+  return jax.tree_util.tree_map(rep, tree, is_leaf=wagrad._src.base.is_shared)
 
 
 def _first(x) -> float:
@@ -114,14 +114,14 @@ def _local_mean(x) -> float:
 
 
 def _unshare(tree):
-  return jax.tree_util.tree_map(lambda n: n.value if wagrad.is_shared(n) else n, tree,
-                                is_leaf=wagrad.is_shared)
+  return jax.tree_util.tree_map(lambda n: n.value if wagrad._src.base.is_shared(n) else n, tree,
+                                is_leaf=wagrad._src.base.is_shared)
 
 
 def _exchanged(old_state, new_state):
   """True on the steps where the transform exchanged (shared scalar)."""
-  new = wagrad.find_shared(new_state, "num_exchanges")
-  old = wagrad.find_shared(old_state, "num_exchanges")
+  new = wagrad._src.base.find_shared(new_state, "num_exchanges")
+  old = wagrad._src.base.find_shared(old_state, "num_exchanges")
   if new is None or old is None:
     return jnp.bool_(False)
   return new.num_exchanges != old.num_exchanges
@@ -130,9 +130,9 @@ def _exchanged(old_state, new_state):
 def _where_workers(pred, new, old):
   """``where(pred, new, old)`` on the per-worker leaves; shared nodes are taken from new."""
   return jax.tree_util.tree_map(
-      lambda n, o: n if wagrad.is_shared(n) else jax.tree_util.tree_map(
+      lambda n, o: n if wagrad._src.base.is_shared(n) else jax.tree_util.tree_map(
           lambda a, b: jnp.where(pred, a, b), n, o),
-      new, old, is_leaf=wagrad.is_shared)
+      new, old, is_leaf=wagrad._src.base.is_shared)
 
 
 def make_steps(model, tx, algo, axis_name):
@@ -166,7 +166,7 @@ def make_steps(model, tx, algo, axis_name):
 
   def run_stats(params, loss_sum):
     flat = jax.flatten_util.ravel_pytree(params)[0]  # one collective, not one per leaf
-    return wagrad.consensus_distance(flat, axis_name), lax.pmean(loss_sum, axis_name)
+    return wagrad.collectives.consensus_distance(flat, axis_name), lax.pmean(loss_sum, axis_name)
 
   def eval_step(variables, images, labels, mask):  # variables: wagrad.Shared, one model
     logits = model.apply(variables.value, input_pipeline.normalize(images), train=False)

@@ -32,17 +32,8 @@ once it holds c = lambda / n gradients, ``tau_l = max(V - v_l, 1)`` the gradient
 staleness in server updates (``alpha0`` alone with ``modulation="none"``, plain
 ASGD): :class:`SoftsyncLearner`, :func:`serve_softsync`.
 
-Asynchronous LSGD (arXiv 1905.10395) [reconstruction]: worker i reports its
-parameters and its running loss ``r_i`` after every tau-th of its steps; the master
-keeps the best leader reported, ``if r_i < r_L: L <- x_i``, and answers ``L``; the
-worker moves ``x_i <- x_i - pull (x_i - L)``: :class:`LSGDWorker`, :func:`serve_lsgd`
-(the simulated :func:`wagrad.async_lsgd` when reports arrive one at a time).
-
-WP-SGD on unequal workloads (arXiv 1708.04801) [reconstruction]: every worker steps at
-its own speed (for a wall-clock budget, say), then sends its parameters and its step
-count ``t_i``; the master answers every worker with ``sum_i s(t_i) x_i / sum_i
-s(t_i)``, the weights of :func:`wagrad.wpsgd`: :class:`WPSGDWorker`,
-:func:`serve_wpsgd`.
+Asynchronous LSGD and WP-SGD, the rules that rank workers:
+:mod:`wagrad._src.async_ranked`.
 
 Start-up: every process calls ``wagrad.initialize_distributed``; process 0 runs the
 master (``serve_*``) and workers ``1..N`` (worker index = process index - 1) step with
@@ -52,7 +43,6 @@ serving loop, checkpoints): :mod:`wagrad._src.async_serving`.
 
 from __future__ import annotations
 
-import time
 from typing import Any, Callable, Sequence
 
 import jax
@@ -60,17 +50,12 @@ import numpy as np
 import optax
 
 from wagrad._src import kvstore
-from wagrad._src import lsgd as _lsgd
-from wagrad._src import weighted as _weighted
-from wagrad._src.async_serving import (_ask, _checkpoint, _f32_zeros, _join_backend, _key,
-                                       _outlive_workers, _serve, _serve_until, _Worker)
+from wagrad._src.async_serving import (ask, checkpoint, f32_zeros, join_backend, serve, Worker)
 from wagrad._src.base import PyTree
 
 PREFIX = "wagrad/easgd"
 DOWNPOUR_PREFIX = "wagrad/downpour"
 SOFTSYNC_PREFIX = "wagrad/softsync"
-LSGD_PREFIX = "wagrad/lsgd"
-WPSGD_PREFIX = "wagrad/wpsgd"
 
 
 def master_exchange(center: PyTree, x: PyTree, alpha: float) -> tuple[PyTree, PyTree]:
@@ -84,7 +69,7 @@ def master_exchange(center: PyTree, x: PyTree, alpha: float) -> tuple[PyTree, Py
   return new, e
 
 
-class EASGDWorker(_Worker):
+class EASGDWorker(Worker):
   """One worker process of asynchronous EASGD.
 
   Use :meth:`apply_updates` in place of ``optax.apply_updates`` after the local step
@@ -114,7 +99,7 @@ class EASGDWorker(_Worker):
       self.clock += 1
       return optax.apply_updates(params, updates)
     host = jax.device_get(params)
-    e = _ask(PREFIX, self.worker, self.exchanges, host, _f32_zeros(host), self.timeout_s)
+    e = ask(PREFIX, self.worker, self.exchanges, host, f32_zeros(host), self.timeout_s)
     self.clock += 1
     self.exchanges += 1
     return jax.tree_util.tree_map(
@@ -166,22 +151,22 @@ def serve_easgd(params0: PyTree, num_workers: int, *, alpha: float,
   """
   if not 0.0 < alpha < 1.0:
     raise ValueError(f"`alpha` must be in (0, 1), got {alpha!r}.")
-  _join_backend()
+  join_backend()
   center = jax.tree_util.tree_map(lambda x: np.array(x), jax.device_get(params0))
   like = jax.tree_util.tree_map(lambda x: np.zeros(np.shape(x), np.asarray(x).dtype), center)
 
   def rule(state, x):
     center, e = master_exchange(state[0], x, alpha)
     return (center, None), e
-  return _serve(PREFIX, (center, None), like, rule, num_workers, order, timeout_s, poll_s,
-                check_s, callback, checkpoint=_checkpoint(checkpoint_dir, checkpoint_every))
+  return serve(PREFIX, (center, None), like, rule, num_workers, order, timeout_s, poll_s,
+                check_s, callback, checkpoint=checkpoint(checkpoint_dir, checkpoint_every))
 
 
 def _softsync_saved(state, theta0, c):
   """The softsync server's state as a tree of fixed structure: the buffer of up to
   c - 1 scaled gradients stacked and padded with zeros to c rows, and its length."""
   theta, (version, buffer) = state
-  rows = buffer + [_f32_zeros(theta0)] * (c - len(buffer))
+  rows = buffer + [f32_zeros(theta0)] * (c - len(buffer))
   stacked = jax.tree_util.tree_map(lambda *xs: np.stack(xs), *rows)
   return theta, np.int64(version), stacked, np.int64(len(buffer))
 
@@ -204,7 +189,7 @@ def master_push(state: tuple, delta: PyTree, momentum: float) -> tuple[tuple, Py
   return (x, None if m is None else step), x
 
 
-class DownpourWorker(_Worker):
+class DownpourWorker(Worker):
   """One worker process of asynchronous DOWNPOUR.
 
   Use :meth:`apply_updates` in place of ``optax.apply_updates`` after the local step::
@@ -244,7 +229,7 @@ class DownpourWorker(_Worker):
       self.accumulated, self.clock = acc, self.clock + 1
       return optax.apply_updates(params, updates)
     like = jax.tree_util.tree_map(lambda x: np.zeros(np.shape(x), x.dtype), params)
-    x_m = _ask(DOWNPOUR_PREFIX, self.worker, self.exchanges, jax.device_get(acc), like,
+    x_m = ask(DOWNPOUR_PREFIX, self.worker, self.exchanges, jax.device_get(acc), like,
                self.timeout_s)
     self.accumulated, self.clock, self.exchanges = None, self.clock + 1, self.exchanges + 1
     return jax.tree_util.tree_map(lambda x, m: jax.numpy.asarray(m, x.dtype), params, x_m)
@@ -274,14 +259,14 @@ def serve_downpour(params0: PyTree, num_workers: int, *, momentum: float = 0.0,
   """
   if not 0.0 <= momentum < 1.0:
     raise ValueError(f"`momentum` must be in [0, 1), got {momentum!r}.")
-  _join_backend()
+  join_backend()
   x = jax.tree_util.tree_map(lambda v: np.array(v), jax.device_get(params0))
-  like = _f32_zeros(x)
-  state = (x, None if momentum == 0 else _f32_zeros(x))
-  return _serve(DOWNPOUR_PREFIX, state, like,
+  like = f32_zeros(x)
+  state = (x, None if momentum == 0 else f32_zeros(x))
+  return serve(DOWNPOUR_PREFIX, state, like,
                 lambda st, delta: master_push(st, delta, momentum), num_workers, order,
                 timeout_s, poll_s, check_s, callback,
-                checkpoint=_checkpoint(checkpoint_dir, checkpoint_every))
+                checkpoint=checkpoint(checkpoint_dir, checkpoint_every))
 
 
 def master_softsync(state: tuple, push: tuple, alpha0: float, c: int,
@@ -302,7 +287,7 @@ def master_softsync(state: tuple, push: tuple, alpha0: float, c: int,
   return (theta, (version, buffer)), (theta, np.int64(version))
 
 
-class SoftsyncLearner(_Worker):
+class SoftsyncLearner(Worker):
   """One learner process of staleness-aware n-softsync SGD.
 
   Each step, in place of the local update::
@@ -328,7 +313,7 @@ class SoftsyncLearner(_Worker):
     like = (jax.tree_util.tree_map(lambda x: np.zeros(np.shape(x), x.dtype), params),
             np.int64(0))
     g32 = jax.tree_util.tree_map(lambda x: np.asarray(x, np.float32), host)
-    theta, version = _ask(SOFTSYNC_PREFIX, self.worker, self.exchanges,
+    theta, version = ask(SOFTSYNC_PREFIX, self.worker, self.exchanges,
                           (g32, np.int64(self.version)), like, self.timeout_s)
     self.version, self.exchanges = int(version), self.exchanges + 1
     return jax.tree_util.tree_map(lambda x, t: jax.numpy.asarray(t, x.dtype), params, theta)
@@ -366,236 +351,13 @@ def serve_softsync(params0: PyTree, num_learners: int, n: int, *, alpha0: float,
     raise ValueError(f"`alpha0` must be > 0, got {alpha0!r}.")
   if modulation not in ("inverse", "none"):
     raise ValueError(f"unknown `modulation` {modulation!r}; choose 'inverse' or 'none'.")
-  _join_backend()
+  join_backend()
   theta = jax.tree_util.tree_map(lambda v: np.array(v), jax.device_get(params0))
-  like = (_f32_zeros(theta), np.int64(0))
+  like = (f32_zeros(theta), np.int64(0))
   c = num_learners // n
-  return _serve(SOFTSYNC_PREFIX, (theta, (0, [])), like,
+  return serve(SOFTSYNC_PREFIX, (theta, (0, [])), like,
                 lambda st, push: master_softsync(st, push, alpha0, c, modulation),
                 num_learners, order, timeout_s, poll_s, check_s, callback,
                 version=lambda st: st[1][0],
-                checkpoint=_checkpoint(checkpoint_dir, checkpoint_every),
+                checkpoint=checkpoint(checkpoint_dir, checkpoint_every),
                 to_saved=lambda st: _softsync_saved(st, theta, c), from_saved=_softsync_state)
-
-
-def master_lsgd(state: tuple, report: tuple) -> tuple[tuple, PyTree]:
-  """Asynchronous LSGD's master for one report ``(x_i, r_i, i)``: the report becomes the
-  leader when its running loss is finite and below the leader's and its parameters are
-  finite. Answers the leader's parameters. ``state = (L, (r_L, leader))``; NumPy."""
-  L, (best, leader) = state
-  x, r, i = report
-  r = float(np.asarray(r))
-  finite = all(np.isfinite(v).all() for v in jax.tree_util.tree_leaves(x))
-  if finite and np.isfinite(r) and r < best:
-    L, best, leader = x, r, int(np.asarray(i))
-  return (L, (best, leader)), L
-
-
-class LSGDWorker(_Worker):
-  """One worker process of asynchronous LSGD.
-
-  Use :meth:`apply_updates` in place of ``optax.apply_updates``, with the step's loss::
-
-      worker = wagrad.async_.LSGDWorker(jax.process_index() - 1, sync_period=4, pull=0.1)
-      for batch in batches:
-        loss, g = jax.value_and_grad(loss_fn)(params, batch)
-        u, opt_state = inner.update(g, opt_state, params)
-        params = worker.apply_updates(params, u, loss)
-      worker.close()
-
-  After every ``sync_period``-th of its steps the worker reports its parameters and
-  the mean of its last ``avg_size`` losses to the master (:func:`serve_lsgd`) and is
-  pulled toward the leader it gets back, ``x <- x - pull (x - L)`` (the same pull as
-  :func:`wagrad.lsgd`); a worker whose parameters are non-finite takes ``L``.
-
-  Args:
-    worker: this worker's index in ``[0, N)``.
-    sync_period: tau >= 1, in this worker's own steps.
-    pull: the pull's strength in (0, 1].
-    avg_size: running-mean window of the losses (default ``sync_period``).
-    timeout_s: longest wait for the master's answer (``TimeoutError`` after it).
-  """
-
-  _prefix = LSGD_PREFIX
-
-  def __init__(self, worker: int, sync_period: int, *, pull: float = 0.1,
-               avg_size: int | None = None, timeout_s: float = 120.0):
-    super().__init__(worker, sync_period, timeout_s=timeout_s)
-    _lsgd._check_pull("pull", pull)
-    size = sync_period if avg_size is None else avg_size
-    if not isinstance(size, int) or size < 1:
-      raise ValueError(f"`avg_size` must be an integer >= 1, got {avg_size!r}.")
-    self.pull = float(pull)
-    self.losses, self.num_losses = jax.numpy.zeros([size], jax.numpy.float32), 0
-
-  def due(self) -> bool:
-    """This step reports (``(clock + 1) mod tau == 0``)."""
-    return (self.clock + 1) % self.tau == 0
-
-  def running_loss(self) -> float:
-    """The mean of the last ``avg_size`` losses (+inf before any)."""
-    return float(_lsgd._running_mean(self.losses, self.num_losses))
-
-  def apply_updates(self, params, updates, loss):
-    """``params + updates``; on a report step, pulled toward the master's leader."""
-    self.losses, self.num_losses = _lsgd._push_loss(self.losses, self.num_losses, loss, True)
-    x = optax.apply_updates(params, updates)
-    due, self.clock = self.due(), self.clock + 1
-    if not due:
-      return x
-    host = jax.device_get(x)
-    like = jax.tree_util.tree_map(lambda v: np.zeros(np.shape(v), v.dtype), host)
-    report = (host, np.float32(self.running_loss()), np.int64(self.worker))
-    L = _ask(LSGD_PREFIX, self.worker, self.exchanges, report, like, self.timeout_s)
-    self.exchanges += 1
-    if not all(np.isfinite(v).all() for v in jax.tree_util.tree_leaves(host)):
-      return jax.tree_util.tree_map(jax.numpy.asarray, L)
-    return _lsgd._pull(x, jax.tree_util.tree_map(jax.numpy.asarray, L), self.pull)
-
-
-def serve_lsgd(params0: PyTree, num_workers: int, *, order: Sequence[int] | None = None,
-               timeout_s: float = 120.0, poll_s: float = 0.001, check_s: float = 2.0,
-               callback: Callable[[PyTree, np.ndarray], Any] | None = None,
-               checkpoint_dir: str | None = None, checkpoint_every: int = 100
-               ) -> tuple[PyTree, np.ndarray, list[int]]:
-  """Run the master of asynchronous LSGD until every worker has closed: each report is
-  served as it arrives (:func:`master_lsgd`); the leader starts at ``params0`` with
-  loss +inf, so the first finite report becomes the leader.
-
-  Args:
-    params0: the initial parameters.
-    num_workers: N, the number of worker processes.
-    order, timeout_s, poll_s, check_s, callback, checkpoint_dir, checkpoint_every:
-      as :func:`serve_easgd`.
-
-  Returns:
-    ``(leader, served, gone)``: the final leader's parameters (NumPy tree), the reports
-    served per worker and the workers found dead.
-  """
-  _join_backend()
-  L = jax.tree_util.tree_map(lambda v: np.array(v), jax.device_get(params0))
-  like = (jax.tree_util.tree_map(lambda v: np.zeros(np.shape(v), v.dtype), L),
-          np.float32(0), np.int64(0))
-  return _serve(LSGD_PREFIX, (L, (np.inf, -1)), like, master_lsgd, num_workers, order,
-                timeout_s, poll_s, check_s, callback,
-                checkpoint=_checkpoint(checkpoint_dir, checkpoint_every))
-
-
-def wpsgd_scores(steps: Sequence[int], weighting: str = "samples",
-                 learning_rate: float | None = None,
-                 strong_convexity: float | None = None) -> np.ndarray:
-  """WP-SGD's unnormalised weights ``s(t_i)`` of workers that ran ``steps`` local steps:
-  the same function :func:`wagrad.wpsgd` weights with."""
-  decay = _weighted._check_wpsgd_weighting(weighting, learning_rate, strong_convexity)
-  code = _weighted._WEIGHTING_CODE[weighting]
-  return np.asarray(_weighted._wpsgd_score(np.asarray(steps), code, decay), np.float64)
-
-
-def master_wpsgd(models: Sequence[PyTree], steps: Sequence[int], **weighting) -> PyTree:
-  """``sum_i s(t_i) x_i / sum_i s(t_i)`` over the finite models (:func:`wpsgd_scores`);
-  NumPy, float64 sums, each leaf back in its dtype. ``ValueError`` when no worker has
-  weight."""
-  s = wpsgd_scores(steps, **weighting)
-  finite = [all(np.isfinite(v).all() for v in jax.tree_util.tree_leaves(m)) for m in models]
-  s = np.where(finite, s, 0.0)
-  if not s.sum() > 0:
-    raise ValueError(f"no worker has weight (steps {list(steps)}, finite {finite}).")
-  w = s / s.sum()
-  return jax.tree_util.tree_map(
-      lambda *xs: sum(wi * np.asarray(x, np.float64) for wi, x in zip(w, xs) if wi > 0
-                      ).astype(np.asarray(xs[0]).dtype), *models)
-
-
-class WPSGDWorker(_Worker):
-  """One worker process of WP-SGD on unequal workloads.
-
-  The worker trains at its own speed with any optimizer, counting its steps through
-  :meth:`apply_updates`, for a wall-clock budget (or any stopping rule of its own);
-  then :meth:`combine` sends its model and step count and returns the master's
-  weighted combination (:func:`serve_wpsgd`), the same model on every worker::
-
-      worker = wagrad.async_.WPSGDWorker(jax.process_index() - 1, budget_s=60.0)
-      while worker.running():
-        u, opt_state = inner.update(jax.grad(loss_fn)(params, batch), opt_state, params)
-        params = worker.apply_updates(params, u)
-      params = worker.combine(params)
-      worker.close()
-
-  Args:
-    worker: this worker's index in ``[0, N)``.
-    budget_s: wall-clock seconds of training from the end of the first step (None: no
-      budget; :meth:`running` is then always True).
-    timeout_s: longest wait for the combination (``TimeoutError`` after it).
-  """
-
-  _prefix = WPSGD_PREFIX
-
-  def __init__(self, worker: int, *, budget_s: float | None = None, timeout_s: float = 120.0):
-    super().__init__(worker, 1, timeout_s=timeout_s)
-    if budget_s is not None and not budget_s > 0:
-      raise ValueError(f"`budget_s` must be > 0 seconds or None, got {budget_s!r}.")
-    self.budget_s, self.start = budget_s, None
-
-  def running(self) -> bool:
-    """The wall-clock budget is not spent yet (it starts at the first step's end, after
-    the step's compilation)."""
-    return (self.budget_s is None or self.start is None
-            or time.monotonic() - self.start < self.budget_s)
-
-  def apply_updates(self, params, updates):
-    """``params + updates``, one local step counted."""
-    if self.start is None:
-      self.start = time.monotonic()
-    self.clock += 1
-    return optax.apply_updates(params, updates)
-
-  def combine(self, params):
-    """Send this worker's model and step count; return the weighted combination."""
-    host = jax.device_get(params)
-    like = jax.tree_util.tree_map(lambda v: np.zeros(np.shape(v), v.dtype), host)
-    out = _ask(WPSGD_PREFIX, self.worker, self.exchanges, (host, np.int64(self.clock)),
-               like, self.timeout_s)
-    self.exchanges += 1
-    return jax.tree_util.tree_map(lambda x, v: jax.numpy.asarray(v, x.dtype), params, out)
-
-
-def serve_wpsgd(params0: PyTree, num_workers: int, *, weighting: str = "samples",
-                learning_rate: float | None = None, strong_convexity: float | None = None,
-                timeout_s: float = 120.0, poll_s: float = 0.01, check_s: float = 2.0
-                ) -> tuple[PyTree, np.ndarray, list[int]]:
-  """Run WP-SGD's master: wait for every live worker's model and step count, then
-  answer each with the weighted combination (:func:`master_wpsgd`, the weights of
-  :func:`wagrad.wpsgd`: ``weighting`` ``"samples"`` (default, s = t_i),
-  ``"contraction"`` (with ``learning_rate`` and ``strong_convexity``) or
-  ``"uniform"``). A worker found dead while waiting is left out.
-
-  Returns:
-    ``(model, steps, gone)``: the combination (NumPy tree), each worker's step count
-    (-1 for the ones left out) and the workers found dead.
-  """
-  wpsgd_scores([1], weighting, learning_rate, strong_convexity)  # check the rule first
-  _join_backend()
-  x0 = jax.device_get(params0)
-  like = (jax.tree_util.tree_map(lambda v: np.zeros(np.shape(v), np.asarray(v).dtype), x0),
-          np.int64(0))
-  got: dict[int, tuple] = {}
-
-  def handle(i, data):
-    if data is None:  # a restarted worker starts again from params0
-      joined = (x0, np.int64(0), np.int64(0))
-      kvstore.put(_key(WPSGD_PREFIX, "joined", i), kvstore.pack(joined))
-    else:
-      got[i] = kvstore.unpack(data, like)
-  gone = _serve_until(WPSGD_PREFIX, num_workers, handle, lambda: set(got), timeout_s,
-                      poll_s, check_s)
-  ids = sorted(got)
-  model = master_wpsgd([got[i][0] for i in ids], [int(got[i][1]) for i in ids],
-                       weighting=weighting, learning_rate=learning_rate,
-                       strong_convexity=strong_convexity)
-  for i in ids:
-    kvstore.put(_key(WPSGD_PREFIX, "resp", i, 0), kvstore.pack(model))
-  steps = np.array([int(got[i][1]) if i in got else -1 for i in range(num_workers)])
-  _outlive_workers(num_workers, timeout_s)
-  return model, steps, sorted(gone)
-
-

@@ -25,13 +25,13 @@ from wagrad._src.checkpoint import restore_checkpoint, save_checkpoint
 HEARTBEAT_S = 0.25  # a worker's heartbeat period; the master's check_s should be >= 4x
 
 
-def _join_backend():
+def join_backend():
   """Start this process's JAX backend: with several processes its start-up waits for
   every process's, so the master must start it too even if it computes in NumPy."""
   jax.devices()
 
 
-def _key(prefix, kind, worker, k=None):
+def store_key(prefix, kind, worker, k=None):
   return f"{prefix}/{kind}/{worker:05d}" + ("" if k is None else f"/{k:09d}")
 
 
@@ -42,27 +42,27 @@ def _check_worker(worker, sync_period):
     raise ValueError(f"`worker` must be an integer >= 0 (process index - 1), got {worker!r}.")
 
 
-def _ask(prefix, worker, k, payload, like, timeout_s):
+def ask(prefix, worker, k, payload, like, timeout_s):
   """Send exchange k's request and wait for the master's answer (a NumPy tree)."""
-  kvstore.put(_key(prefix, "req", worker, k), kvstore.pack(payload))
-  answer = _key(prefix, "resp", worker, k)
+  kvstore.put(store_key(prefix, "req", worker, k), kvstore.pack(payload))
+  answer = store_key(prefix, "resp", worker, k)
   out = kvstore.unpack(kvstore.get(answer, timeout_s), like)
   kvstore.delete(answer)
   return out
 
 
-def _f32_zeros(tree):
+def f32_zeros(tree):
   return jax.tree_util.tree_map(lambda x: np.zeros(np.shape(x), np.float32), tree)
 
 
-class _Worker:
+class Worker:
   """What every worker process keeps: its index, period, own clock and exchange count.
   A subclass names its algorithm's key prefix (``_prefix``)."""
   _prefix: str
 
   def __init__(self, worker: int, sync_period: int, *, timeout_s: float = 120.0):
     _check_worker(worker, sync_period)
-    _join_backend()
+    join_backend()
     self.worker, self.tau, self.timeout_s = worker, sync_period, timeout_s
     self.clock = 0      # this worker's own steps
     self.exchanges = 0  # exchanges done
@@ -79,14 +79,14 @@ class _Worker:
     call it, so a master cannot ask it alone)."""
     n = 0
     while not self._beating.is_set():
-      kvstore.put(_key(self._prefix, "alive", self.worker), np.int64(n).tobytes())
+      kvstore.put(store_key(self._prefix, "alive", self.worker), np.int64(n).tobytes())
       n += 1
       self._beating.wait(HEARTBEAT_S)
 
   def close(self):
     """Tell the master this worker has finished."""
     self._beating.set()
-    kvstore.put(_key(self._prefix, "done", self.worker), b"1")
+    kvstore.put(store_key(self._prefix, "done", self.worker), b"1")
 
   def _joined(self, version):
     """What a worker keeps from a join besides the parameters (softsync: the version)."""
@@ -100,7 +100,7 @@ class _Worker:
     kvstore.put(f"{self._prefix}/req/{self.worker:05d}/join", b"")
     like = (jax.tree_util.tree_map(lambda v: np.zeros(np.shape(v), v.dtype),
                                    jax.device_get(params)), np.int64(0), np.int64(0))
-    answer = _key(self._prefix, "joined", self.worker)
+    answer = store_key(self._prefix, "joined", self.worker)
     theirs, served, version = kvstore.unpack(kvstore.get(answer, self.timeout_s), like)
     kvstore.delete(answer)
     self.exchanges = int(served)
@@ -108,11 +108,11 @@ class _Worker:
     return jax.tree_util.tree_map(lambda x, v: jax.numpy.asarray(v, x.dtype), params, theirs)
 
 
-def _serve(prefix, state, like, rule, num_workers, order, timeout_s, poll_s, check_s,
+def serve(prefix, state, like, rule, num_workers, order, timeout_s, poll_s, check_s,
            callback, version=None, checkpoint=None, to_saved=None, from_saved=None):
   """The master's loop: ``state, answer = rule(state, request)`` for each request
   (``state = (params, extra)``), in ``order`` first, then as they arrive, until every
-  worker has closed or died. A worker's join (:meth:`_Worker.rejoin`) is answered with
+  worker has closed or died. A worker's join (:meth:`Worker.rejoin`) is answered with
   the parameters, the exchanges served to it and ``version(state)``. ``checkpoint``:
   ``(directory, every)``, the state (``to_saved(state)``, a fixed-structure tree;
   ``from_saved`` its inverse) and the counts saved with orbax every ``every`` exchanges
@@ -133,11 +133,11 @@ def _serve(prefix, state, like, rule, num_workers, order, timeout_s, poll_s, che
     nonlocal state
     if data is None:  # a (re)starting worker joins: answer the parameters, its count
       joined = (_params(state), np.int64(served[i]), np.int64(version(state)))
-      kvstore.put(_key(prefix, "joined", i), kvstore.pack(joined))
+      kvstore.put(store_key(prefix, "joined", i), kvstore.pack(joined))
       done.discard(i)
       return
     state, answer = rule(state, kvstore.unpack(data, like))
-    kvstore.put(_key(prefix, "resp", i, served[i]), kvstore.pack(answer))
+    kvstore.put(store_key(prefix, "resp", i, served[i]), kvstore.pack(answer))
     served[i] += 1
     if path is not None and served.sum() % checkpoint[1] == 0:
       save()
@@ -147,24 +147,24 @@ def _serve(prefix, state, like, rule, num_workers, order, timeout_s, poll_s, che
   done: set[int] = set()
   if order is not None:
     for i in order:
-      key = _key(prefix, "req", int(i), served[int(i)])
+      key = store_key(prefix, "req", int(i), served[int(i)])
       data = kvstore.get(key, timeout_s)
       kvstore.delete(key)
       serve(int(i), data)
 
   def finished():
     done.update(i for i in range(num_workers) if i not in done
-                and kvstore.try_get(_key(prefix, "done", i)) is not None)
+                and kvstore.try_get(store_key(prefix, "done", i)) is not None)
     return done
-  gone = _serve_until(prefix, num_workers, serve, finished, timeout_s, poll_s, check_s)
+  gone = serve_until(prefix, num_workers, serve, finished, timeout_s, poll_s, check_s)
   if path is not None:
     save()
   kvstore.put(f"{prefix}/center", kvstore.pack(_params(state)))
-  _outlive_workers(num_workers, timeout_s)
+  outlive_workers(num_workers, timeout_s)
   return _params(state), served, sorted(gone)
 
 
-def _checkpoint(directory, every):
+def checkpoint(directory, every):
   if directory is None:
     return None
   if not isinstance(every, int) or every < 1:
@@ -172,7 +172,7 @@ def _checkpoint(directory, every):
   return directory, every
 
 
-def _serve_until(prefix, num_workers, handle, finished, timeout_s, poll_s, check_s):
+def serve_until(prefix, num_workers, handle, finished, timeout_s, poll_s, check_s):
   """Hand each request under ``prefix`` to ``handle(worker, data)`` as it arrives, until
   every worker is in ``finished()`` or found dead (asked after ``check_s`` idle
   seconds); ``TimeoutError`` after ``timeout_s`` with nothing arriving. A join (key
@@ -199,7 +199,7 @@ def _serve_until(prefix, num_workers, handle, finished, timeout_s, poll_s, check
                          f"finished: {sorted(finished())} of {num_workers}.")
     elif now - idle_since > check_s / 4:  # idle: has a worker's heartbeat stopped?
       for i in set(range(num_workers)) - finished() - gone:
-        beat = kvstore.try_get(_key(prefix, "alive", i))
+        beat = kvstore.try_get(store_key(prefix, "alive", i))
         seen, since = beats.get(i, (None, started))
         if beat != seen:
           beats[i] = (beat, now)
@@ -217,7 +217,7 @@ def _params(state):
   return state[0]
 
 
-def _outlive_workers(num_workers, timeout_s):
+def outlive_workers(num_workers, timeout_s):
   """With recoverable tasks JAX's shutdown barrier no longer holds process 0 (which hosts
   the coordination service) until the others leave; a worker still disconnecting when
   it has gone is terminated. Wait until no worker process is alive."""

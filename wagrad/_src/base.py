@@ -1,6 +1,6 @@
 """Shared building blocks of every wagrad transform.
 
-Two kinds of state (architecture, decision 2):
+Two kinds of state (design.md, Two kinds of state):
 
 * **worker state** -- parameter-shaped leaves and the inner optimizer's state. It is
   stacked along the worker axis outside the mapped step.
@@ -15,7 +15,7 @@ alone decides when workers communicate), ``target`` (a params-shaped tree or ``N
 and ``assign`` (bool). On a step where the rule *assigns* parameters (averaging,
 moving to the leader with strength 1, the end of the warm-up) ``assign`` is true and
 :func:`apply_updates` returns ``target`` bit-exactly instead of ``params + updates``
-(decision 3).
+(design.md, Exact assignment).
 """
 
 from __future__ import annotations
@@ -77,7 +77,7 @@ class Shared:
 
 def unshared(x):
   """``x.value`` for a :class:`Shared` wrapper, else ``x``: per-step inputs of a transform
-  (``any_exchange=``, ``exchange=``, ``apply=``, ...) may be passed either way."""
+  (``any_exchange=``, ``apply=``, ...) may be passed either way."""
   return x.value if isinstance(x, Shared) else x
 
 
@@ -169,6 +169,19 @@ def require_value(algorithm: str, value):
         f"`TrainState.apply_gradients` does not forward it, see README's Flax section).")
 
 
+RENAMED_FLAGS = ("any_push", "any_report", "exchange")
+
+
+def refuse_renamed_flags(algorithm: str, extra: dict) -> None:
+  """The per-step shared flag has one name, ``any_exchange=``: an old name would reach
+  the inner optimizer and do nothing, so it is refused by name."""
+  for old in RENAMED_FLAGS:
+    if old in extra:
+      raise TypeError(
+          f"{algorithm}: the per-step shared flag is called `any_exchange=` now (was "
+          f"`{old}=`): tx.update(grads, state, params, ..., any_exchange=flag).")
+
+
 def infer_num_workers(num_workers, axis_name):
   """K for length-K state vectors at ``init``: the argument if given, else the size of
   ``axis_name`` when it is bound (``wagrad.Runner.init`` binds it), else None."""
@@ -224,7 +237,7 @@ def make_period_fn(name: str, period: Period | None) -> Callable | None:
 
 
 def is_exchange_step(count, last_exchange, warmup_steps, period_fn):
-  """The exchange predicate, computed from shared scalars only (decision 1).
+  """The exchange predicate, computed from shared scalars only (design.md, One clock).
 
   An exchange ends step ``count`` (0-based) when the warm-up is over and
   ``count + 1 - last_exchange >= period(count)``, ``last_exchange`` being the step
@@ -237,6 +250,11 @@ def is_exchange_step(count, last_exchange, warmup_steps, period_fn):
 
 
 # ----------------------------------------------------------------------------- trees
+
+
+def axis_tuple(axis: AxisName) -> tuple[str, ...]:
+  """An axis name as a tuple of names."""
+  return axis if isinstance(axis, tuple) else (axis,)
 
 
 def f32(x):
@@ -270,14 +288,16 @@ def tree_copy(tree):
 def pure(tree):
   """Flax NNX containers replaced by plain pytrees: an ``nnx.State`` by its pure dict, a
   variable (``nnx.Param``, optimizer state) by its array; anything else unchanged."""
-  is_var = lambda v: hasattr(v, "to_pure_dict") or hasattr(v, "get_value")  # noqa: E731
-  return jax.tree_util.tree_map(
-      lambda v: v.to_pure_dict() if hasattr(v, "to_pure_dict") else
-      v.get_value() if hasattr(v, "get_value") else v, tree, is_leaf=is_var)
+  is_state = lambda v: hasattr(v, "to_pure_dict")  # noqa: E731  an nnx.State
+  is_var = lambda v: is_state(v) or hasattr(v, "get_value")  # noqa: E731
 
+  def plain(v):
+    if is_state(v):  # nnx.to_pure_dict, not the deprecated State.to_pure_dict method
+      from flax import nnx
+      return nnx.to_pure_dict(v)
+    return v.get_value() if hasattr(v, "get_value") else v
 
-def tree_zeros_like(tree):
-  return jax.tree_util.tree_map(jnp.zeros_like, tree)
+  return jax.tree_util.tree_map(plain, tree, is_leaf=is_var)
 
 
 def apply_updates(params: PyTree, updates: PyTree, opt_state: PyTree) -> PyTree:
@@ -297,10 +317,42 @@ def apply_updates(params: PyTree, updates: PyTree, opt_state: PyTree) -> PyTree:
   return take_assigned(optax.apply_updates(params, updates), opt_state)
 
 
+def is_wagrad_state(node: Any) -> bool:
+  """True for the state of a wagrad transform (a state with a shared part)."""
+  return is_shared(getattr(node, "shared", None))
+
+
+def check_outermost(opt_state: PyTree) -> None:
+  """Refuse a wagrad transform followed by other transforms in an ``optax.chain``.
+
+  A chain's state is a plain tuple of its transforms' states in order; a transform
+  after wagrad's would rescale the exchange (an averaging step is ``target - params``
+  in the updates). Transforms before it only see gradients, which is allowed."""
+  def walk(node):
+    if is_wagrad_state(node):
+      return
+    if type(node) is tuple:  # optax.chain (NamedTuple states are other transforms')
+      for i, child in enumerate(node[:-1]):
+        if is_wagrad_state(child):
+          raise ValueError(
+              f"a wagrad transform is element {i} of an optax.chain of {len(node)} "
+              f"transforms, followed by others: wagrad must be the outermost transform "
+              f"(README, 'wagrad is the outermost transform'), or the ones after it "
+              f"rescale the exchange. Put them inside it as its inner optimizer, e.g. "
+              f"wagrad.model_averaging(optax.chain(optax.clip(1.0), optax.sgd(0.1)), "
+              f"sync_period=8).")
+    for child in (node.values() if isinstance(node, dict) else
+                  node if isinstance(node, (tuple, list)) else ()):
+      walk(child)
+  walk(opt_state)
+
+
 def take_assigned(new: PyTree, opt_state: PyTree) -> PyTree:
   """The parameters ``new`` (after ``params + updates``) with the rule's exact values
   taken where ``opt_state`` assigns: ``shared.target`` on assigning steps, the shared
-  value of the rule for a worker whose state says ``reset`` (see :func:`apply_updates`)."""
+  value of the rule for a worker whose state says ``reset`` (see :func:`apply_updates`).
+  Refuses a wagrad transform that is not the outermost (:func:`check_outermost`)."""
+  check_outermost(opt_state)
   for sh in _nodes(opt_state, lambda n: is_shared(n) and hasattr(n, "assign")):
     if getattr(sh, "target", None) is not None:
       new = _take(sh.assign, sh.target, new)
@@ -309,10 +361,8 @@ def take_assigned(new: PyTree, opt_state: PyTree) -> PyTree:
   # update can repair them), the server for a learner that pulled it (staleness-aware)
   for st in _nodes(opt_state, lambda n: getattr(n, "reset", None) is not None
                    and hasattr(n, "shared")):
-    sh = st.shared
-    value = next(v for v in (getattr(sh, k, None) for k in ("target", "center", "server"))
-                 if v is not None)
-    new = jax.lax.cond(st.reset, lambda v, n: _take(True, v, n), lambda v, n: n, value, new)
+    new = jax.lax.cond(st.reset, lambda v, n: _take(True, v, n), lambda v, n: n,
+                       st.shared.reset_value, new)
   return new
 
 

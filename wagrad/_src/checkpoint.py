@@ -3,7 +3,7 @@
 The state is flattened to its leaves before saving, so any pytree (optax states, wagrad
 shared dataclasses, flax variables) round-trips; restoring needs a tree of the same
 structure (e.g. the freshly initialised state) and gives back arrays that
-:meth:`wagrad.Runner.put` places as the backend expects (architecture, decision 8).
+:meth:`wagrad.Runner.put` places as the backend expects (design.md, Placement).
 """
 
 from __future__ import annotations

@@ -129,12 +129,6 @@ def tree_is_finite(tree):
   return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves]))
 
 
-def psum_tree(tree, axis_name: AxisName):
-  """Sum of a pytree over workers, accumulated in float32 and cast back (sent by
-  :func:`send`)."""
-  return send(tree, lambda v: lax.psum(v, axis_name))
-
-
 def pmean_tree(tree, axis_name: AxisName):
   """Plain mean of a pytree over workers (float32 accumulation). Same on every worker."""
   base.check_axis_name(axis_name)
@@ -198,7 +192,7 @@ def weighted_mean(tree: PyTree, weight: ArrayLike, axis_name: AxisName, *,
     return finish(*first)
   # Sum everyone first; only if the sum is not finite (a worker is non-finite, or the
   # sum overflows) sum again without the non-finite workers. The predicate comes from a
-  # collective's result, the same on every worker (architecture, decision 1); the
+  # collective's result, the same on every worker (design.md, One clock); the
   # division is inside the branch so that its result is written there, not copied out.
   clean = jnp.isfinite(first[1]) & tree_is_finite(first[0])
   return lax.cond(clean, lambda: finish(*first),

@@ -53,135 +53,16 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import optax
-from jax import lax
 
+from wagrad._src import arguments
 from wagrad._src import base
-from wagrad._src import collectives as C
 from wagrad._src import compression as compression_mod
+from wagrad._src import elastic
 from wagrad._src import periodic
 from wagrad._src.base import AxisName, Period, PyTree
 
-ORDERS = ("sequential", "simultaneous")
-
-
-# ----------------------------------------------------------------------------- helpers
-
-
 _f32 = base.f32
 _tmap = jax.tree_util.tree_map
-
-
-def _sqnorm(tree):
-  leaves = jax.tree_util.tree_leaves(tree)
-  if not leaves:
-    return jnp.zeros([], jnp.float32)
-  return sum(jnp.sum(jnp.square(_f32(x))) for x in leaves).astype(jnp.float32)
-
-
-def _check_alpha_beta(alpha, beta):
-  if alpha is not None:
-    base.check_range("alpha", alpha, 0.0, 1.0, lo_open=True, hi_open=True)
-  base.check_range("beta", beta, 0.0, 1.0, lo_open=True)
-
-
-def _moving_rate(alpha, beta, axis_name, what="alpha"):
-  """alpha, or beta / p with p the number of workers along ``axis_name`` (trace time)."""
-  if alpha is not None:
-    return float(alpha)
-  p = lax.psum(1, axis_name)
-  a = float(beta) / int(p)
-  if not 0.0 < a < 1.0:
-    raise ValueError(f"`{what}` = beta / p = {beta} / {p} = {a} must be in (0, 1): "
-                     f"pass `{what}` explicitly or a smaller `beta`.")
-  return a
-
-
-def _axes_tuple(axis):
-  return axis if isinstance(axis, tuple) else (axis,)
-
-
-def _elastic_diff(params, u, center):
-  """``x - c`` per leaf in float32, plus ``0 u``: the same values where ``u`` is finite,
-  non-finite where it is not, so the exchange's one finiteness test covers the local
-  step too (:func:`_center_exchange`)."""
-  return _tmap(lambda x, c, uu: _f32(x) - _f32(c) + 0.0 * _f32(uu), params, center, u)
-
-
-def _center_exchange(diff, a, axis_name, dist_axis=None):
-  """The center's side of EASGD's elastic exchange (eq. 5-6) from ``diff`` =
-  :func:`_elastic_diff`.
-
-  Returns ``(finite, center_step, distance)``: whether this worker is finite, the
-  center's increment ``a sum_finite (x_i - c)`` (shared) and the mean squared distance
-  of the finite workers to ``c`` (shared; over ``dist_axis`` when given).
-  """
-  # One reduction gives both the squared distance and the finiteness test: it is
-  # non-finite iff an element of x or u is (0 * inf is NaN) or the squared distance
-  # overflows float32; such a worker is left out.
-  sq = jnp.asarray(sum(jnp.sum(jnp.square(d)) for d in jax.tree_util.tree_leaves(diff)),
-                   jnp.float32)
-  finite = jnp.isfinite(sq)
-  masked = _tmap(lambda d: jnp.where(finite, d, jnp.zeros_like(d)), diff)
-  counts = jnp.stack([finite.astype(jnp.float32), jnp.where(finite, sq, 0.0)])
-  psum = lambda v: lax.psum(v, axis_name)  # noqa: E731
-  if dist_axis is None:
-    # the two scalars ride in the same all-reduce as the center's step
-    tot, (n_fin, sq_sum) = C.send((masked, counts), psum)
-  else:
-    tot = C.send(masked, psum)
-    n_fin, sq_sum = lax.psum(counts, dist_axis)
-  dist = sq_sum / jnp.maximum(n_fin, 1.0)
-  return finite, _tmap(lambda t: a * t, tot), dist
-
-
-def _compressed_center_exchange(diff, a, axis_name, mode, error):
-  """:func:`_center_exchange` with ``sum_i (x_i - c)`` exchanged compressed
-  (:func:`wagrad._src.compression.compressed_mean` times the finite workers' count).
-  Returns ``(finite, center_step, distance, new_error)``."""
-  sq = jnp.asarray(sum(jnp.sum(jnp.square(d)) for d in jax.tree_util.tree_leaves(diff)),
-                   jnp.float32)
-  finite = jnp.isfinite(sq)
-  mean, error, count = compression_mod.compressed_mean(diff, finite, axis_name, mode, error)
-  sq_sum = lax.psum(jnp.where(finite, sq, 0.0), axis_name)
-  return (finite, _tmap(lambda m: a * count * m, mean), sq_sum / jnp.maximum(count, 1.0),
-          error)
-
-
-def _elastic_update(u, diff, a, params):
-  """The worker's side of the exchange: ``u - a (x - c)`` in the params' dtypes."""
-  return _tmap(lambda uu, d, x: (_f32(uu) - a * d).astype(x.dtype), u, diff, params)
-
-
-def _elastic_exchange(params, u, center, a, axis_name, dist_axis=None):
-  """Simultaneous elastic exchange of EASGD (eq. 5-6) from the pre-step values, inside
-  a branch.
-
-  Returns ``(updates, finite, center_step, distance)``: the worker's update
-  ``u - a (x - c)`` (a non-finite worker is reset by :func:`_reset_nonfinite` once
-  the new center is known) and :func:`_center_exchange`'s three.
-  """
-  diff = _elastic_diff(params, u, center)
-  finite, step, dist = _center_exchange(diff, a, axis_name, dist_axis)
-  return _elastic_update(u, diff, a, params), finite, step, dist
-
-
-def _reset_nonfinite(upd, finite, new_center, params):
-  """A non-finite worker moves to the new center (the update ``c_new - x``)."""
-  return _tmap(lambda v, c, x: jnp.where(finite, v, (c.astype(x.dtype) - x)),
-               upd, new_center, params)
-
-
-def _worker_moves(u, params, diff, c_new, a, exchanged, to_center):
-  """The workers' side of an exchange, as a select after the branch: the elastic step
-  ``u - a diff`` (``diff`` from :func:`_elastic_diff`) on exchange steps,
-  ``c_new - x`` where ``to_center`` (a non-finite worker, the warm-up's end), ``u``
-  otherwise."""
-  def move(uu, x, d, c1):
-    elastic = (_f32(uu) - a * d).astype(x.dtype)
-    return jnp.where(to_center, c1.astype(x.dtype) - x,
-                     jnp.where(exchanged, elastic, uu)).astype(uu.dtype)
-  return _tmap(move, u, params, diff, c_new)
-
 
 def easgd_center(opt_state: PyTree) -> PyTree:
   """The center variable the paper evaluates (shared, identical on every worker).
@@ -213,6 +94,15 @@ class EASGDShared:
   distance: jax.Array       # mean_i ||x_i - x~||^2 (finite workers) at the last exchange
   outer: Any                # outer optimizer state (or None)
 
+  @property
+  def reset_value(self):
+    """What a worker reset by the rule takes exactly (wagrad.apply_updates)."""
+    return self.center
+
+  def evaluated(self, params, opt_state):
+    """The model the paper evaluates (wagrad.evaluated_params), from the stacked params."""
+    return self.center
+
 
 class EASGDState(NamedTuple):
   inner: Any
@@ -223,6 +113,7 @@ class EASGDState(NamedTuple):
                             # float32 vector over the leaves in order)
 
 
+@arguments.checked_arguments
 def easgd(inner: optax.GradientTransformation, sync_period: Period = 1, *,
           alpha: float | None = None, beta: float = 0.9, axis_name: AxisName = "workers",
           warmup_steps: int = 0, opt_state_sync: str = "local",
@@ -274,7 +165,7 @@ def easgd(inner: optax.GradientTransformation, sync_period: Period = 1, *,
     arXiv 1412.6651, eq. (5)-(6).
   """
   period_fn = periodic.check_common(inner, sync_period, warmup_steps, opt_state_sync, axis_name)
-  _check_alpha_beta(alpha, beta)
+  elastic.check_alpha_beta(alpha, beta)
   if outer_optimizer is not None:
     base.check_transform("outer_optimizer", outer_optimizer)
   compression_mod.check_mode(compression)
@@ -295,20 +186,20 @@ def easgd(inner: optax.GradientTransformation, sync_period: Period = 1, *,
     if params is None:
       raise TypeError("easgd needs `params`: tx.update(grads, state, params).")
     base.check_axis_name(axis_name)
-    a = _moving_rate(alpha, beta, axis_name)
+    a = elastic.moving_rate(alpha, beta, axis_name)
     sh = state.shared
     u, inner_state = periodic.local_update(
         inner, grads, state.inner, params, sh.count, warmup_steps, axis_name, **extra)
     idx = periodic.branch_index(sh.count, sh.last_exchange, warmup_steps, period_fn)
-    diff = _elastic_diff(params, u, sh.center)  # x_i - x~, before the exchange
+    diff = elastic.elastic_diff(params, u, sh.center)  # x_i - x~, before the exchange
 
     def exchange(operand):
       """x~ <- x~ + alpha sum_i (x_i - x~) over the finite workers."""
       diff, error = operand
       if compression is None:
-        finite, step, dist = _center_exchange(diff, a, axis_name)
+        finite, step, dist = elastic.center_exchange(diff, a, axis_name)
       else:
-        finite, step, dist, error = _compressed_center_exchange(
+        finite, step, dist, error = elastic.compressed_center_exchange(
             diff, a, axis_name, compression, error)
       if outer_optimizer is None:
         center, outer_state = _tmap(lambda c, s: (_f32(c) + s).astype(c.dtype),
@@ -368,6 +259,7 @@ def lookahead_momentum(momentum: float) -> optax.GradientTransformation:
   return optax.GradientTransformation(init_fn, update_fn)
 
 
+@arguments.checked_arguments
 def eamsgd(inner: optax.GradientTransformation, sync_period: Period = 1, *,
            momentum: float = 0.99, alpha: float | None = None, beta: float = 0.9,
            axis_name: AxisName = "workers", warmup_steps: int = 0

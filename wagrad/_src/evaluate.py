@@ -2,7 +2,9 @@
 
 One accessor for every transform, called outside the mapped step on what
 :class:`wagrad.Runner` holds: the workers' parameters stacked along a leading worker
-dimension and the optimizer state (shared parts unstacked).
+dimension and the optimizer state (shared parts unstacked). It asks the rule: every
+shared-state class has a method ``evaluated(params, opt_state)`` that returns its
+paper's model, built from the helpers here (:func:`weighted_rows`, :func:`leader_model`).
 """
 
 from __future__ import annotations
@@ -13,15 +15,9 @@ import numpy as np
 
 from wagrad._src import base
 from wagrad._src.base import PyTree
-from wagrad._src.baselines import AveragingShared, SyncShared
-from wagrad._src.hierarchical import MultiLeaderShared
-from wagrad._src.lsgd import LSGDShared
-from wagrad._src.simulated_async import AsyncLSGDShared
-from wagrad._src.staleness import StalenessShared
-from wagrad._src.weighted import WASGDShared, WPSGDShared, WPSGDState, _wpsgd_score
 
 
-def _weighted(params, weights):
+def weighted_rows(params, weights):
   """``sum_k w_k x_k / sum_k w_k`` over the leading worker axis, finite workers only
   (plain mean when no weight is left)."""
   finite = np.ones(jax.tree_util.tree_leaves(params)[0].shape[0], bool)
@@ -50,10 +46,6 @@ def _on_host(tree):
     from jax.experimental import multihost_utils
     return np.asarray(multihost_utils.process_allgather(x, tiled=True))
   return jax.tree_util.tree_map(get, tree)
-
-
-def _at(params, k):
-  return jax.tree_util.tree_map(lambda x: x[k], params)
 
 
 _NNX_HINT = ("With Flax NNX: `models, opt = nnx.merge(graphdef, state)`, then "
@@ -103,39 +95,38 @@ def evaluated_params(params: PyTree, opt_state: PyTree) -> PyTree:
     >>> # model = wagrad.evaluated_params(params, opt_state)
   """
   params, opt_state = _on_host(base.pure(params)), _on_host(base.pure(opt_state))
-  K = _num_workers(params)
+  _num_workers(params)
   sh = base.find_shared(opt_state, "count")
   if sh is not None and np.ndim(sh.count) == 1:  # a Flax NNX state stacks shared leaves too
     sh = jax.tree_util.tree_map(lambda x: x[0], sh)
-  mean = lambda: _weighted(params, np.ones(K))  # noqa: E731
   if sh is None:
     raise TypeError("`opt_state` holds no wagrad transform state: pass the transform's "
                     f"state as the runner holds it (the mapped step's `opt_state`). {_NNX_HINT}")
-  if hasattr(sh, "center"):
-    return sh.center
-  if isinstance(sh, StalenessShared):
-    return sh.server
-  if isinstance(sh, (LSGDShared, AsyncLSGDShared, MultiLeaderShared)):
-    leader = int(np.asarray(sh.leader))
-    if leader < 0:
-      return mean()
-    x = _at(params, leader)
-    if all(np.isfinite(np.asarray(v)).all() for v in jax.tree_util.tree_leaves(x)):
-      return x
-    # the leader worker went non-finite since its election: the copy kept at election
-    for copy in (getattr(sh, k, None) for k in ("leader_params", "global_leader_params")):
-      if copy is not None:
-        return copy
-    return mean()
-  if isinstance(sh, WASGDShared):
-    w = np.asarray(sh.weights)
-    return _weighted(params, w if w.shape == (K,) else np.ones(K))
-  if isinstance(sh, WPSGDShared):
-    st = [n for n in jax.tree_util.tree_leaves(
-        opt_state, is_leaf=lambda n: isinstance(n, WPSGDState)) if isinstance(n, WPSGDState)][0]
-    return _weighted(params, np.asarray(_wpsgd_score(st.local_steps, sh.weighting, sh.decay)))
-  if isinstance(sh, AveragingShared) and sh.outer is not None:
-    return sh.target
-  if isinstance(sh, (AveragingShared, SyncShared)):
-    return mean()
-  raise TypeError(f"no evaluated model known for {type(sh).__name__}.")
+  return sh.evaluated(params, opt_state)
+
+
+def row_weights(params, weights) -> np.ndarray:
+  """A rule's length-K weights, or uniform while the state holds the length-0
+  placeholder (no exchange yet, K unknown at ``init``)."""
+  K, w = _num_workers(params), np.asarray(weights)
+  return w if w.shape == (K,) else np.ones(K)
+
+
+def mean_rows(params) -> PyTree:
+  """The mean of the finite workers' rows of the stacked ``params``."""
+  return weighted_rows(params, np.ones(_num_workers(params)))
+
+
+def leader_model(params, leader, *copies) -> PyTree:
+  """The leader's row; the first copy kept at its election when that row went
+  non-finite since; the mean before any election."""
+  leader = int(np.asarray(leader))
+  if leader < 0:
+    return mean_rows(params)
+  x = jax.tree_util.tree_map(lambda v: v[leader], params)
+  if all(np.isfinite(np.asarray(v)).all() for v in jax.tree_util.tree_leaves(x)):
+    return x
+  for copy in copies:
+    if copy is not None:
+      return copy
+  return mean_rows(params)

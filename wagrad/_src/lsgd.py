@@ -22,7 +22,7 @@ Symbols: ``c`` = ``pull`` (the paper's / the authors' code's c1, c2), ``p`` =
 the initial parameters). With ``c = 1`` the exchange assigns ``L`` exactly (use
 :func:`wagrad.apply_updates`).
 
-How sure each rule is (see the design notes):
+How sure each rule is (design.md, Evidence tags):
 
 * [code] (the authors' public code, yunfei-teng/LSGD, ``codes/worker_stoc_optim.py``,
   ``codes/worker_dist_optim.py``): leader = argmin of the running mean of the last
@@ -38,7 +38,7 @@ How sure each rule is (see the design notes):
 * [code] "uneven local steps": their scheduler starts a (blocking) round after
   ``K * l_comm`` local steps of all workers together. Here that is :func:`lsgd` with
   per-worker activity masks (``active=``) and the round steps given by
-  :func:`uneven_round_steps` (``exchange=``); every worker joins the blocking round.
+  :func:`uneven_round_steps` (``any_exchange=``); every worker joins the blocking round.
 * [reconstruction] :func:`async_lsgd`, the paper's asynchronous LSGD: a master keeps
   the current leader and its loss; every ``tau`` of its *own* local steps a worker
   reports its parameters and running loss; the master's leader is replaced when the
@@ -62,115 +62,14 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import optax
-from jax import lax
 
+from wagrad._src import arguments
 from wagrad._src import base
+from wagrad._src import evaluate
 from wagrad._src import collectives as C
+from wagrad._src import leaders
 from wagrad._src import periodic
 
-
-
-# ----------------------------------------------------------------------------- helpers
-
-
-def _acc(dtype):
-  return jnp.promote_types(dtype, jnp.float32)
-
-
-def _pull(x, leader, c):
-  """``x - c (x - L)`` per leaf, in float32 (or wider); exact for the leader itself."""
-  def f(a, l):
-    a32 = a.astype(_acc(a.dtype))
-    return (a32 - c * (a32 - l.astype(a32.dtype))).astype(a.dtype)
-  return jax.tree_util.tree_map(f, x, leader)
-
-
-def _sq_dist(x, y):
-  return sum(jnp.sum((a.astype(jnp.float32) - b.astype(jnp.float32)) ** 2)
-             for a, b in zip(jax.tree_util.tree_leaves(x), jax.tree_util.tree_leaves(y)))
-
-
-def _elect_with_drift(run_loss, x, leader_copy, axis_name, taking_part=True):
-  """Election at an exchange, and the drift metric from the same collective.
-
-  The drift ``||x_i - L||^2`` to the leader copy ``L`` the workers were pulled toward
-  until now is computed before the exchange, so it travels in the election's
-  all-gather instead of a collective of its own after the new leader's broadcast. It
-  is non-finite iff ``x_i`` is (``L``, an earlier leader, is finite) or it overflows:
-  such a worker is neither elected nor counted. ``taking_part``: workers that stand
-  and count (the others give NaN). Returns ``(Leader, mean drift)``.
-  """
-  d = jnp.where(taking_part, _sq_dist(x, leader_copy), jnp.nan)
-  return C.elect_leader_and_mean(run_loss, d, axis_name, eligible=jnp.isfinite(d))
-
-
-def _push_loss(buf, n, loss, active):
-  """Write ``loss`` into the ring buffer (when active)."""
-  size = buf.shape[0]
-  new = buf.at[n % size].set(jnp.asarray(loss, jnp.float32))
-  return jnp.where(active, new, buf), n + jnp.asarray(active, jnp.int32)
-
-
-def _running_mean(buf, n):
-  """Mean of the last ``min(n, avg_size)`` losses; +inf (never elected) before any."""
-  size = buf.shape[0]
-  m = jnp.minimum(n, size)
-  s = jnp.sum(jnp.where(jnp.arange(size) < m, buf, 0.0))
-  return jnp.where(m > 0, s / jnp.maximum(m, 1).astype(jnp.float32), jnp.inf)
-
-
-def _one_hot(index, num_workers):
-  if num_workers is None:
-    return None
-  return (jnp.arange(num_workers) == index).astype(jnp.float32)
-
-
-def _check_num_workers(mix_weights, axis_name):
-  if mix_weights is None:
-    return
-  k = lax.psum(1, axis_name)
-  if mix_weights.shape != (k,):
-    raise ValueError(
-        f"`num_workers`={mix_weights.shape[0]} given at construction but the worker axis "
-        f"has {k} workers.")
-
-
-def _check_value(name, value):
-  base.require_value(name, value)
-  v = jnp.asarray(value)
-  if v.ndim != 0:
-    raise TypeError(f"{name}: `value` must be this worker's scalar loss, got shape {v.shape}.")
-  return v.astype(jnp.float32)
-
-
-def _as_tuple(axis):
-  return axis if isinstance(axis, tuple) else (axis,)
-
-
-def _check_pull(name, value, allow_zero=False):
-  base.check_range(name, value, 0.0, 1.0, lo_open=not allow_zero)
-
-
-def _check_proximal(name, value):
-  base.check_range(name, value, 0.0, 1.0, hi_open=True)
-
-
-def _check_avg_size(avg_size, period, period_name):
-  """The running-loss window: ``avg_size``, by default the period (the authors')."""
-  if avg_size is None:
-    if callable(period):
-      raise ValueError(f"`avg_size` must be given when `{period_name}` is a schedule.")
-    avg_size = period
-  base.check_positive_int("avg_size", avg_size)
-  return avg_size
-
-
-def _leader_fields(sh, L, leader, **changes):
-  """Shared fields naming a new leader: its parameters, index and one-hot mix weights."""
-  mix = sh.mix_weights
-  return dict(leader_params=base.tree_cast_like(L, sh.leader_params),
-              leader=jnp.asarray(leader, jnp.int32),
-              mix_weights=None if mix is None else _one_hot(leader, mix.shape[0]), **changes)
 
 
 # ----------------------------------------------------------------------------- LSGD
@@ -191,6 +90,15 @@ class LSGDShared:
   pull_distance: jax.Array  # mean_i ||x_i - L_prev||^2 at the last exchange, before it
 
   @property
+  def reset_value(self):
+    """What a worker reset by the rule takes exactly (wagrad.apply_updates)."""
+    return self.leader_params
+
+  def evaluated(self, params, opt_state):
+    """The model the paper evaluates (wagrad.evaluated_params), from the stacked params."""
+    return evaluate.leader_model(params, self.leader, self.leader_params)
+
+  @property
   def target(self):
     return self.leader_params
 
@@ -204,6 +112,7 @@ class LSGDState(NamedTuple):
                             # leader (exactly, through wagrad.apply_updates)
 
 
+@arguments.checked_arguments
 def lsgd(inner: optax.GradientTransformation, sync_period: base.Period = 4, *,
          pull: float = 0.1, proximal: float = 0.1, avg_size: int | None = None,
          axis_name: base.AxisName = "workers", warmup_steps: int = 0,
@@ -232,6 +141,10 @@ def lsgd(inner: optax.GradientTransformation, sync_period: base.Period = 4, *,
   loss, but joins the blocking exchange as in the authors' code), ``exchange``
   (optional *shared* bool overriding the period: e.g. rows of
   :func:`uneven_round_steps`). Other extra arguments go to ``inner``.
+
+  Sampling: the paper's workers each sample the whole training set
+  (``runner.sample``). With disjoint shards (``runner.shard``) the worker with the
+  lowest training loss is the most over-fit one, and it wins the election.
 
   Args:
     inner: the local optimizer (any optax transform); the authors use SGD with
@@ -270,9 +183,9 @@ def lsgd(inner: optax.GradientTransformation, sync_period: base.Period = 4, *,
     Learning Models", NeurIPS 2019, arXiv 1905.10395.
   """
   period_fn = periodic.check_common(inner, sync_period, warmup_steps, opt_state_sync, axis_name)
-  _check_pull("pull", pull)
-  _check_proximal("proximal", proximal)
-  avg_size = _check_avg_size(avg_size, sync_period, "sync_period")
+  leaders.check_pull("pull", pull)
+  leaders.check_proximal("proximal", proximal)
+  avg_size = leaders.check_avg_size(avg_size, sync_period, "sync_period")
   base.check_positive_int("num_workers", num_workers, allow_none=True)
   pull, proximal = float(pull), float(proximal)
   inner = periodic.inner_with_extra_args(inner)
@@ -287,19 +200,20 @@ def lsgd(inner: optax.GradientTransformation, sync_period: base.Period = 4, *,
         shared=LSGDShared(
             **base.clock(0),
             leader_params=leader_params, leader=jnp.int32(-1),
-            leader_loss=jnp.float32(jnp.inf), mix_weights=_one_hot(-1, k),
+            leader_loss=jnp.float32(jnp.inf), mix_weights=leaders.one_hot(-1, k),
             exchanged=jnp.bool_(False), pull_distance=jnp.zeros([], jnp.float32)),
         reset=jnp.bool_(False))
 
-  def update_fn(grads, state, params=None, *, active=None, exchange=None, **extra):
+  def update_fn(grads, state, params=None, *, active=None, any_exchange=None, **extra):
     if params is None:
       raise TypeError("lsgd needs `params`: tx.update(grads, state, params, value=loss).")
-    loss = _check_value("lsgd", extra.get("value"))
+    loss = leaders.check_value("lsgd", extra.get("value"))
     base.check_axis_name(axis_name)
     sh = state.shared
-    _check_num_workers(sh.mix_weights, axis_name)
+    leaders.check_num_workers(sh.mix_weights, axis_name)
     act = jnp.bool_(True) if active is None else jnp.asarray(base.unshared(active), jnp.bool_)
-    exchange = base.unshared(exchange)
+    base.refuse_renamed_flags("lsgd", extra)
+    exchange = base.unshared(any_exchange)
 
     u, new_inner = periodic.local_update(
         inner, grads, state.inner, params, sh.count, warmup_steps, axis_name, **extra)
@@ -309,14 +223,14 @@ def lsgd(inner: optax.GradientTransformation, sync_period: base.Period = 4, *,
     else:
       x = base.tree_where(act, base.tree_add(params, u), params)
       inner_state = base.tree_where(act, new_inner, state.inner)
-    losses, num_losses = _push_loss(state.losses, state.num_losses, loss, act)
-    run_loss = _running_mean(losses, num_losses)
+    losses, num_losses = leaders.push_loss(state.losses, state.num_losses, loss, act)
+    run_loss = leaders.running_mean(losses, num_losses)
 
     L_old = base.tree_cast_like(sh.leader_params, params)
     if proximal > 0:
       coef = proximal / period_fn(sh.count).astype(jnp.float32)
       on = act & (sh.count >= warmup_steps)
-      x = base.tree_where(on, _pull(x, L_old, coef), x)
+      x = base.tree_where(on, leaders.pull(x, L_old, coef), x)
 
     idx = periodic.branch_index(sh.count, sh.last_exchange, warmup_steps, period_fn,
                                 exchange=exchange)
@@ -324,9 +238,9 @@ def lsgd(inner: optax.GradientTransformation, sync_period: base.Period = 4, *,
     def do_exchange(x):
       """l = argmin_j r_j (finite);  L <- x_l."""
       L_prev = base.tree_cast_like(sh.leader_params, params)
-      ld, dist = _elect_with_drift(run_loss, x, L_prev, axis_name)
+      ld, dist = leaders.elect_with_drift(run_loss, x, L_prev, axis_name)
       L = C.broadcast_from(x, ld.index, axis_name)
-      new = _leader_fields(sh, L, ld.index, leader_loss=jnp.asarray(ld.loss, jnp.float32),
+      new = leaders.leader_fields(sh, L, ld.index, leader_loss=jnp.asarray(ld.loss, jnp.float32),
                           pull_distance=jnp.asarray(dist, jnp.float32))
       # no finite worker: nothing is elected, the step is a local one
       new = base.tree_where(ld.ok, new, {k: getattr(sh, k) for k in new})
@@ -335,12 +249,12 @@ def lsgd(inner: optax.GradientTransformation, sync_period: base.Period = 4, *,
     def move(x, shared, finite):
       """x_i <- x_i - c (x_i - L) (c = 1: L exactly); a non-finite worker takes L."""
       L = base.tree_cast_like(shared.leader_params, x)
-      pulled = base.tree_where(finite, L if pull == 1.0 else _pull(x, L, pull), L)
+      pulled = base.tree_where(finite, L if pull == 1.0 else leaders.pull(x, L, pull), L)
       return base.tree_where(shared.exchanged, pulled, x)
 
     x_new, new_shared, inner_state, finite = periodic.exchange_step(
         idx, sh, x, do_exchange, move=move, warmup_steps=warmup_steps, axis_name=axis_name,
-        warmup_end=lambda x0: _leader_fields(sh, x0, 0, pull_distance=jnp.zeros([], jnp.float32)),
+        warmup_end=lambda x0: leaders.leader_fields(sh, x0, 0, pull_distance=jnp.zeros([], jnp.float32)),
         opt_state=(opt_state_sync, inner, inner_state))
     updates = periodic.updates_to(x_new, params)
     reset = (idx == periodic.EXCHANGE) & new_shared.exchanged & ~finite

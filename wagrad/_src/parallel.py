@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import warnings
 import weakref
 from typing import Any, Callable, Sequence
 
@@ -103,6 +104,13 @@ def _check_shared_equal(out):
             f"outermost.")
 
 
+_ONE_DEVICE = (
+    "wagrad.Runner({backend!r}, {K}): JAX sees one device, so the {K} workers run "
+    "vmapped on it. For {K} CPU devices set XLA_FLAGS="
+    "--xla_force_host_platform_device_count={K} before JAX starts; to mean one device, "
+    "pass num_devices=1 or use backend='vmap' (either silences this warning).")
+
+
 class Runner:
   """Runs a per-worker function over ``num_workers`` workers on a chosen backend.
 
@@ -150,6 +158,8 @@ class Runner:
       elif len(devs) > K:
         devs = devs[:K] if K >= 1 else devs
       D = len(devs)
+      if D == 1 < K and devices is None and num_devices is None:
+        warnings.warn(_ONE_DEVICE.format(backend=backend, K=K), UserWarning, stacklevel=2)
       if K % D:
         raise ValueError(
             f"`num_workers`={K} is not divisible by the number of devices {D}: "
@@ -164,7 +174,8 @@ class Runner:
         levels = [_Level("workers", D, "mesh")]
       else:  # no axis is called "workers" here: a transform left at the default axis
         # would reduce over the devices only (groups of K/D workers that never meet);
-        # unbound, it raises and names runner.axis_name (architecture, decision 10)
+        # unbound, it raises and names runner.axis_name (design.md, More workers than
+        # devices)
         levels = [_Level("workers_devices", D, "mesh"), _Level("workers_local", K // D, "vmap")]
       group_names: list[str] = []
       global_names: list[str] = []
@@ -260,14 +271,54 @@ class Runner:
     f = tx.init
     for lvl in reversed(self.levels):
       f = jax.vmap(f, in_axes=None, out_axes=None, axis_name=lvl.name, axis_size=lvl.size)
-    return self.replicate(base.tree_copy(f(params)))
+    state = f(params)
+    base.check_outermost(state)
+    return self.replicate(base.tree_copy(state))
 
   def worker_keys(self, key):
     """One PRNG key per worker (stacked), from one key."""
     return self.put(jax.random.split(key, self.num_workers))
 
+  def sample(self, *arrays, batch_size: int, step: int, seed: int = 0):
+    """One step's batches, every worker drawing from the whole training set.
+
+    Each worker k draws ``batch_size`` example indices uniformly (with replacement) from
+    all n examples, from a NumPy stream of its own seeded by ``(seed, step, k)``:
+    the papers' setting (LSGD, EASGD, WASGD: every worker samples the whole data set).
+    The same call gives the same batches, on every backend. Returns ``(K, batch_size,
+    ...)`` per array, placed for the backend.
+
+    The other option, :meth:`shard`, gives each worker a disjoint part of the data
+    (one-shot averaging's setting). Then the worker with the lowest training loss is
+    the most over-fit one, and the rules that elect by training loss (LSGD's leader,
+    WASGD's weights) favour it.
+
+    Example:
+      >>> import numpy as np, wagrad
+      >>> runner = wagrad.Runner("vmap", num_workers=4)
+      >>> X, y = np.arange(20.0).reshape(10, 2), np.arange(10)
+      >>> xs, ys = runner.sample(X, y, batch_size=3, step=0)
+      >>> xs.shape, ys.shape
+      ((4, 3, 2), (4, 3))
+    """
+    base.check_positive_int("batch_size", batch_size)
+    base.check_nonneg_int("step", step)
+    base.check_nonneg_int("seed", seed)
+    data = [np.asarray(a) for a in arrays]
+    n = data[0].shape[0] if data else 0
+    if n == 0 or any(a.shape[0] != n for a in data):
+      raise ValueError(f"runner.sample: arrays must have the same number (>= 1) of "
+                       f"examples, got {[a.shape[0] for a in data]}.")
+    idx = np.stack([np.random.default_rng([seed, step, k]).integers(0, n, batch_size)
+                    for k in range(self.num_workers)])
+    out = [self.put(a[idx]) for a in data]
+    return out[0] if len(out) == 1 else tuple(out)
+
   def shard(self, *arrays, drop_remainder=True):
-    """Split data sets into K equal per-worker shards: (n, ...) -> (K, n // K, ...)."""
+    """Split data sets into K equal per-worker shards: (n, ...) -> (K, n // K, ...).
+
+    Each worker then sees only its own part of the data; see :meth:`sample` for every
+    worker sampling the whole set (what LSGD's and WASGD's elections assume)."""
     K = self.num_workers
     out = []
     for a in arrays:
@@ -307,15 +358,34 @@ class Runner:
 
   def _check_stacked(self, args):
     K = self.num_workers
-    for path, leaf in jax.tree_util.tree_leaves_with_path(
-        jax.tree_util.tree_map(lambda n: None if base.is_shared(n) else n, args,
-                               is_leaf=base.is_shared)):
-      if jnp.ndim(leaf) == 0 or jnp.shape(leaf)[0] != K:
+    for i, arg in enumerate(args):
+      sh = base.find_shared(arg, "count")
+      if sh is not None and jnp.ndim(sh.count) != 0:  # jax.vmap(tx.init) stacked it
         raise ValueError(
-            f"argument leaf {jax.tree_util.keystr(path)} has shape {jnp.shape(leaf)}: "
-            f"per-worker leaves need a leading dimension of {K} workers (split a data "
-            f"set with runner.shard(X, y) -> ({K}, n // {K}, ...); wrap values shared by "
-            f"all workers in wagrad.Shared).")
+            f"argument [{i}] holds a wagrad state whose shared step count has shape "
+            f"{jnp.shape(sh.count)}: shared state must not be stacked (every worker "
+            f"takes the same exchange branch). {self._stacking_hint(arg)}")
+      for path, leaf in jax.tree_util.tree_leaves_with_path(
+          jax.tree_util.tree_map(lambda n: None if base.is_shared(n) else n, arg,
+                                 is_leaf=base.is_shared)):
+        if jnp.ndim(leaf) == 0 or jnp.shape(leaf)[0] != K:
+          raise ValueError(
+              f"argument leaf [{i}]{jax.tree_util.keystr(path)} has shape "
+              f"{jnp.shape(leaf)}: per-worker leaves need a leading dimension of {K} "
+              f"workers. {self._stacking_hint(arg)}")
+
+  def _stacking_hint(self, arg):
+    """How to give an argument its worker dimension, by what it looks like."""
+    K = self.num_workers
+    if base.find_shared(arg, "count") is not None:  # a wagrad transform's state
+      return ("This is an optimizer state: build it with opt_state = runner.init(tx, "
+              "params0) from one worker's params (not tx.init(params0), not "
+              "jax.vmap(tx.init)); it stacks the per-worker parts and keeps the shared "
+              "ones unstacked.")
+    return (f"Parameters: params = runner.replicate(params0); data: each worker's batch "
+            f"from runner.sample(key, step, X, y, batch_size) or disjoint shards from "
+            f"runner.shard(X, y) -> ({K}, n // {K}, ...); values shared by all workers: "
+            f"wrap them in wagrad.Shared.")
 
   # ------------------------------------------------------------------ mapping
 

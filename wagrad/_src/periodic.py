@@ -11,7 +11,7 @@ A step of a periodic algorithm (count t is the shared global step)::
     else:                       x <- x_half
 
 The branch is chosen with ``lax.switch`` on shared scalars only, so every worker takes
-the same branch and no collective runs outside exchange steps (architecture, decision 1).
+the same branch and no collective runs outside exchange steps (design.md, One clock).
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 Asynchronous behaviour is *precomputed in NumPy* as per-step tables and fed to the
 jitted SPMD step, so every collective is still decided by the global step
-(architecture, decision 1). A row ``active[t]`` (shape ``[K]``, bool) says which
+(design.md, One clock). A row ``active[t]`` (shape ``[K]``, bool) says which
 workers finish a local step during global step ``t``; an inactive worker keeps its
 state unchanged and joins collectives with weight 0. Pass ``active[t]`` to the mapped
 step as a per-worker argument (leading dimension K).
@@ -64,11 +64,6 @@ def drop_workers(active: np.ndarray, worker: int | Sequence[int] | np.ndarray, s
   out = np.array(active, dtype=bool, copy=True)
   out[start:stop, worker] = False
   return out
-
-
-def local_step_counts(active: np.ndarray) -> np.ndarray:
-  """``counts[t, i]``: local steps worker i completed in steps 0..t (inclusive)."""
-  return np.cumsum(np.asarray(active, dtype=np.int64), axis=0)
 
 
 def straggler_speeds(num_workers: int, slow_fraction: float = 0.25, slowdown: float = 4.0

@@ -3,7 +3,7 @@
 Each worker has its own clock (its active steps, from a seeded activity schedule,
 :mod:`wagrad._src.schedules`) and exchanges with a master when its own clock says so;
 the program still runs in lockstep, and the master's side is computed from
-collectives on the steps where anyone exchanges (architecture, decision 1).
+collectives on the steps where anyone exchanges (design.md, One clock).
 
 * **Asynchronous EASGD** [code] (arXiv 1412.6651, Algorithm 1): worker i with its own
   clock ``t_i`` exchanges at an active step when ``t_i mod tau == 0`` (also at
@@ -41,14 +41,18 @@ import numpy.typing as npt
 import optax
 from jax import lax
 
+from wagrad._src import arguments
 from wagrad._src import base
+from wagrad._src import evaluate
 from wagrad._src import collectives as C
 from wagrad._src import periodic
+from wagrad._src import elastic
+from wagrad._src import leaders
 from wagrad._src.base import AxisName, Period
-from wagrad._src.easgd import (ORDERS, _check_alpha_beta, _f32, _moving_rate, _sqnorm,
-                               _tmap)
-from wagrad._src.lsgd import (_check_pull, _check_value, _elect_with_drift, _pull, _push_loss,
-                              _running_mean)
+
+_f32 = base.f32
+_tmap = jax.tree_util.tree_map
+ORDERS = ("sequential", "simultaneous")
 
 def async_easgd_schedule(active: npt.ArrayLike, sync_period: Period
                          ) -> tuple[np.ndarray, np.ndarray]:
@@ -89,6 +93,15 @@ class AsyncEASGDShared:
   center: Any               # the master's center variable x~
   distance: jax.Array       # mean ||x_i - x~_seen||^2 of the workers of the last exchange
   num_exchanging: jax.Array  # workers that exchanged in the last step
+
+  @property
+  def reset_value(self):
+    """What a worker reset by the rule takes exactly (wagrad.apply_updates)."""
+    return self.target if self.target is not None else self.center
+
+  def evaluated(self, params, opt_state):
+    """The model the paper evaluates (wagrad.evaluated_params), from the stacked params."""
+    return self.center
 
 
 class AsyncEASGDState(NamedTuple):
@@ -136,6 +149,7 @@ def _async_centers(order, params, c, ex, a, axis_name):
   return seen, new_c, m
 
 
+@arguments.checked_arguments
 def async_easgd(inner: optax.GradientTransformation, sync_period: Period = 1, *,
                 alpha: float | None = None, beta: float = 0.9,
                 axis_name: AxisName = "workers", order: str = "sequential"
@@ -189,7 +203,7 @@ def async_easgd(inner: optax.GradientTransformation, sync_period: Period = 1, *,
   """
   base.check_transform("inner", inner)
   period_fn = periodic.require_period("sync_period", sync_period)
-  _check_alpha_beta(alpha, beta)
+  elastic.check_alpha_beta(alpha, beta)
   if order not in ORDERS:
     raise ValueError(f"unknown `order` {order!r}; choose one of {ORDERS}.")
   if not isinstance(axis_name, (str, tuple)):
@@ -209,9 +223,10 @@ def async_easgd(inner: optax.GradientTransformation, sync_period: Period = 1, *,
       raise TypeError("async_easgd needs `params`: tx.update(grads, state, params).")
     base.check_axis_name(axis_name)
     base.check_same_structure("grads", grads, "params", params)
-    a = _moving_rate(alpha, beta, axis_name)
+    a = elastic.moving_rate(alpha, beta, axis_name)
     sh = state.shared
     act = jnp.asarray(base.unshared(active), jnp.bool_)
+    base.refuse_renamed_flags("async_easgd", extra)
     any_exchange = base.unshared(any_exchange)
     u, new_inner = inner.update(grads, state.inner, params, **extra)
     u = _tmap(lambda x: jnp.where(act, x, jnp.zeros_like(x)), u)
@@ -250,7 +265,7 @@ def async_easgd(inner: optax.GradientTransformation, sync_period: Period = 1, *,
       reset = me & ~finite
       upd = _tmap(lambda v, cc, x: jnp.where(reset, cc.astype(x.dtype) - x, v),
                   upd, new_c, params)
-      dist = lax.psum(jnp.where(ex, _sqnorm(diff), 0.0), axis_name) / jnp.maximum(
+      dist = lax.psum(jnp.where(ex, elastic.sqnorm(diff), 0.0), axis_name) / jnp.maximum(
           m.astype(jnp.float32), 1.0)
       return upd, shared_after(n_me, center=new_c,
                                distance=jnp.asarray(dist, jnp.float32)), reset
@@ -279,6 +294,15 @@ class AsyncLSGDShared:
                               # the master's leader before their report
 
   @property
+  def reset_value(self):
+    """What a worker reset by the rule takes exactly (wagrad.apply_updates)."""
+    return self.leader_params
+
+  def evaluated(self, params, opt_state):
+    """The model the paper evaluates (wagrad.evaluated_params), from the stacked params."""
+    return evaluate.leader_model(params, self.leader, self.leader_params)
+
+  @property
   def target(self):
     return self.leader_params
 
@@ -294,6 +318,7 @@ class AsyncLSGDState(NamedTuple):
   due: Any = None             # with a period schedule: the local count of the next report
 
 
+@arguments.checked_arguments
 def async_lsgd(inner: optax.GradientTransformation, sync_period: Period = 4, *,
                pull: float = 0.1, avg_size: int | None = None,
                axis_name: AxisName = "workers") -> optax.GradientTransformationExtraArgs:
@@ -311,7 +336,7 @@ def async_lsgd(inner: optax.GradientTransformation, sync_period: Period = 4, *,
   arriving in the same step are handled together (simultaneous arrival). The
   collectives run inside a ``lax.cond`` on "does anyone report this step": by
   default a ``pmax`` of the per-worker flag (one scalar all-reduce every step); pass
-  the precomputed shared flag (``any_report=``, a row of :func:`async_report_steps`)
+  the precomputed shared flag (``any_exchange=``, a row of :func:`async_report_steps`)
   to avoid even that. Inactive workers keep their state unchanged and are neither
   elected nor pulled. A reporting worker whose parameters are non-finite is never
   elected and takes the master's new ``L`` (exactly, with :func:`wagrad.apply_updates`)
@@ -333,7 +358,7 @@ def async_lsgd(inner: optax.GradientTransformation, sync_period: Period = 4, *,
   Returns:
     A ``GradientTransformationExtraArgs`` whose state is ``AsyncLSGDState``; extra
     arguments of ``update``: ``value`` (required), ``active`` (per-worker bool),
-    ``any_report`` (optional shared bool).
+    ``any_exchange`` (optional shared bool).
 
   Example:
     >>> import optax, wagrad
@@ -345,7 +370,7 @@ def async_lsgd(inner: optax.GradientTransformation, sync_period: Period = 4, *,
   base.check_transform("inner", inner)
   period_fn = periodic.require_period("sync_period", sync_period)
   scheduled = callable(sync_period)
-  _check_pull("pull", pull)
+  leaders.check_pull("pull", pull)
   if avg_size is None:
     if scheduled:
       raise ValueError("`avg_size` must be given when `sync_period` is a schedule.")
@@ -368,21 +393,22 @@ def async_lsgd(inner: optax.GradientTransformation, sync_period: Period = 4, *,
             leader=jnp.int32(-1), leader_loss=jnp.float32(jnp.inf),
             pull_distance=jnp.zeros([], jnp.float32)))
 
-  def update_fn(grads, state, params=None, *, active=None, any_report=None, **extra):
+  def update_fn(grads, state, params=None, *, active=None, any_exchange=None, **extra):
     if params is None:
       raise TypeError("async_lsgd needs `params`: tx.update(grads, state, params, "
                       "value=loss, active=a).")
-    loss = _check_value("async_lsgd", extra.get("value"))
+    loss = leaders.check_value("async_lsgd", extra.get("value"))
     base.check_axis_name(axis_name)
     base.check_same_structure("grads", grads, "params", params)
     sh = state.shared
     act = jnp.bool_(True) if active is None else jnp.asarray(base.unshared(active), jnp.bool_)
-    any_report = base.unshared(any_report)
+    base.refuse_renamed_flags("async_lsgd", extra)
+    any_exchange = base.unshared(any_exchange)
     u, new_inner = inner.update(grads, state.inner, params, **extra)
     x = base.tree_where(act, base.tree_add(params, u), params)
     inner_state = base.tree_where(act, new_inner, state.inner)
-    losses, num_losses = _push_loss(state.losses, state.num_losses, loss, act)
-    run_loss = _running_mean(losses, num_losses)
+    losses, num_losses = leaders.push_loss(state.losses, state.num_losses, loss, act)
+    run_loss = leaders.running_mean(losses, num_losses)
     local_count = state.local_count + act.astype(jnp.int32)
     if scheduled:
       reports = act & (local_count == state.due)
@@ -390,10 +416,10 @@ def async_lsgd(inner: optax.GradientTransformation, sync_period: Period = 4, *,
     else:
       reports = act & (local_count % sync_period == 0)
       due = None
-    if any_report is None:
+    if any_exchange is None:
       anyone = lax.pmax(reports.astype(jnp.int32), axis_name) > 0
     else:
-      anyone = jnp.asarray(any_report, jnp.bool_)
+      anyone = jnp.asarray(any_exchange, jnp.bool_)
     clock = periodic.next_clock(anyone.astype(jnp.int32), sh, False)
 
     # Only the shared state and a finiteness flag go through the branch; the reporting
@@ -403,7 +429,7 @@ def async_lsgd(inner: optax.GradientTransformation, sync_period: Period = 4, *,
 
     def report(x):
       L_old = base.tree_cast_like(sh.leader_params, params)
-      ld, dist = _elect_with_drift(run_loss, x, L_old, axis_name, reports)
+      ld, dist = leaders.elect_with_drift(run_loss, x, L_old, axis_name, reports)
       better = ld.ok & (ld.loss < sh.leader_loss)
       L = base.tree_where(better, C.broadcast_from(x, ld.index, axis_name), L_old)
       return dataclasses.replace(
@@ -415,7 +441,7 @@ def async_lsgd(inner: optax.GradientTransformation, sync_period: Period = 4, *,
 
     new_shared, finite = lax.cond(anyone, report, quiet, x)
     L = base.tree_cast_like(new_shared.leader_params, params)
-    x_new = base.tree_where(anyone & reports, L if pull == 1.0 else _pull(x, L, pull), x)
+    x_new = base.tree_where(anyone & reports, L if pull == 1.0 else leaders.pull(x, L, pull), x)
     updates = periodic.updates_to(x_new, params)
     reset = anyone & reports & ~finite
     inner_state = periodic.reset_inner_where(reset, inner, inner_state, L, anyone)
@@ -429,10 +455,10 @@ def async_report_steps(active: npt.ArrayLike, sync_period: Period
                        ) -> tuple[np.ndarray, np.ndarray]:
   """Which workers report at each step of :func:`async_lsgd` (NumPy, from the schedule).
 
-  Returns ``(reports, any_report)``: bool ``[T, K]`` (worker i is active at t and has
+  Returns ``(reports, any_exchange)``: bool ``[T, K]`` (worker i is active at t and has
   completed a multiple of ``sync_period`` local steps; with a schedule, its due local
   count) and bool ``[T]`` (someone reports at t; pass row t as the shared
-  ``any_report=``).
+  ``any_exchange=``).
   """
   periodic.require_period("sync_period", sync_period)
   a = np.asarray(active, dtype=bool)

@@ -18,8 +18,8 @@ server update). It can be 0 (always 0 in hardsync), so the divisor is
 federicovilla55/asgd_staleness, ``src/core/parameter_server_saasgd.py``) or
 ``tau_l + 1`` (``"plus1"``, used by another reimplementation).
 
-This is a *protocol*, not a per-worker update (architecture, decision 4). Who pushes,
-in which order, with which staleness and whether the server applies are precomputed
+This is a *protocol*, not a per-worker update (design.md, Protocols as schedules). Who
+pushes, in which order, with which staleness and whether the server applies are precomputed
 in NumPy by :func:`softsync_schedule` as per-step tables; the jitted part is one masked,
 weighted ``psum`` of the pushed gradients (non-pushers join with weight 0).
 
@@ -41,7 +41,7 @@ about n" counts one more update because its learners pull right after pushing, b
 the server has applied their own gradient; here the pull sees it. Random compute times
 (``arrival="random"``) spread the staleness around the same mean n - 1.
 
-Tags (see the design notes): the modulated update and the staleness definition are
+Tags (design.md, Evidence tags): the modulated update and the staleness definition are
 [reimpl]; the step/arrival convention above is this library's simulation choice.
 
 Reference:
@@ -59,6 +59,7 @@ import numpy as np
 import optax
 from jax import lax
 
+from wagrad._src import arguments
 from wagrad._src import base
 from wagrad._src import collectives as C
 
@@ -204,6 +205,15 @@ class StalenessShared:
   histogram: jax.Array       # int32 [staleness_bins]: applied gradients per staleness;
                              # the last bin counts staleness >= staleness_bins - 1
 
+  @property
+  def reset_value(self):
+    """What a worker reset by the rule takes exactly (wagrad.apply_updates)."""
+    return self.target if self.target is not None else self.server
+
+  def evaluated(self, params, opt_state):
+    """The model the paper evaluates (wagrad.evaluated_params), from the stacked params."""
+    return self.server
+
 
 class StalenessState(NamedTuple):
   version: jax.Array     # per worker: server version of the worker's copy
@@ -267,6 +277,7 @@ def _rate(tau, alpha0, modulation, zero_staleness):
   return (alpha0 / (tau + 1.0)).astype(jnp.float32)
 
 
+@arguments.checked_arguments
 def staleness_aware_sgd(inner: optax.GradientTransformation, *, alpha0: float = 1.0,
                         modulation: str = "inverse", zero_staleness: str = "max1",
                         staleness_bins: int = 64, axis_name: base.AxisName = "workers"
