@@ -419,17 +419,23 @@ TREE_LAYOUTS = [("vmap", 8, 2), ("vmap", 8, 4), ("shard_map", 8, 2), ("shard_map
                 ("pmap", 16, 8)]
 
 
-def tree_np(A, b, w0, c0, steps, G, taus, alphas, eta=ETA):
+def tree_np(A, b, w0, c0, steps, G, taus, alphas, eta=ETA, warmup=0):
   """Tree EASGD in float64; ``taus`` = (low, high), each an integer or a schedule
-  t -> period (a level exchanges once that many steps passed since its last one)."""
+  t -> period (a level exchanges once that many steps passed since its last one).
+  ``warmup``: that many steps of synchronous SGD (the workers' mean gradient) first,
+  then every worker, group center and the root take worker 0's parameters."""
   fns = [tau if callable(tau) else (lambda t, tau=tau: tau) for tau in taus]
-  last = [0, 0]
+  last = [warmup, warmup]
   x, r = w0.astype(np.float64), c0.astype(np.float64)
   K = len(x)
   W = K // G
   grp = np.arange(K) // W
   z = np.tile(r, (G, 1))
-  for t in range(steps):
+  for t in range(warmup):
+    x = x - eta * _grads_np(x, A, b).mean(0)
+  if warmup:
+    x, z, r = np.tile(x[0], (K, 1)), np.tile(x[0], (G, 1)), x[0].copy()
+  for t in range(warmup, steps):
     u = -eta * _grads_np(x, A, b)
     low, high = (t + 1 - last[0] >= fns[0](t)), (t + 1 - last[1] >= fns[1](t))
     last = [t + 1 if low else last[0], t + 1 if high else last[1]]
@@ -472,6 +478,66 @@ def test_tree_easgd_matches_numpy(backend, K, G):
   _assert_close(s.group_center["w"], z)
   _assert_close(E.easgd_center(s)["w"], r)
   assert int(s.shared.num_exchanges) == 3 and int(s.shared.num_root_exchanges) == 2
+
+
+@pytest.mark.parametrize("backend,K,G", [("vmap", 8, 2), ("shard_map", 16, 2)])
+def test_tree_easgd_warmup_matches_numpy(backend, K, G):
+  """warmup_steps: synchronous SGD, then every worker, group center and the root at
+  worker 0's parameters (exactly), and the periods count from there."""
+  runner = wagrad.Runner(backend, K, groups=G)
+  A, b, w0, c0 = _problem(K)
+  taus, warmup = (2, 3), 3
+  tx = wagrad.tree_easgd(optax.sgd(ETA), group_axis=runner.group_axis,
+                         global_axis=runner.global_axis, sync_period=taus,
+                         warmup_steps=warmup)
+
+  def step(p, s, A, b):
+    g = jax.grad(ls_loss)(p, A, b)
+    u, s = tx.update(g, s, p)
+    return wagrad.apply_updates(p, u, s), s, _shared_equal(s, runner.axis_name)
+
+  p, s = _loop(runner, tx, step, {"w0": w0, "c0": c0}, (A, b), warmup)
+  x = np.asarray(p["w"])
+  assert (x == x[0]).all() and (np.asarray(s.group_center["w"]) == x[0]).all()
+  assert (np.asarray(E.easgd_center(s)["w"]) == x[0]).all()  # bit-exact
+  f = runner.map(step)
+  for _ in range(STEPS - warmup):
+    p, s, ok = f(p, s, A, b)
+    assert bool(np.all(ok))
+  x, z, r = tree_np(A, b, w0, c0, STEPS, G, taus, (0.9 / (K // G), 0.9 / G), warmup=warmup)
+  _assert_close(p["w"], x)
+  _assert_close(s.group_center["w"], z)
+  _assert_close(E.easgd_center(s)["w"], r)
+
+
+@pytest.mark.parametrize("policy", ["average", "reset"])
+def test_tree_easgd_opt_state_policy_at_group_exchanges(policy):
+  """At a group-level exchange the inner state is averaged over the group ("average":
+  equal within a group, different across groups) or restarted ("reset": zero momentum)."""
+  K, G = 8, 2
+  runner = wagrad.Runner("vmap", K, groups=G)
+  A, b, w0, c0 = _problem(K)
+  tx = wagrad.tree_easgd(optax.sgd(ETA, momentum=0.9), group_axis=runner.group_axis,
+                         global_axis=runner.global_axis, sync_period=(2, 100),
+                         opt_state_sync=policy)
+
+  def step(p, s, A, b):
+    g = jax.grad(ls_loss)(p, A, b)
+    u, s = tx.update(g, s, p)
+    return wagrad.apply_updates(p, u, s), s, jnp.bool_(True)
+
+  f = runner.map(step)
+  p, s = runner.replicate({"w": jnp.asarray(c0)}), runner.init(tx, {"w": jnp.asarray(c0)})
+  p = {"w": jnp.asarray(w0)}
+  p, s, _ = f(p, s, A, b)
+  trace = np.asarray(s.inner[0].trace["w"])
+  assert len({tuple(r) for r in trace}) == K  # a local step: every worker its own
+  p, s, _ = f(p, s, A, b)  # the group-level exchange
+  trace = np.asarray(s.inner[0].trace["w"]).reshape(G, K // G, -1)
+  if policy == "reset":
+    assert (trace == 0).all()
+  else:
+    assert (trace == trace[:, :1]).all() and not (trace[0, 0] == trace[1, 0]).all()
 
 
 @pytest.mark.parametrize("backend,K,G", [("vmap", 8, 2), ("shard_map", 8, 2), ("pmap", 16, 8)])

@@ -147,9 +147,13 @@ def test_a_number_where_the_inner_optimizer_goes_is_a_type_error(name):
     getattr(wagrad, name)(0.1, **_TRANSFORMS[name])
 
 
-def test_unknown_keyword_names_the_signature():
-  with pytest.raises(TypeError, match=r"wagrad\.easgd\(inner.*'rho'"):
+def test_a_call_that_does_not_bind_shows_the_call():
+  with pytest.raises(TypeError, match=r"wagrad\.easgd: .*'rho'.*keyword arguments: alpha, beta"):
     wagrad.easgd(optax.sgd(0.1), 4, rho=0.1)
+  with pytest.raises(TypeError, match=r"inner optimizer first.*wagrad\.diloco\(optax"):
+    wagrad.diloco(4e-4, 0.7, 50)  # the old convention
+  with pytest.raises(TypeError, match=r"missing a required argument: 'inner'"):
+    wagrad.model_averaging(sync_period=4)
 
 
 def test_diloco_takes_its_inner_optimizer_first_and_the_period_second():

@@ -77,7 +77,7 @@ def checked_arguments(fn):
     try:
       bound = sig.bind(*args, **kwargs)
     except TypeError as e:
-      raise TypeError(f"wagrad.{fn.__name__}{sig}: {e}.") from None
+      raise TypeError(_call_error(fn.__name__, sig, e, args, inner_first)) from None
     for name, value in bound.arguments.items():
       kind = kinds.get(name)
       if kind is None or value is None:  # None: the constructor says what to give
@@ -93,6 +93,19 @@ def checked_arguments(fn):
     return fn(*args, **kwargs)
 
   return wrapper
+
+
+def _call_error(fn_name, sig, error, args, inner_first) -> str:
+  """A call that does not bind: what was wrong, how the call reads, its keywords."""
+  params = sig.parameters.values()
+  positional = [p.name for p in params if p.kind == p.POSITIONAL_OR_KEYWORD]
+  keywords = [p.name for p in params if p.kind == p.KEYWORD_ONLY]
+  first = ("optax.sgd(0.1)" if inner_first else positional[0] if positional else "")
+  call = ", ".join([first] + [f"{n}=..." for n in positional[1:]]) if first else ""
+  hint = (" Every wagrad transform takes its inner optimizer first and its period "
+          "second." if inner_first and args and not _is_transform(args[0]) else "")
+  return (f"wagrad.{fn_name}: {error}.{hint} The call reads wagrad.{fn_name}({call}); "
+          f"its keyword arguments: {', '.join(keywords)}.")
 
 
 def check_argument_type(fn_name, name, value, what, schedule, inner_first, annotation,

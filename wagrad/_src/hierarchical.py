@@ -49,7 +49,7 @@ class TreeEASGDShared:
   assign: jax.Array         # this step assigns `target` exactly (wagrad.apply_updates)
   num_root_exchanges: jax.Array  # root-level (group center <-> root) exchanges
   last_root_exchange: jax.Array  # the count right after the last root-level exchange
-  target: Any               # always None
+  target: Any               # = center with a warm-up (assigned exactly at its end), else None
   center: Any               # the root r (the model to evaluate)
   distance: jax.Array       # mean_i ||x_i - z_g(i)||^2 at the last group-level exchange
   root_distance: jax.Array  # mean_g ||z_g - r||^2 at the last root-level exchange
@@ -72,6 +72,9 @@ class TreeEASGDState(NamedTuple):
                             # takes the root (exactly, through wagrad.apply_updates)
 
 
+WARMUP_END = 4  # the branch after the four (group level, root level) combinations
+
+
 def _pair(name, value, check):
   """``(low, high)``, each passed through ``check(name[level], v)``."""
   if not isinstance(value, (tuple, list)) or len(value) != 2:
@@ -83,7 +86,8 @@ def _pair(name, value, check):
 def tree_easgd(inner: optax.GradientTransformation, *, group_axis: AxisName,
                global_axis: AxisName,
                sync_period: tuple[Period, Period] | list[Period] = (1, 4),
-               alpha: tuple[float, float] | list[float] | None = None, beta: float = 0.9
+               alpha: tuple[float, float] | list[float] | None = None, beta: float = 0.9,
+               warmup_steps: int = 0, opt_state_sync: str = "local"
                ) -> optax.GradientTransformationExtraArgs:
   """Two-level (tree) EASGD: workers elastic to their group center, group centers
   elastic to a root. [reconstruction of the thesis' topology]
@@ -101,7 +105,10 @@ def tree_easgd(inner: optax.GradientTransformation, *, group_axis: AxisName,
   parameters or local step are non-finite at a group-level exchange is left out of its
   group center's update and reset to the new root, exactly with
   :func:`wagrad.apply_updates` (the state's ``reset`` flag; the group center is
-  per-worker state, which it cannot assign), and its inner state restarts. Use with
+  per-worker state, which it cannot assign), and its inner state restarts. A warm-up runs
+  ``warmup_steps`` steps of synchronous all-reduce SGD first; at its end every worker,
+  group center and the root take worker 0's parameters (exactly, with
+  :func:`wagrad.apply_updates`) and the periods count from there. Use with
   ``wagrad.Runner(backend, K, groups=G)``: ``group_axis=runner.group_axis``,
   ``global_axis=runner.global_axis``.
 
@@ -115,6 +122,10 @@ def tree_easgd(inner: optax.GradientTransformation, *, group_axis: AxisName,
     alpha: ``(alpha_low, alpha_high)`` in (0, 1); default ``(beta / W, beta / G)``
       with W workers per group and G groups.
     beta: in (0, 1], used when ``alpha`` is None.
+    warmup_steps: synchronous all-reduce SGD (over every worker) for this many steps
+      first.
+    opt_state_sync: at each group-level exchange, ``"local"`` keeps every worker's
+      inner state, ``"average"`` averages it over the group, ``"reset"`` restarts it.
 
   Returns:
     A ``GradientTransformationExtraArgs`` whose state is ``TreeEASGDState``.
@@ -130,6 +141,10 @@ def tree_easgd(inner: optax.GradientTransformation, *, group_axis: AxisName,
     arXiv 1605.02216 (tree EASGD).
   """
   base.check_transform("inner", inner)
+  base.check_nonneg_int("warmup_steps", warmup_steps)
+  if opt_state_sync not in periodic.OPT_STATE_SYNC:
+    raise ValueError(f"unknown `opt_state_sync` {opt_state_sync!r}; choose one of "
+                     f"{periodic.OPT_STATE_SYNC}.")
   low_fn, high_fn = _pair("sync_period", sync_period, periodic.require_period)
   if alpha is not None:
     def check_alpha(n, v):
@@ -148,7 +163,7 @@ def tree_easgd(inner: optax.GradientTransformation, *, group_axis: AxisName,
     p = base.tree_copy(params)
     return TreeEASGDState(inner.init(params), p, TreeEASGDShared(
         **base.clock(0), num_root_exchanges=zero,
-        last_root_exchange=zero, target=None, center=p, distance=jnp.zeros([], jnp.float32),
+        last_root_exchange=zero, target=p if warmup_steps > 0 else None, center=p, distance=jnp.zeros([], jnp.float32),
         root_distance=jnp.zeros([], jnp.float32)), jnp.bool_(False))
 
   def update_fn(grads, state, params=None, **extra):
@@ -163,15 +178,19 @@ def tree_easgd(inner: optax.GradientTransformation, *, group_axis: AxisName,
     else:
       a_low, a_high = float(alpha[0]), float(alpha[1])
     sh = state.shared
-    u, inner_state = inner.update(grads, state.inner, params, **extra)
-    low = base.is_exchange_step(sh.count, sh.last_exchange, 0, low_fn)
-    high = base.is_exchange_step(sh.count, sh.last_root_exchange, 0, high_fn)
-    branch = low.astype(jnp.int32) + 2 * high.astype(jnp.int32)
+    u, inner_state = periodic.local_update(inner, grads, state.inner, params, sh.count,
+                                           warmup_steps, all_axes, **extra)
+    low = base.is_exchange_step(sh.count, sh.last_exchange, warmup_steps, low_fn)
+    high = base.is_exchange_step(sh.count, sh.last_root_exchange, warmup_steps, high_fn)
+    warmup_end = (sh.count == warmup_steps - 1) if warmup_steps > 0 else jnp.bool_(False)
+    branch = jnp.where(warmup_end, WARMUP_END,
+                       low.astype(jnp.int32) + 2 * high.astype(jnp.int32))
     z = state.group_center
-    clock = periodic.next_clock(low.astype(jnp.int32), sh, False)
+    clock = periodic.next_clock((low | warmup_end).astype(jnp.int32), sh, warmup_end)
     n_root = sh.num_root_exchanges + high.astype(jnp.int32)
     root_clock = dict(num_root_exchanges=n_root, last_root_exchange=jnp.where(
-        high, sh.count + 1, sh.last_root_exchange).astype(jnp.int32))
+        high | warmup_end, sh.count + 1, sh.last_root_exchange).astype(jnp.int32))
+    with_target = lambda r: dict(center=r, target=r if warmup_steps > 0 else None)  # noqa: E731
 
     def make(do_low, do_high):
       def fn(u):
@@ -201,13 +220,26 @@ def tree_easgd(inner: optax.GradientTransformation, *, group_axis: AxisName,
         if do_low:  # a non-finite worker moves to the new root
           upd = elastic.reset_nonfinite(upd, finite, r_new, params)
         return upd, z_new, dataclasses.replace(
-            sh, **clock, **root_clock, center=r_new,
+            sh, **clock, **root_clock, **with_target(r_new),
             distance=jnp.asarray(dist, jnp.float32),
             root_distance=jnp.asarray(rdist, jnp.float32)), finite
       return fn
 
+    def end_warmup(u):
+      """Every worker, group center and the root take worker 0's parameters."""
+      x0 = periodic.warmup_target(base.tree_add(params, u), all_axes)
+      return (periodic.updates_to(x0, params), base.tree_cast_like(x0, z),
+              dataclasses.replace(sh, **clock, **root_clock,
+                                  **with_target(base.tree_cast_like(x0, sh.center))),
+              jnp.bool_(True))
+
+    branches = [make(False, False), make(True, False), make(False, True), make(True, True)]
     upd, z_new, new_shared, finite = lax.switch(
-        branch, [make(False, False), make(True, False), make(False, True), make(True, True)], u)
+        branch, branches + ([end_warmup] if warmup_steps > 0 else []), u)
+    if opt_state_sync != "local":  # at group-level exchanges, over the group
+      inner_state = lax.cond(low, lambda s: periodic.sync_opt_state(
+          opt_state_sync, inner, s, base.tree_add(params, upd), group_axis),
+          lambda s: s, inner_state)
     reset = ~finite  # only a group-level exchange finds a worker non-finite
     inner_state = periodic.reset_inner_where(
         reset, inner, inner_state, base.tree_cast_like(new_shared.center, params), low)
