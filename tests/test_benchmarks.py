@@ -228,3 +228,13 @@ def test_staleness_sweep_tiny(tmp_path, monkeypatch):
   # 1-softsync has staleness 0: the modulated rate is the fixed one, the same run
   one = [r["acc"] for r in data["rows"] if r["n"] == 1]
   assert one[0] == one[1]
+
+
+def test_async_transport_benchmark_tiny(tmp_path):
+  """Every transport moves the same bytes both ways between two processes (the sides
+  check what arrives) and the results are written."""
+  import async_transport
+  assert async_transport.main(["--sizes", "1000", "--reps", "1", "--out", str(tmp_path)]) == 0
+  rows = json.load(open(tmp_path / "async_transport_cpu.json"))["rows"]
+  assert {r["transport"] for r in rows} == {"socket", "transfer", "store"}
+  assert all(r["round_trip_s"] > 0 for r in rows)

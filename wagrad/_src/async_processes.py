@@ -16,9 +16,10 @@ and the master, for each exchange in the order it serves them::
 
 with ``x_i`` the worker's parameters before the step: the same rule as the simulated
 :func:`wagrad.async_easgd` (``order="sequential"``), which a test checks step for step
-under a forced serving order. Messages go through JAX's coordination-service store
-(:mod:`wagrad._src.kvstore`): a worker writes its parameters under a key of its own and
-waits (with a timeout) for ``e`` under another; the master serves whatever has arrived.
+under a forced serving order. A worker offers its parameters on JAX's transfer server
+and names them under a key of its own in the coordination-service store
+(:mod:`wagrad._src.bulk`, :mod:`wagrad._src.kvstore`), then waits (with a timeout) for
+``e`` the same way; the master serves whatever has arrived.
 
 DOWNPOUR: worker i accumulates its local steps, ``Delta_i += u_i``, and after every
 tau-th of its steps pushes ``Delta_i``; the master applies ``m <- mu m + Delta_i``,

@@ -22,10 +22,10 @@ import jax
 import numpy as np
 import optax
 
-from wagrad._src import kvstore
+from wagrad._src import bulk
 from wagrad._src import leaders
 from wagrad._src import wpsgd as _wpsgd
-from wagrad._src.async_serving import (ask, checkpoint, join_backend, store_key,
+from wagrad._src.async_serving import (ask, checkpoint, join_backend, joined_key, store_key,
                                        outlive_workers, serve, serve_until, Worker)
 from wagrad._src.base import PyTree
 
@@ -235,12 +235,12 @@ def serve_wpsgd(params0: PyTree, num_workers: int, *, weighting: str = "samples"
           np.int64(0))
   got: dict[int, tuple] = {}
 
-  def handle(i, data):
+  def handle(i, data, tag):
     if data is None:  # a restarted worker starts again from params0
       joined = (x0, np.int64(0), np.int64(0))
-      kvstore.put(store_key(WPSGD_PREFIX, "joined", i), kvstore.pack(joined))
+      bulk.send(joined_key(WPSGD_PREFIX, i, tag), joined)
     else:
-      got[i] = kvstore.unpack(data, like)
+      got[i] = bulk.decode(data, like, timeout_s)
   gone = serve_until(WPSGD_PREFIX, num_workers, handle, lambda: set(got), timeout_s,
                       poll_s, check_s)
   ids = sorted(got)
@@ -248,7 +248,7 @@ def serve_wpsgd(params0: PyTree, num_workers: int, *, weighting: str = "samples"
                        weighting=weighting, learning_rate=learning_rate,
                        strong_convexity=strong_convexity)
   for i in ids:
-    kvstore.put(store_key(WPSGD_PREFIX, "resp", i, 0), kvstore.pack(model))
+    bulk.send(store_key(WPSGD_PREFIX, "resp", i, 0), model)
   steps = np.array([int(got[i][1]) if i in got else -1 for i in range(num_workers)])
   outlive_workers(num_workers, timeout_s)
   return model, steps, sorted(gone)

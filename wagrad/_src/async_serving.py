@@ -5,9 +5,12 @@ checkpoints of the master's state). The algorithms' rules and workers:
 :mod:`wagrad._src.async_processes`.
 
 A worker writes its request under ``<prefix>/req/<worker>/<k>`` and waits for the
-answer under ``<prefix>/resp/<worker>/<k>``; it writes a heartbeat under
-``<prefix>/alive/<worker>`` every :data:`HEARTBEAT_S` seconds and ``<prefix>/done/<worker>``
-when it closes.
+answer under ``<prefix>/resp/<worker>/<k>``: the master answers under the count the
+request names. A (re)starting worker joins under ``<prefix>/req/<worker>/join-<token>``
+and reads the answer under ``<prefix>/joined/<worker>/<token>``, a token of its own
+incarnation, so that an answer a killed incarnation never read is never taken by the
+next. It writes a heartbeat under ``<prefix>/alive/<worker>`` every :data:`HEARTBEAT_S`
+seconds and ``<prefix>/done/<worker>`` when it closes.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import time
 import jax
 import numpy as np
 
+from wagrad._src import bulk
 from wagrad._src import kvstore
 from wagrad._src.checkpoint import restore_checkpoint, save_checkpoint
 
@@ -35,6 +39,11 @@ def store_key(prefix, kind, worker, k=None):
   return f"{prefix}/{kind}/{worker:05d}" + ("" if k is None else f"/{k:09d}")
 
 
+def joined_key(prefix, worker, token):
+  """Where the master answers the join of one worker incarnation (its ``token``)."""
+  return f"{prefix}/joined/{worker:05d}/{token}"
+
+
 def _check_worker(worker, sync_period):
   if not isinstance(sync_period, int) or sync_period < 1:
     raise ValueError(f"`sync_period` must be an integer >= 1, got {sync_period!r}.")
@@ -44,9 +53,9 @@ def _check_worker(worker, sync_period):
 
 def ask(prefix, worker, k, payload, like, timeout_s):
   """Send exchange k's request and wait for the master's answer (a NumPy tree)."""
-  kvstore.put(store_key(prefix, "req", worker, k), kvstore.pack(payload))
+  bulk.send(store_key(prefix, "req", worker, k), payload)
   answer = store_key(prefix, "resp", worker, k)
-  out = kvstore.unpack(kvstore.get(answer, timeout_s), like)
+  out = bulk.receive(answer, like, timeout_s)
   kvstore.delete(answer)
   return out
 
@@ -97,11 +106,12 @@ class Worker:
     it continues where the master is and its exchanges carry on the count the master
     kept for this worker. Returns the master's parameters, cast like ``params``. Needs
     a master serving as messages arrive (no forced ``order``)."""
-    kvstore.put(f"{self._prefix}/req/{self.worker:05d}/join", b"")
+    token = f"{os.getpid()}-{time.time_ns()}"  # this incarnation's own
+    kvstore.put(f"{self._prefix}/req/{self.worker:05d}/join-{token}", b"")
     like = (jax.tree_util.tree_map(lambda v: np.zeros(np.shape(v), v.dtype),
                                    jax.device_get(params)), np.int64(0), np.int64(0))
-    answer = store_key(self._prefix, "joined", self.worker)
-    theirs, served, version = kvstore.unpack(kvstore.get(answer, self.timeout_s), like)
+    answer = joined_key(self._prefix, self.worker, token)
+    theirs, served, version = bulk.receive(answer, like, self.timeout_s)
     kvstore.delete(answer)
     self.exchanges = int(served)
     self._joined(int(version))
@@ -129,16 +139,20 @@ def serve(prefix, state, like, rule, num_workers, order, timeout_s, poll_s, chec
   def save():
     save_checkpoint(path, {"state": to_saved(state), "served": served}, alone=True)
 
-  def serve(i, data):
+  def serve(i, data, tag):
     nonlocal state
     if data is None:  # a (re)starting worker joins: answer the parameters, its count
       joined = (_params(state), np.int64(served[i]), np.int64(version(state)))
-      kvstore.put(store_key(prefix, "joined", i), kvstore.pack(joined))
+      for stale, _ in kvstore.listing(joined_key(prefix, i, "")):  # never read: its
+        kvstore.delete(stale)                                    # incarnation is dead
+      bulk.send(joined_key(prefix, i, tag), joined)
       done.discard(i)
       return
-    state, answer = rule(state, kvstore.unpack(data, like))
-    kvstore.put(store_key(prefix, "resp", i, served[i]), kvstore.pack(answer))
-    served[i] += 1
+    state, answer = rule(state, bulk.decode(data, like, timeout_s))
+    # under the count the request names: the worker waits there, whatever this master
+    # counted (a worker restarted from a stale count still gets its answer)
+    bulk.send(store_key(prefix, "resp", i, tag), answer)
+    served[i] = tag + 1
     if path is not None and served.sum() % checkpoint[1] == 0:
       save()
     if callback is not None:
@@ -150,7 +164,7 @@ def serve(prefix, state, like, rule, num_workers, order, timeout_s, poll_s, chec
       key = store_key(prefix, "req", int(i), served[int(i)])
       data = kvstore.get(key, timeout_s)
       kvstore.delete(key)
-      serve(int(i), data)
+      serve(int(i), data, int(served[int(i)]))
 
   def finished():
     done.update(i for i in range(num_workers) if i not in done
@@ -175,8 +189,9 @@ def checkpoint(directory, every):
 def serve_until(prefix, num_workers, handle, finished, timeout_s, poll_s, check_s):
   """Hand each request under ``prefix`` to ``handle(worker, data)`` as it arrives, until
   every worker is in ``finished()`` or found dead (asked after ``check_s`` idle
-  seconds); ``TimeoutError`` after ``timeout_s`` with nothing arriving. A join (key
-  ``.../join``, data None to ``handle``) brings a dead worker back. Returns the dead
+  seconds); ``TimeoutError`` after ``timeout_s`` with nothing arriving. ``handle(worker,
+  data, tag)`` gets the request's count as ``tag``; a join (key ``.../join-<token>``)
+  gets data None and its token, and brings a dead worker back. Returns the dead
   workers."""
   gone: set[int] = set()
   beats: dict[int, tuple] = {}  # worker -> (last heartbeat seen, when it last moved)
@@ -185,12 +200,13 @@ def serve_until(prefix, num_workers, handle, finished, timeout_s, poll_s, check_
     pending = kvstore.listing(f"{prefix}/req/")
     for key, data in pending:
       kvstore.delete(key)
-      i = int(key.split("/")[-2])
-      if key.endswith("/join"):  # a restarted worker is back
+      i, last = int(key.split("/")[-2]), key.split("/")[-1]
+      if last.startswith("join-"):  # a restarted worker is back
         gone.discard(i)
         beats.pop(i, None)
-        data = None
-      handle(i, data)
+        handle(i, None, last[len("join-"):])
+      else:
+        handle(i, data, int(last))
     now = time.monotonic()
     if pending:
       idle_since = now

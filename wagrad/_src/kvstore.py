@@ -3,9 +3,11 @@ JAX API (``jax._src.distributed.global_state.client``).
 
 After ``wagrad.initialize_distributed`` every process holds a client of the store that
 process 0's coordination service keeps. The asynchronous multi-process algorithms
-(:mod:`wagrad.async_`) exchange through it: a worker writes its message under a key of
-its own and reads the answer under another; nothing waits for the other workers.
-Arrays travel as raw bytes of their leaves in tree order (both sides know the tree).
+(:mod:`wagrad.async_`) keep their protocol in it: a worker writes its message under a
+key of its own and reads the answer under another; nothing waits for the other workers.
+A message's arrays travel on JAX's transfer server (:mod:`wagrad._src.bulk`), the key
+holding only where to pull them; without a transfer server they travel here as raw
+bytes of their leaves in tree order (both sides know the tree).
 
 Checked with jax 0.8 to 0.10: ``key_value_set_bytes`` (``allow_overwrite``),
 ``key_value_try_get_bytes``, ``blocking_key_value_get_bytes`` (timeout in ms),

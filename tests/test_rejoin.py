@@ -1,0 +1,98 @@
+"""Restarts in the asynchronous mode, on an in-memory store standing for JAX's
+coordination service (one process, threads): a worker killed between posting its join
+and reading the answer must not leave an answer that its next incarnation takes, and
+the master answers each exchange under the count the request names."""
+import threading
+import time
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from wagrad._src import async_processes, kvstore
+
+
+class Store:
+  """The calls of wagrad._src.kvstore, on a dict."""
+
+  def __init__(self):
+    self.data, self.cond = {}, threading.Condition()
+
+  def put(self, key, value):
+    with self.cond:
+      self.data[key] = value
+      self.cond.notify_all()
+
+  def get(self, key, timeout_s):
+    with self.cond:
+      if not self.cond.wait_for(lambda: key in self.data, timeout_s):
+        raise TimeoutError(f"no value under {key!r} within {timeout_s} s")
+      return self.data[key]
+
+  def try_get(self, key):
+    with self.cond:
+      return self.data.get(key)
+
+  def listing(self, prefix):
+    with self.cond:
+      return sorted((k, v) for k, v in self.data.items() if k.startswith(prefix))
+
+  def delete(self, key):
+    with self.cond:
+      self.data.pop(key, None)
+
+
+class Killed(Exception):
+  pass
+
+
+@pytest.fixture
+def store(monkeypatch):
+  s = Store()
+  for name in ("put", "get", "try_get", "listing", "delete"):
+    monkeypatch.setattr(kvstore, name, getattr(s, name))
+  monkeypatch.setattr(kvstore, "client", lambda: s)
+  return s
+
+
+def test_a_worker_killed_during_its_rejoin_can_exchange_again(store, monkeypatch):
+  params = {"w": jnp.zeros(2)}
+  out = {}
+  master = threading.Thread(target=lambda: out.update(result=async_processes.serve_easgd(
+      params, 1, alpha=0.5, timeout_s=20, check_s=30)), daemon=True)
+  master.start()
+  step = {"w": jnp.ones(2)}
+
+  # incarnation 1 posts its join and is killed before it reads the answer
+  real_get = store.get
+
+  def killed_on_join(key, timeout_s):
+    if "/joined/" in key:
+      time.sleep(0.2)  # the master answers meanwhile; nobody reads it
+      raise Killed
+    return real_get(key, timeout_s)
+  monkeypatch.setattr(kvstore, "get", killed_on_join)
+  w1 = async_processes.EASGDWorker(0, 1, timeout_s=3)
+  with pytest.raises(Killed):
+    w1.rejoin(params)
+  w1._beating.set()  # its heartbeat dies with it
+  monkeypatch.setattr(kvstore, "get", real_get)
+
+  # incarnation 2 rejoins and exchanges twice
+  w2 = async_processes.EASGDWorker(0, 1, timeout_s=3)
+  p = w2.rejoin(params)
+  for _ in range(2):
+    p = w2.apply_updates(p, step)
+  w2._beating.set()  # killed (no close)
+
+  # incarnation 3 rejoins: it carries on the master's count and can exchange
+  w3 = async_processes.EASGDWorker(0, 1, timeout_s=3)
+  p = w3.rejoin(p)
+  assert w3.exchanges == 2
+  p = w3.apply_updates(p, step)
+  w3.close()
+  master.join(20)
+  center, served, gone = out["result"]
+  assert list(served) == [3] and gone == []
+  assert not [k for k in store.data if "/joined/" in k]  # no answer left to be taken
+  assert np.all(np.asarray(center["w"]) != 0)  # the exchanges moved the center
