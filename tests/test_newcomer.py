@@ -274,3 +274,23 @@ def test_the_per_step_flag_has_one_name(name, old, kw):
 
   with pytest.raises(TypeError, match=f"`any_exchange=` now \\(was `{old}=`\\)"):
     runner.map(step)(runner.replicate(p0), runner.init(tx, p0), wagrad.Shared(True))
+
+
+@pytest.mark.parametrize("call, where", [
+    (lambda: wagrad.schedules.speed_schedule("4", 10), "wagrad.schedules.speed_schedule"),
+    (lambda: wagrad.schedules.straggler_speeds(4, optax.sgd(0.1)),
+     "wagrad.schedules.straggler_speeds"),
+    (lambda: wagrad.schedules.softsync_schedule(4, "2", 10),
+     "wagrad.schedules.softsync_schedule"),
+    (lambda: wagrad.schedules.uneven_round_steps(np.ones((4, 4), bool), "2"),
+     "wagrad.schedules.uneven_round_steps"),
+])
+def test_schedules_check_their_argument_types(call, where):
+  with pytest.raises(TypeError, match=rf"{re.escape(where)}: `\w+` must be a number"):
+    call()
+
+
+def test_async_servers_check_their_argument_types():
+  from wagrad import async_
+  with pytest.raises(TypeError, match=r"wagrad\.async_\.serve_easgd: `alpha` must be a number"):
+    async_.serve_easgd({"w": np.zeros(2)}, 2, alpha="0.5")

@@ -55,11 +55,15 @@ def _argument_kind(annotation: str) -> tuple[str, bool, bool] | None:
   return None
 
 
-def checked_arguments(fn):
+def checked_arguments(fn=None, *, where: str = "wagrad"):
   """Decorator for a public constructor: every numeric argument is a number (or a
   schedule where its annotation says so) and every optimizer argument an optax
   transform, checked by type at construction; a ``TypeError`` names the argument and
-  the call. Ranges are the constructor's own checks."""
+  the call (``where``: the namespace the user calls it from, e.g.
+  ``"wagrad.schedules"``). Ranges are the constructor's own checks."""
+  if fn is None:
+    return functools.partial(checked_arguments, where=where)
+  qualname = f"{where}.{fn.__name__}"
   sig = inspect.signature(fn)
   kinds = {n: k for n, p in sig.parameters.items()
            if (k := _argument_kind(p.annotation)) is not None}
@@ -69,7 +73,7 @@ def checked_arguments(fn):
     d = sig.parameters[name].default
     shown = "..." if d is inspect.Parameter.empty or d is None else repr(d)
     first = "optax.sgd(0.1)" + ("" if name == "inner" else ", ")
-    return (f"wagrad.{fn.__name__}({first if inner_first else ''}"
+    return (f"{qualname}({first if inner_first else ''}"
             f"{'' if name == 'inner' else f'{name}={shown}'})")
 
   @functools.wraps(fn)
@@ -77,7 +81,7 @@ def checked_arguments(fn):
     try:
       bound = sig.bind(*args, **kwargs)
     except TypeError as e:
-      raise TypeError(_call_error(fn.__name__, sig, e, args, inner_first)) from None
+      raise TypeError(_call_error(qualname, sig, e, args, inner_first)) from None
     for name, value in bound.arguments.items():
       kind = kinds.get(name)
       if kind is None or value is None:  # None: the constructor says what to give
@@ -88,7 +92,7 @@ def checked_arguments(fn):
         what = what[5:]
         items = list(value) if isinstance(value, (tuple, list)) else [value]
       for item in (i for i in items if i is not None):
-        check_argument_type(fn.__name__, name, item, what, schedule, inner_first,
+        check_argument_type(qualname, name, item, what, schedule, inner_first,
                             sig.parameters[name].annotation, example)
     return fn(*args, **kwargs)
 
@@ -104,7 +108,7 @@ def _call_error(fn_name, sig, error, args, inner_first) -> str:
   call = ", ".join([first] + [f"{n}=..." for n in positional[1:]]) if first else ""
   hint = (" Every wagrad transform takes its inner optimizer first and its period "
           "second." if inner_first and args and not _is_transform(args[0]) else "")
-  return (f"wagrad.{fn_name}: {error}.{hint} The call reads wagrad.{fn_name}({call}); "
+  return (f"{fn_name}: {error}.{hint} The call reads {fn_name}({call}); "
           f"its keyword arguments: {', '.join(keywords)}.")
 
 
@@ -114,7 +118,7 @@ def check_argument_type(fn_name, name, value, what, schedule, inner_first, annot
   if what == "transform":
     if not _is_transform(value):
       raise TypeError(
-          f"wagrad.{fn_name}: `{name}` must be an optax GradientTransformation, "
+          f"{fn_name}: `{name}` must be an optax GradientTransformation, "
           f"got {_describe(value)}. Every wagrad transform takes its inner optimizer "
           f"first and its period second: {example(name)}.")
   elif not (_is_number(value) or (schedule and callable(value))
@@ -123,4 +127,4 @@ def check_argument_type(fn_name, name, value, what, schedule, inner_first, annot
     hint = (f" The inner optimizer goes first: {example(name)}." if _is_transform(value)
             and inner_first else f" For example {example(name)}.")
     raise TypeError(
-        f"wagrad.{fn_name}: `{name}` must be {expect}, got {_describe(value)}.{hint}")
+        f"{fn_name}: `{name}` must be {expect}, got {_describe(value)}.{hint}")

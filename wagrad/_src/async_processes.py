@@ -50,6 +50,7 @@ import jax
 import numpy as np
 import optax
 
+from wagrad._src import arguments
 from wagrad._src import kvstore
 from wagrad._src.async_serving import (ask, checkpoint, f32_zeros, join_backend, serve, Worker)
 from wagrad._src.base import PyTree
@@ -112,6 +113,7 @@ class EASGDWorker(Worker):
     return kvstore.get(f"{PREFIX}/center", self.timeout_s)
 
 
+@arguments.checked_arguments(where="wagrad.async_")
 def serve_easgd(params0: PyTree, num_workers: int, *, alpha: float,
                 order: Sequence[int] | None = None, timeout_s: float = 120.0,
                 poll_s: float = 0.001, check_s: float = 2.0,
@@ -237,6 +239,7 @@ class DownpourWorker(Worker):
 
 
 
+@arguments.checked_arguments(where="wagrad.async_")
 def serve_downpour(params0: PyTree, num_workers: int, *, momentum: float = 0.0,
                    order: Sequence[int] | None = None, timeout_s: float = 120.0,
                    poll_s: float = 0.001, check_s: float = 2.0,
@@ -324,6 +327,7 @@ class SoftsyncLearner(Worker):
 
 
 
+@arguments.checked_arguments(where="wagrad.async_")
 def serve_softsync(params0: PyTree, num_learners: int, n: int, *, alpha0: float,
                    modulation: str = "inverse", order: Sequence[int] | None = None,
                    timeout_s: float = 120.0, poll_s: float = 0.001, check_s: float = 2.0,

@@ -22,6 +22,7 @@ import jax
 import numpy as np
 import optax
 
+from wagrad._src import arguments
 from wagrad._src import bulk
 from wagrad._src import leaders
 from wagrad._src import wpsgd as _wpsgd
@@ -108,6 +109,7 @@ class LSGDWorker(Worker):
     return leaders.pull(x, jax.tree_util.tree_map(jax.numpy.asarray, L), self.pull)
 
 
+@arguments.checked_arguments(where="wagrad.async_")
 def serve_lsgd(params0: PyTree, num_workers: int, *, order: Sequence[int] | None = None,
                timeout_s: float = 120.0, poll_s: float = 0.001, check_s: float = 2.0,
                callback: Callable[[PyTree, np.ndarray], Any] | None = None,
@@ -214,6 +216,7 @@ class WPSGDWorker(Worker):
     return jax.tree_util.tree_map(lambda x, v: jax.numpy.asarray(v, x.dtype), params, out)
 
 
+@arguments.checked_arguments(where="wagrad.async_")
 def serve_wpsgd(params0: PyTree, num_workers: int, *, weighting: str = "samples",
                 learning_rate: float | None = None, strong_convexity: float | None = None,
                 timeout_s: float = 120.0, poll_s: float = 0.01, check_s: float = 2.0

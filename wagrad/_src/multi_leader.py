@@ -33,6 +33,7 @@ from wagrad._src.base import AxisName, Period
 _tmap = jax.tree_util.tree_map
 
 
+@arguments.checked_arguments(where="wagrad.schedules")
 def uneven_round_steps(active: npt.ArrayLike, l_comm: int) -> np.ndarray:
   """The authors' "uneven local steps" rounds as a per-step table (NumPy).
 

@@ -17,7 +17,10 @@ from typing import Sequence
 import numpy as np
 import numpy.typing as npt
 
+from wagrad._src import arguments
 
+
+@arguments.checked_arguments(where="wagrad.schedules")
 def speed_schedule(num_workers: int, num_steps: int, speeds: npt.ArrayLike | None = None, *,
                    seed: int = 0, jitter: float = 0.0) -> np.ndarray:
   """Activity masks ``[num_steps, num_workers]`` for workers of relative speeds.
@@ -58,6 +61,7 @@ def speed_schedule(num_workers: int, num_steps: int, speeds: npt.ArrayLike | Non
   return active
 
 
+@arguments.checked_arguments(where="wagrad.schedules")
 def drop_workers(active: np.ndarray, worker: int | Sequence[int] | np.ndarray, start: int,
                  stop: int) -> np.ndarray:
   """Copy of ``active`` with ``worker`` (int or list) inactive for steps [start, stop)."""
@@ -66,6 +70,7 @@ def drop_workers(active: np.ndarray, worker: int | Sequence[int] | np.ndarray, s
   return out
 
 
+@arguments.checked_arguments(where="wagrad.schedules")
 def straggler_speeds(num_workers: int, slow_fraction: float = 0.25, slowdown: float = 4.0
                      ) -> np.ndarray:
   """Speeds with the last ``round(K * slow_fraction)`` workers ``slowdown`` x slower."""

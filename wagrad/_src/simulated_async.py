@@ -54,6 +54,7 @@ _f32 = base.f32
 _tmap = jax.tree_util.tree_map
 ORDERS = ("sequential", "simultaneous")
 
+@arguments.checked_arguments(where="wagrad.schedules")
 def async_easgd_schedule(active: npt.ArrayLike, sync_period: Period
                          ) -> tuple[np.ndarray, np.ndarray]:
   """Which workers exchange at which global step in :func:`async_easgd` (NumPy).
@@ -451,6 +452,7 @@ def async_lsgd(inner: optax.GradientTransformation, sync_period: Period = 4, *,
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
+@arguments.checked_arguments(where="wagrad.schedules")
 def async_report_steps(active: npt.ArrayLike, sync_period: Period
                        ) -> tuple[np.ndarray, np.ndarray]:
   """Which workers report at each step of :func:`async_lsgd` (NumPy, from the schedule).

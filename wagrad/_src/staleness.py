@@ -106,6 +106,7 @@ class SoftsyncSchedule(NamedTuple):
     return (self.push[t], self.staleness[t], base.Shared(np.bool_(self.apply[t])))
 
 
+@arguments.checked_arguments(where="wagrad.schedules")
 def softsync_schedule(num_learners: int, n: int, num_steps: int, *,
                       arrival: str = "round_robin", seed: int = 0,
                       jitter: float = 0.5) -> SoftsyncSchedule:

@@ -440,6 +440,7 @@ def wasgd_plus(inner: optax.GradientTransformation, sync_period: Period = 4, *,
       opt_state_sync=opt_state_sync, num_workers=num_workers, loss_source=loss_source)
 
 
+@arguments.checked_arguments(where="wagrad.schedules")
 def wasgd_plus_sample_order(num_examples: int, num_workers: int, batch_size: int,
                             steps: int, sync_period: int, seed: int = 0, *,
                             warmup_steps: int = 0, disjoint: bool = True) -> np.ndarray:
