@@ -35,9 +35,7 @@ _state: dict = {}  # this process's transfer server, its connections, the id cou
 def _host() -> str:
   """The address other processes reach this one at: the interface toward JAX's
   coordinator (loopback when the coordinator is local)."""
-  from jax._src import distributed
-  coordinator = getattr(distributed.global_state, "coordinator_address", None) or ""
-  host = coordinator.rsplit(":", 1)[0].strip("[]") or "127.0.0.1"
+  host = kvstore.coordinator_host() or "127.0.0.1"
   try:
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
       s.connect((host, 9))  # no packet is sent: this only picks the route

@@ -45,6 +45,13 @@ def client():
   return c
 
 
+def coordinator_host() -> str | None:
+  """The host of JAX's coordinator this process joined (None before it joined)."""
+  from jax._src import distributed
+  address = getattr(distributed.global_state, "coordinator_address", None)
+  return address.rsplit(":", 1)[0].strip("[]") if address else None
+
+
 def pack(tree) -> bytes:
   """The leaves of ``tree`` as one byte string (each leaf's raw bytes, in tree order)."""
   return b"".join(np.ascontiguousarray(np.asarray(x)).tobytes()
