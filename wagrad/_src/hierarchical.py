@@ -141,10 +141,7 @@ def tree_easgd(inner: optax.GradientTransformation, *, group_axis: AxisName,
     arXiv 1605.02216 (tree EASGD).
   """
   base.check_transform("inner", inner)
-  base.check_nonneg_int("warmup_steps", warmup_steps)
-  if opt_state_sync not in periodic.OPT_STATE_SYNC:
-    raise ValueError(f"unknown `opt_state_sync` {opt_state_sync!r}; choose one of "
-                     f"{periodic.OPT_STATE_SYNC}.")
+  periodic.check_warmup_and_policy(warmup_steps, opt_state_sync)
   low_fn, high_fn = _pair("sync_period", sync_period, periodic.require_period)
   if alpha is not None:
     def check_alpha(n, v):

@@ -32,12 +32,17 @@ OPT_STATE_SYNC = ("local", "average", "reset")
 NO_EXCHANGE, EXCHANGE, WARMUP_END = 0, 1, 2
 
 
-def check_common(inner, sync_period, warmup_steps, opt_state_sync, axis_name):
-  """Validate the arguments every periodic algorithm takes; return the period function."""
-  base.check_transform("inner", inner)
+def check_warmup_and_policy(warmup_steps, opt_state_sync):
+  """Validate ``warmup_steps`` and ``opt_state_sync`` (every rule that takes them)."""
   base.check_nonneg_int("warmup_steps", warmup_steps)
   if opt_state_sync not in OPT_STATE_SYNC:
     raise ValueError(f"unknown `opt_state_sync` {opt_state_sync!r}; choose one of {OPT_STATE_SYNC}.")
+
+
+def check_common(inner, sync_period, warmup_steps, opt_state_sync, axis_name):
+  """Validate the arguments every periodic algorithm takes; return the period function."""
+  base.check_transform("inner", inner)
+  check_warmup_and_policy(warmup_steps, opt_state_sync)
   if not isinstance(axis_name, (str, tuple)):
     raise TypeError(f"`axis_name` must be a string or a tuple of strings, got {axis_name!r}.")
   return base.make_period_fn("sync_period", sync_period)

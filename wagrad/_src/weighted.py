@@ -87,6 +87,13 @@ def sized_vectors(sh, **vectors):
   return {k: v for k, v in vectors.items() if getattr(sh, k).shape != v.shape}
 
 
+def uniform_weights(num_workers, axis_name):
+  """``(K, uniform length-K weights)`` for ``init``; K = 0 (a placeholder filled on the
+  first step, see :func:`worker_vector`) when it cannot be known yet."""
+  n = base.infer_num_workers(num_workers, axis_name) or 0
+  return n, jnp.full((n,), 1.0 / max(n, 1), jnp.float32)
+
+
 def worker_vector(v, K, fill, dtype):
   """A length-K shared vector: ``v`` itself, or a constant when ``v`` is a placeholder.
 
@@ -225,8 +232,7 @@ def _weighted_transform(name, inner, period_fn, *, temperature, moving_rate, wei
   temperature = float(temperature)
 
   def init_fn(params):
-    n = base.infer_num_workers(num_workers, axis_name) or 0
-    uniform = jnp.full((n,), 1.0 / max(n, 1), jnp.float32)
+    n, uniform = uniform_weights(num_workers, axis_name)
     return WASGDState(
         inner=inner.init(params),
         loss_sum=jnp.zeros([], jnp.float32),

@@ -28,7 +28,8 @@ from wagrad._src import evaluate
 from wagrad._src import collectives as C
 from wagrad._src import periodic
 from wagrad._src.base import AxisName, Period, PyTree
-from wagrad._src.weighted import axis_workers, sized_vectors, worker_vector
+from wagrad._src.weighted import (axis_workers, sized_vectors, uniform_weights,
+                                  worker_vector)
 
 _tmap = jax.tree_util.tree_map
 
@@ -154,8 +155,7 @@ def wpsgd(inner: optax.GradientTransformation, sync_period: Period | None = None
   inner = periodic.inner_with_extra_args(inner)
 
   def init_fn(params):
-    n = base.infer_num_workers(num_workers, axis_name) or 0
-    uniform = jnp.full((n,), 1.0 / max(n, 1), jnp.float32)
+    n, uniform = uniform_weights(num_workers, axis_name)
     return WPSGDState(
         inner=inner.init(params),
         local_steps=jnp.zeros([], jnp.int32),
