@@ -23,7 +23,6 @@ through the state's ``reset`` flag and :func:`wagrad.apply_updates`.
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any, NamedTuple
 
 import jax
@@ -70,9 +69,6 @@ class TreeEASGDState(NamedTuple):
   shared: TreeEASGDShared
   reset: Any                # per worker: non-finite at this group-level exchange, so it
                             # takes the root (exactly, through wagrad.apply_updates)
-
-
-WARMUP_END = 4  # the branch after the four (group level, root level) combinations
 
 
 def _pair(name, value, check):
@@ -174,72 +170,74 @@ def tree_easgd(inner: optax.GradientTransformation, *, group_axis: AxisName,
       a_high = elastic.moving_rate(None, beta, global_axis, "alpha[high]")
     else:
       a_low, a_high = float(alpha[0]), float(alpha[1])
-    sh = state.shared
+    sh, z = state.shared, state.group_center
     u, inner_state = periodic.local_update(inner, grads, state.inner, params, sh.count,
                                            warmup_steps, all_axes, **extra)
     low = base.is_exchange_step(sh.count, sh.last_exchange, warmup_steps, low_fn)
     high = base.is_exchange_step(sh.count, sh.last_root_exchange, warmup_steps, high_fn)
     warmup_end = (sh.count == warmup_steps - 1) if warmup_steps > 0 else jnp.bool_(False)
-    branch = jnp.where(warmup_end, WARMUP_END,
-                       low.astype(jnp.int32) + 2 * high.astype(jnp.int32))
-    z = state.group_center
-    clock = periodic.next_clock((low | warmup_end).astype(jnp.int32), sh, warmup_end)
-    n_root = sh.num_root_exchanges + high.astype(jnp.int32)
-    root_clock = dict(num_root_exchanges=n_root, last_root_exchange=jnp.where(
-        high | warmup_end, sh.count + 1, sh.last_root_exchange).astype(jnp.int32))
+    idx = jnp.where(warmup_end, periodic.WARMUP_END, jnp.where(
+        low | high, periodic.EXCHANGE, periodic.NO_EXCHANGE)).astype(jnp.int32)
+    diff = elastic.elastic_diff(params, u, z)  # x_i - z_g, before the exchange
+    # the group level owns the driver's clock; the root level keeps its own
+    low_clock = periodic.next_clock((low | warmup_end).astype(jnp.int32), sh, warmup_end)
+    root_clock = dict(num_root_exchanges=sh.num_root_exchanges + high.astype(jnp.int32),
+                      last_root_exchange=jnp.where(high | warmup_end, sh.count + 1,
+                                                   sh.last_root_exchange).astype(jnp.int32))
     with_target = lambda r: dict(center=r, target=r if warmup_steps > 0 else None)  # noqa: E731
 
-    def make(do_low, do_high):
-      def fn(u):
-        finite = jnp.bool_(True)
-        if not (do_low or do_high):
-          return u, z, dataclasses.replace(sh, **clock, **root_clock), finite
-        r = sh.center
-        upd, z_new, r_new = u, _tmap(_f32, z), r
+    def levels(do_low, do_high):
+      """One combination of the two levels, from the pre-step values."""
+      def fn(diff):
+        finite, z_new, r_new = jnp.bool_(True), _tmap(_f32, z), sh.center
         dist, rdist = sh.distance, sh.root_distance
-        if do_low:
-          upd, finite, step, dist = elastic.elastic_exchange(params, u, z, a_low, group_axis,
-                                                          dist_axis=all_axes)
+        if do_low:  # z_g <- z_g + alpha_low sum_{i in g} (x_i - z_g)
+          finite, step, dist = elastic.center_exchange(diff, a_low, group_axis,
+                                                       dist_axis=all_axes)
           z_new = _tmap(lambda zz, s: zz + s, z_new, step)
-        if do_high:
-          # one representative per group (local index 0) so the sum is over groups
-          rep = lax.axis_index(group_axis) == 0
-          zfin = C.tree_is_finite(z)
-          use = rep & zfin
-          dz = _tmap(lambda zz, rr: _f32(zz) - _f32(rr), z, r)
+        if do_high:  # z_g -= alpha_high (z_g - r); r += alpha_high sum_g (z_g - r)
+          use = (lax.axis_index(group_axis) == 0) & C.tree_is_finite(z)  # one per group
+          dz = _tmap(lambda zz, rr: _f32(zz) - _f32(rr), z, sh.center)
           tot = C.send(_tmap(lambda d: jnp.where(use, d, jnp.zeros_like(d)), dz),
-                        lambda v: lax.psum(v, all_axes))
+                       lambda v: lax.psum(v, all_axes))
           n_g = lax.psum(use.astype(jnp.float32), all_axes)
-          rdist = lax.psum(jnp.where(use, elastic.sqnorm(dz), 0.0), all_axes) / jnp.maximum(n_g, 1.0)
+          rdist = lax.psum(jnp.where(use, elastic.sqnorm(dz), 0.0),
+                           all_axes) / jnp.maximum(n_g, 1.0)
           z_new = _tmap(lambda zn, d: zn - a_high * d, z_new, dz)
-          r_new = _tmap(lambda rr, t: (_f32(rr) + a_high * t).astype(rr.dtype), r, tot)
-        z_new = _tmap(lambda zn, zz: zn.astype(zz.dtype), z_new, z)
-        if do_low:  # a non-finite worker moves to the new root
-          upd = elastic.reset_nonfinite(upd, finite, r_new, params)
-        return upd, z_new, dataclasses.replace(
-            sh, **clock, **root_clock, **with_target(r_new),
-            distance=jnp.asarray(dist, jnp.float32),
-            root_distance=jnp.asarray(rdist, jnp.float32)), finite
+          r_new = _tmap(lambda rr, t: (_f32(rr) + a_high * t).astype(rr.dtype), sh.center, tot)
+        changes = dict(**low_clock, **root_clock, **with_target(r_new),
+                       distance=jnp.asarray(dist, jnp.float32),
+                       root_distance=jnp.asarray(rdist, jnp.float32))
+        return changes, (finite, base.tree_cast_like(z_new, z))
       return fn
 
-    def end_warmup(u):
-      """Every worker, group center and the root take worker 0's parameters."""
-      x0 = periodic.warmup_target(base.tree_add(params, u), all_axes)
-      return (periodic.updates_to(x0, params), base.tree_cast_like(x0, z),
-              dataclasses.replace(sh, **clock, **root_clock,
-                                  **with_target(base.tree_cast_like(x0, sh.center))),
-              jnp.bool_(True))
+    def exchange(diff):
+      return lax.switch(low.astype(jnp.int32) + 2 * high.astype(jnp.int32) - 1,
+                        [levels(True, False), levels(False, True), levels(True, True)], diff)
 
-    branches = [make(False, False), make(True, False), make(False, True), make(True, True)]
-    upd, z_new, new_shared, finite = lax.switch(
-        branch, branches + ([end_warmup] if warmup_steps > 0 else []), u)
+    def move(x_half, shared, aux):
+      """x_i <- x_i + u_i - alpha_low (x_i - z_g) at a group-level exchange; a
+      non-finite worker takes the new root."""
+      return _tmap(lambda x, d, r: jnp.where(low, jnp.where(
+          aux[0], (_f32(x) - a_low * d).astype(x.dtype), r.astype(x.dtype)), x),
+          x_half, diff, shared.center)
+
+    x_new, new_shared, _, (finite, z_new) = periodic.exchange_step(
+        idx, sh, base.tree_add(params, u), exchange, move=move, operand=diff,
+        local_aux=lambda diff: (jnp.bool_(True), z), warmup_steps=warmup_steps,
+        axis_name=all_axes, warmup_end=lambda x0: dict(
+            **with_target(base.tree_cast_like(x0, sh.center)),
+            last_root_exchange=(sh.count + 1).astype(jnp.int32)))
+    if warmup_steps > 0:  # every group center takes worker 0's parameters too
+      z_new = base.tree_where(idx == periodic.WARMUP_END,
+                              base.tree_cast_like(new_shared.center, z), z_new)
     if opt_state_sync != "local":  # at group-level exchanges, over the group
       inner_state = lax.cond(low, lambda s: periodic.sync_opt_state(
-          opt_state_sync, inner, s, base.tree_add(params, upd), group_axis),
-          lambda s: s, inner_state)
+          opt_state_sync, inner, s, x_new, group_axis), lambda s: s, inner_state)
     reset = ~finite  # only a group-level exchange finds a worker non-finite
     inner_state = periodic.reset_inner_where(
         reset, inner, inner_state, base.tree_cast_like(new_shared.center, params), low)
-    return upd, TreeEASGDState(inner_state, z_new, new_shared, reset)
+    return periodic.updates_to(x_new, params), TreeEASGDState(inner_state, z_new, new_shared,
+                                                               reset)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)

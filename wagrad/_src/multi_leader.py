@@ -141,25 +141,20 @@ def _round_index(sh, warmup_steps, period_fn, global_fn):
   return idx.astype(jnp.int32)
 
 
-def _group_round(x, run_loss, Ll_old, state, group_axis, group_start, c1):
-  """A group round: ``l_g = argmin_{j in g} r_j`` (finite), ``L_g <- x_l``,
-  ``x_i <- x_i - c1 (x_i - L_g)``. Returns ``(x, L_g, leader index, its loss, whether
-  x_i is finite)``; a group without a finite worker keeps its last leader."""
+def _group_election(x, run_loss, Ll_old, state, group_axis, group_start):
+  """A group round's election: ``l_g = argmin_{j in g} r_j`` (finite), ``L_g <- x_l``.
+  Returns ``(L_g, leader index, its loss, whether x_i is finite, elected)``; a group
+  without a finite worker keeps its last leader."""
   finite = C.tree_is_finite(x)
   ld = C.elect_leader(run_loss, group_axis, eligible=finite)
   Ll = base.tree_where(ld.ok, C.broadcast_from(x, ld.index, group_axis), Ll_old)
-  if c1 > 0:
-    x = base.tree_where(ld.ok, Ll if c1 == 1.0 else leaders.pull(x, Ll, c1), x)
-  return (x, Ll, jnp.where(ld.ok, group_start + ld.index, state.group_leader),
-          jnp.where(ld.ok, ld.loss, state.group_leader_loss), finite)
+  return (Ll, jnp.where(ld.ok, group_start + ld.index, state.group_leader),
+          jnp.where(ld.ok, ld.loss, state.group_leader_loss), finite, ld.ok)
 
 
-def _heal(finite, leader, x, inner, inner_state):
-  """Inside a round: a worker found non-finite takes the global leader copy ``leader``
-  (exactly with wagrad.apply_updates, through the state's ``reset``) and restarts its
-  inner state."""
-  x = base.tree_where(finite, x, base.tree_cast_like(leader, x))
-  return x, periodic.reset_inner_where(~finite, inner, inner_state, x)
+def _pull_where(ok, x, leader, c):
+  """``x_i <- x_i - c (x_i - L)`` where ``ok`` (``c == 1``: ``L`` exactly)."""
+  return base.tree_where(ok, leader if c == 1.0 else leaders.pull(x, leader, c), x)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -175,74 +170,92 @@ class _MultiLeader:
   warmup_steps: int
 
 
-def _multi_leader_rounds(cfg, idx, x, inner_state, state, params, run_loss):
-  """The round of this step (``lax.switch`` on :func:`_round_index`): none, local (group
-  leaders), global (group leaders, then the global leader) or the warm-up's end.
-  Returns ``(x, inner_state, group_leader_params, group_leader, group_leader_loss,
-  shared, finite)``."""
+def _multi_leader_rounds(cfg, rnd, x, inner_state, state, params, run_loss):
+  """The round of this step on the periodic skeleton (:func:`periodic.exchange_step`):
+  none, local (group leaders), global (group leaders, then the global leader) or the
+  warm-up's end, ``rnd`` from :func:`_round_index`. Only the shared state and the
+  group leader's copy leave the branch; the workers' pulls and healing are a select
+  after it. Returns ``(x, inner_state, group_leader_params, group_leader,
+  group_leader_loss, shared, finite)``."""
   sh, inner, full_axis = state.shared, cfg.inner, cfg.full_axis
   Ll_old = base.tree_cast_like(state.group_leader_params, params)
   group_start = lax.axis_index(full_axis) - lax.axis_index(cfg.group_axis)
   mix = sh.mix_weights
-  n_global = sh.num_global_exchanges + (idx == 2).astype(jnp.int32)
-  last_global = jnp.where((idx == 2) | (idx == 3), sh.count + 1,
-                          sh.last_global_exchange).astype(jnp.int32)
+  is_global = rnd == 2
+  idx = jnp.where(rnd == 3, periodic.WARMUP_END, jnp.where(
+      rnd > 0, periodic.EXCHANGE, periodic.NO_EXCHANGE)).astype(jnp.int32)
+  global_clock = dict(
+      num_global_exchanges=sh.num_global_exchanges + is_global.astype(jnp.int32),
+      last_global_exchange=jnp.where(is_global | (rnd == 3), sh.count + 1,
+                                     sh.last_global_exchange).astype(jnp.int32))
 
-  def shared_after(assign, exchanged=False, leader=None, **changes):
-    if leader is not None:
-      changes.update(leader=jnp.asarray(leader, jnp.int32),
-                     mix_weights=None if mix is None else leaders.one_hot(leader, mix.shape[0]))
-    return dataclasses.replace(sh, **periodic.next_clock(idx, sh, assign),
-                               num_global_exchanges=n_global,
-                               last_global_exchange=last_global,
-                               exchanged=jnp.bool_(exchanged), **changes)
+  def leader_fields(leader):
+    return dict(leader=jnp.asarray(leader, jnp.int32),
+                mix_weights=None if mix is None else leaders.one_hot(leader, mix.shape[0]))
 
   def group_round(x):
     if not cfg.use_local:
-      return x, Ll_old, state.group_leader, state.group_leader_loss, jnp.bool_(True)
-    return _group_round(x, run_loss, Ll_old, state, cfg.group_axis, group_start, cfg.c1)
+      return (Ll_old, state.group_leader, state.group_leader_loss, jnp.bool_(True),
+              jnp.bool_(False))
+    return _group_election(x, run_loss, Ll_old, state, cfg.group_axis, group_start)
 
-  def none(x, inner_state):
-    return (x, inner_state, Ll_old, state.group_leader, state.group_leader_loss,
-            shared_after(False), jnp.bool_(True))
+  kept = dict(global_leader_params=sh.global_leader_params, leader=sh.leader,
+              mix_weights=mix, leader_loss=sh.leader_loss, pull_distance=sh.pull_distance)
 
-  def local_round(x, inner_state):
-    x, Ll, gi, gl, finite = group_round(x)
-    if cfg.opt_state_sync == "reset":
-      inner_state = periodic.sync_opt_state("reset", inner, inner_state, x, full_axis)
-    x, inner_state = _heal(finite, sh.global_leader_params, x, inner, inner_state)
-    return (x, inner_state, Ll, gi, gl, shared_after(False), finite)
+  def local_round(x):
+    Ll, gi, gl, finite, gok = group_round(x)
+    return ({**global_clock, **kept, "exchanged": jnp.bool_(False), "assign": jnp.bool_(False)},
+            (Ll, gi, gl, finite, gok))
 
-  def global_round(x, inner_state):
-    x, Ll, gi, gl, _ = group_round(x)
+  def global_round(x):
+    Ll, gi, gl, _, gok = group_round(x)
+    if cfg.use_local and cfg.c1 > 0:
+      x = _pull_where(gok, x, Ll, cfg.c1)
     finite = C.tree_is_finite(x)
     Lg_prev = base.tree_cast_like(sh.global_leader_params, params)  # read here: see lsgd
     ld, dist = leaders.elect_with_drift(run_loss, x, Lg_prev, full_axis)
     Lg = C.broadcast_from(x, ld.index, full_axis)
-    c2 = cfg.c2
-    if c2 > 0:
-      x = base.tree_where(ld.ok, Lg if c2 == 1.0 else leaders.pull(x, Lg, c2), x)
-    inner_state = periodic.sync_opt_state(cfg.opt_state_sync, inner, inner_state, x,
-                                          full_axis)
-    elected = shared_after(
-        c2 == 1.0, True, ld.index,
-        global_leader_params=base.tree_cast_like(Lg, sh.global_leader_params),
-        leader_loss=jnp.asarray(ld.loss, jnp.float32),
-        pull_distance=jnp.asarray(dist, jnp.float32))
-    new_shared = base.tree_where(ld.ok, elected, shared_after(False))  # none finite: none
-    x, inner_state = _heal(finite, new_shared.global_leader_params, x, inner, inner_state)
-    return (x, inner_state, Ll, gi, gl, new_shared, finite)
+    elected = dict(global_leader_params=base.tree_cast_like(Lg, sh.global_leader_params),
+                   **leader_fields(ld.index), leader_loss=jnp.asarray(ld.loss, jnp.float32),
+                   pull_distance=jnp.asarray(dist, jnp.float32))
+    changes = base.tree_where(ld.ok, elected, kept)  # no finite worker: none elected
+    return ({**global_clock, **changes, "exchanged": ld.ok,
+             "assign": ld.ok & (cfg.c2 == 1.0)}, (Ll, gi, gl, finite, gok))
 
-  def warmup_end(x, inner_state):
-    t = base.tree_cast_like(periodic.warmup_target(x, full_axis), params)
-    return (t, inner_state, t, jnp.int32(0), state.group_leader_loss,
-            shared_after(True, True, 0,
-                         global_leader_params=base.tree_cast_like(t, sh.global_leader_params),
-                         pull_distance=jnp.zeros([], jnp.float32)), jnp.bool_(True))
+  def exchange(x):
+    return lax.cond(is_global, global_round, local_round, x)
 
-  branches = (none, local_round, global_round) + (
-      (warmup_end,) if cfg.warmup_steps > 0 else ())
-  return lax.switch(idx, branches, x, inner_state)
+  def move(x, shared, aux):
+    """The pulls of the round, then a non-finite worker takes the global leader copy."""
+    Ll, _, _, finite, gok = aux
+    if cfg.use_local and cfg.c1 > 0:
+      x = _pull_where(gok, x, Ll, cfg.c1)
+    Lg = base.tree_cast_like(shared.global_leader_params, x)
+    if cfg.c2 > 0:
+      x = _pull_where(is_global & shared.exchanged, x, Lg, cfg.c2)
+    return base.tree_where(finite, x, Lg)
+
+  x_new, new_shared, _, (Ll, gi, gl, finite, _) = periodic.exchange_step(
+      idx, sh, x, exchange, move=move, warmup_steps=cfg.warmup_steps, axis_name=full_axis,
+      local_aux=lambda x: (Ll_old, state.group_leader, state.group_leader_loss,
+                           jnp.bool_(True), jnp.bool_(False)),
+      warmup_end=lambda x0: dict(
+          **global_clock, **leader_fields(0),
+          global_leader_params=base.tree_cast_like(x0, sh.global_leader_params),
+          pull_distance=jnp.zeros([], jnp.float32)))
+  if cfg.warmup_steps > 0:  # every group leader copy is worker 0's parameters too
+    Ll = base.tree_where(rnd == 3, x_new, Ll)
+    gi = jnp.where(rnd == 3, 0, gi)
+  # the inner state: restarted at every round ("reset"), averaged at global rounds
+  # ("average"), restarted where a worker was healed
+  policy = cfg.opt_state_sync
+  if policy != "local":
+    when = (rnd == 1) | is_global if policy == "reset" else is_global
+    inner_state = lax.cond(when, lambda s: periodic.sync_opt_state(
+        policy, inner, s, x_new, full_axis), lambda s: s, inner_state)
+  inner_state = periodic.reset_inner_where(~finite, inner, inner_state, x_new,
+                                           idx == periodic.EXCHANGE)
+  return x_new, inner_state, Ll, gi, gl, new_shared, finite
 
 
 @arguments.checked_arguments
