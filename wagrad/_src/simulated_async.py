@@ -421,28 +421,28 @@ def async_lsgd(inner: optax.GradientTransformation, sync_period: Period = 4, *,
       anyone = lax.pmax(reports.astype(jnp.int32), axis_name) > 0
     else:
       anyone = jnp.asarray(any_exchange, jnp.bool_)
-    clock = periodic.next_clock(anyone.astype(jnp.int32), sh, False)
-
-    # Only the shared state and a finiteness flag go through the branch; the reporting
-    # workers' pull is a select after it.
-    def quiet(x):
-      return dataclasses.replace(sh, **clock), jnp.bool_(True)
+    idx = jnp.where(anyone, periodic.EXCHANGE, periodic.NO_EXCHANGE).astype(jnp.int32)
 
     def report(x):
+      """The master elects among this step's reports; a better one replaces ``L``."""
       L_old = base.tree_cast_like(sh.leader_params, params)
       ld, dist = leaders.elect_with_drift(run_loss, x, L_old, axis_name, reports)
       better = ld.ok & (ld.loss < sh.leader_loss)
       L = base.tree_where(better, C.broadcast_from(x, ld.index, axis_name), L_old)
-      return dataclasses.replace(
-          sh, **clock, num_replacements=sh.num_replacements + better.astype(jnp.int32),
-          leader_params=base.tree_cast_like(L, sh.leader_params),
-          leader=jnp.where(better, ld.index, sh.leader).astype(jnp.int32),
-          leader_loss=jnp.where(better, ld.loss, sh.leader_loss).astype(jnp.float32),
-          pull_distance=jnp.asarray(dist, jnp.float32)), C.tree_is_finite(x)
+      return dict(num_replacements=sh.num_replacements + better.astype(jnp.int32),
+                  leader_params=base.tree_cast_like(L, sh.leader_params),
+                  leader=jnp.where(better, ld.index, sh.leader).astype(jnp.int32),
+                  leader_loss=jnp.where(better, ld.loss, sh.leader_loss).astype(jnp.float32),
+                  pull_distance=jnp.asarray(dist, jnp.float32)), C.tree_is_finite(x)
 
-    new_shared, finite = lax.cond(anyone, report, quiet, x)
+    def move(x, shared, finite):
+      """Reporting workers: ``x_i <- x_i - pull (x_i - L)``."""
+      L = base.tree_cast_like(shared.leader_params, x)
+      return base.tree_where(reports, L if pull == 1.0 else leaders.pull(x, L, pull), x)
+
+    x_new, new_shared, _, finite = periodic.exchange_step(
+        idx, sh, x, report, move=move, warmup_steps=0, axis_name=axis_name)
     L = base.tree_cast_like(new_shared.leader_params, params)
-    x_new = base.tree_where(anyone & reports, L if pull == 1.0 else leaders.pull(x, L, pull), x)
     updates = periodic.updates_to(x_new, params)
     reset = anyone & reports & ~finite
     inner_state = periodic.reset_inner_where(reset, inner, inner_state, L, anyone)
