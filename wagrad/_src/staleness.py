@@ -51,6 +51,7 @@ Reference:
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, NamedTuple
 
 import jax
@@ -62,6 +63,7 @@ from jax import lax
 from wagrad._src import arguments
 from wagrad._src import base
 from wagrad._src import collectives as C
+from wagrad._src import periodic
 
 ARRIVALS = ("round_robin", "random")
 MODULATIONS = ("inverse", "none")
@@ -373,6 +375,7 @@ def staleness_aware_sgd(inner: optax.GradientTransformation, *, alpha0: float = 
     push, tau_int, apply = _schedule_row(push, staleness, apply, sh, state)
 
     def exchange(_):
+      """theta <- theta + inner((1/c) sum_{l pushed} (alpha0 / tau_l) g_l)."""
       ok = push & C.tree_is_finite(grads)
       tau = tau_int.astype(jnp.float32)
       w = _rate(tau, alpha0, modulation, zero_staleness)
@@ -394,42 +397,34 @@ def staleness_aware_sgd(inner: optax.GradientTransformation, *, alpha0: float = 
       updated = num > 0
       server, inner_state = lax.cond(updated, server_step, lambda _: (sh.server, sh.inner),
                                      None)
-      return server, inner_state, updated, num, hist, ssum
+      num_gradients = sh.num_gradients + num
+      staleness_sum = sh.staleness_sum + ssum
+      return dict(
+          server=server, inner=inner_state, num_gradients=num_gradients,
+          last_num_gradients=num, staleness_sum=staleness_sum,
+          histogram=sh.histogram + hist,
+          mean_staleness=jnp.where(num_gradients > 0, staleness_sum / jnp.maximum(
+              num_gradients, 1), 0.0).astype(jnp.float32),
+          # the server's version moves only when a gradient was applied
+          num_exchanges=sh.num_exchanges + updated.astype(jnp.int32),
+          last_exchange=jnp.where(updated, sh.count + 1, sh.last_exchange).astype(jnp.int32),
+      ), jnp.bool_(True)
 
-    def skip(_):
-      return (sh.server, sh.inner, jnp.bool_(False), jnp.zeros([], jnp.int32),
-              jnp.zeros([bins], jnp.int32), jnp.zeros([], jnp.float32))
+    def pull(x, shared, aux):
+      """Every learner that pushed takes theta (exactly, with wagrad.apply_updates)."""
+      return base.tree_where(push, base.tree_cast_like(shared.server, x), x)
 
-    if apply is None or (isinstance(apply, (bool, np.bool_)) and apply):
-      out, applied = exchange(None), jnp.bool_(True)
-    elif isinstance(apply, (bool, np.bool_)):
-      out, applied = skip(None), jnp.bool_(False)
-    else:
-      out, applied = lax.cond(apply, exchange, skip, None), apply
-    server, inner_state, updated, num, hist, ssum = out
-
-    new_version = sh.num_exchanges + updated.astype(jnp.int32)
+    applied = jnp.bool_(True) if apply is None else jnp.asarray(apply, jnp.bool_)
+    idx = jnp.where(applied, periodic.EXCHANGE, periodic.NO_EXCHANGE).astype(jnp.int32)
+    x_new, new_shared, _, _ = periodic.exchange_step(
+        idx, dataclasses.replace(sh, last_num_gradients=jnp.zeros([], jnp.int32)), params,
+        exchange, move=pull, warmup_steps=0, axis_name=axis_name)
     pulled = push & applied
-    updates = jax.tree_util.tree_map(
-        lambda s, p: jnp.where(pulled, s.astype(p.dtype) - p, jnp.zeros_like(p)),
-        server, params)
-    num_gradients = sh.num_gradients + num
-    staleness_sum = sh.staleness_sum + ssum
-    new_shared = StalenessShared(
-        **base.clock(
-            sh.count + 1,
-            jnp.where(updated, sh.count + 1, sh.last_exchange).astype(jnp.int32),
-            new_version,
-            jnp.bool_(False)),
-        target=None, server=server, inner=inner_state, num_gradients=num_gradients,
-        last_num_gradients=num, staleness_sum=staleness_sum,
-        mean_staleness=jnp.where(num_gradients > 0,
-                                 staleness_sum / jnp.maximum(num_gradients, 1), 0.0
-                                 ).astype(jnp.float32),
-        histogram=sh.histogram + hist)
     new_state = StalenessState(
-        version=jnp.where(pulled, new_version, state.version).astype(jnp.int32),
+        version=jnp.where(pulled, new_shared.num_exchanges, state.version).astype(jnp.int32),
         staleness=tau_int, pulled=pulled, shared=new_shared)
+    updates = jax.tree_util.tree_map(  # exact zeros for the others, even non-finite ones
+        lambda xn, p: jnp.where(pulled, xn - p, jnp.zeros_like(p)), x_new, params)
     return updates, new_state
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
