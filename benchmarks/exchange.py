@@ -101,7 +101,7 @@ def bytes_part(sizes):
 
 
 def overhead_fragments(p0, F):
-  from wagrad._src.baselines import _fragments
+  from wagrad._src.averaging_exchange import fragments as _fragments
   sizes = [x.size for x in jax.tree_util.tree_leaves(p0)]
   frag = _fragments(p0, F)
   return [sum(s for s, g in zip(sizes, frag) if g == f) for f in range(F)]

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 
 import wagrad
 from wagrad._src import compression as Cm
-from wagrad._src.baselines import _fragments
+from wagrad._src.averaging_exchange import fragments as _fragments
 from _util import BACKENDS, BACKEND_IDS
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))

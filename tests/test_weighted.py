@@ -13,6 +13,7 @@ import pytest
 from jax import lax
 
 import wagrad
+from wagrad._src import sample_order
 from wagrad._src import schedules
 from wagrad._src import weighted
 from wagrad._src import wpsgd as wpsgd_mod
@@ -277,9 +278,9 @@ def test_bad_hyperparameters():
       (lambda: wpsgd_mod.wpsgd(sgd, learning_rate=-0.1, strong_convexity=0.1), ValueError,
        "learning_rate"),
       (lambda: wpsgd_mod.wpsgd(sgd, 0, weighting="samples"), ValueError, "sync_period"),
-      (lambda: weighted.wasgd_plus_sample_order(10, 2, 0, 5, 2), ValueError, "batch_size"),
-      (lambda: weighted.wasgd_plus_sample_order(10, 2, 8, 5, 2), ValueError, "num_examples"),
-      (lambda: weighted.wasgd_plus_sample_order(10, 2, 2, 5, 0), ValueError, "sync_period"),
+      (lambda: sample_order.wasgd_plus_sample_order(10, 2, 0, 5, 2), ValueError, "batch_size"),
+      (lambda: sample_order.wasgd_plus_sample_order(10, 2, 8, 5, 2), ValueError, "num_examples"),
+      (lambda: sample_order.wasgd_plus_sample_order(10, 2, 2, 5, 0), ValueError, "sync_period"),
   ]
   for make, exc, match in cases:
     with pytest.raises(exc, match=match):
@@ -294,9 +295,9 @@ def test_bad_hyperparameters():
 
 def test_wasgd_plus_sample_order():
   n, K, B, T, tau = 200, 4, 5, 13, 4
-  o = weighted.wasgd_plus_sample_order(n, K, B, T, tau, seed=3)
+  o = sample_order.wasgd_plus_sample_order(n, K, B, T, tau, seed=3)
   assert o.shape == (T, K, B) and o.min() >= 0 and o.max() < n
-  np.testing.assert_array_equal(o, weighted.wasgd_plus_sample_order(n, K, B, T, tau, seed=3))
+  np.testing.assert_array_equal(o, sample_order.wasgd_plus_sample_order(n, K, B, T, tau, seed=3))
   ex = [t for t in range(T) if (t + 1) % tau == 0]
   for t in range(T):
     same = all((o[t, i] == o[t, 0]).all() for i in range(K))
@@ -306,7 +307,7 @@ def test_wasgd_plus_sample_order():
   for i in range(K):
     for j in range(i + 1, K):
       assert not priv[i] & priv[j]
-  ow = weighted.wasgd_plus_sample_order(n, K, B, T, tau, warmup_steps=2)
+  ow = sample_order.wasgd_plus_sample_order(n, K, B, T, tau, warmup_steps=2)
   assert (ow[5, 0] == ow[5, 3]).all() and not (ow[3, 0] == ow[3, 3]).all()
 
 
@@ -353,7 +354,7 @@ def test_wasgd_plus_exchange_batch_with_sample_order():
   """loss_source='exchange_batch' + the designed order: weights from the shared batch."""
   K, B, tau, steps, T = 8, 4, 3, 6, 0.2
   Ap, bp = _pool(96)
-  order = weighted.wasgd_plus_sample_order(len(Ap), K, B, steps, tau, seed=1)
+  order = sample_order.wasgd_plus_sample_order(len(Ap), K, B, steps, tau, seed=1)
   r = wagrad.Runner("vmap", K)
   tx = weighted.wasgd_plus(optax.sgd(LR), tau, temperature=T, loss_source="exchange_batch",
                            weight_fn="rank", axis_name=r.axis_name, num_workers=K)

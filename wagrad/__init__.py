@@ -28,7 +28,8 @@ from wagrad._src.wpsgd import wpsgd_combine
 
 # Running workers: the runner, shared (unstacked) state.
 from wagrad._src.base import Shared, shared_state
-from wagrad._src.parallel import Runner, stack_workers, unstack_worker
+from wagrad._src.parallel import Runner
+from wagrad._src.placement import stack_workers, unstack_worker
 
 # Simulation schedules (seeded NumPy tables) and collectives for a loop of your own.
 from wagrad import collectives, schedules

@@ -9,7 +9,7 @@ returning NaN (design.md, The guard against non-finite workers).
 
 from wagrad._src.collectives import (broadcast_from, consensus_distance, elastic_step,
                                      elect_leader, weighted_mean)
-from wagrad._src.weighted import loss_weights
+from wagrad._src.worker_weights import loss_weights
 
 __all__ = ["broadcast_from", "consensus_distance", "elastic_step", "elect_leader",
            "loss_weights", "weighted_mean"]

@@ -15,7 +15,7 @@ from wagrad._src.multi_leader import uneven_round_steps
 from wagrad._src.schedules import drop_workers, speed_schedule, straggler_speeds
 from wagrad._src.simulated_async import async_easgd_schedule, async_report_steps
 from wagrad._src.staleness import softsync_schedule
-from wagrad._src.weighted import wasgd_plus_sample_order
+from wagrad._src.sample_order import wasgd_plus_sample_order
 
 __all__ = ["async_easgd_schedule", "async_report_steps", "drop_workers", "softsync_schedule",
            "speed_schedule", "straggler_speeds", "uneven_round_steps",

@@ -47,20 +47,19 @@ removed a fraction ``1 - (1 - eta lambda)^t_i`` of its initial error)::
 Rules tagged [code] (verified in authors' code): none in this module. Everything
 above is [reconstruction]; the plumbing (warm-up, exact assignment, optimizer-state
 policy, non-finite handling) is the library's and shared with ``model_averaging``.
+
+The weight functions and the length-K weight vectors of the state are in
+:mod:`wagrad._src.worker_weights`, WASGD+'s sample order in :mod:`wagrad._src.sample_order`.
 """
 
 from __future__ import annotations
 
-import math
 import dataclasses
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
-from jax import lax
-from jax.typing import ArrayLike
 
 from wagrad._src import arguments
 from wagrad._src import base
@@ -68,92 +67,10 @@ from wagrad._src import evaluate
 from wagrad._src import collectives as C
 from wagrad._src import periodic
 from wagrad._src.base import AxisName, Period
+from wagrad._src.worker_weights import (WEIGHT_FNS, axis_workers, check_temperature, loss_weights,
+                                         sized_vectors, uniform_weights, worker_vector)
 
-WEIGHT_FNS = ("boltzmann", "rank", "uniform")
 LOSS_SOURCES = ("eval", "exchange_batch")
-
-
-# ----------------------------------------------------------------------------- helpers
-
-
-def axis_workers(axis_name):
-  """K as a Python int (``psum`` of a Python constant is static)."""
-  return int(lax.psum(1, axis_name))
-
-
-def sized_vectors(sh, **vectors):
-  """The length-K vectors whose stored value is still the length-0 placeholder of
-  ``init`` (see :func:`worker_vector`): they take their length in this step's new state."""
-  return {k: v for k, v in vectors.items() if getattr(sh, k).shape != v.shape}
-
-
-def uniform_weights(num_workers, axis_name):
-  """``(K, uniform length-K weights)`` for ``init``; K = 0 (a placeholder filled on the
-  first step, see :func:`worker_vector`) when it cannot be known yet."""
-  n = base.infer_num_workers(num_workers, axis_name) or 0
-  return n, jnp.full((n,), 1.0 / max(n, 1), jnp.float32)
-
-
-def worker_vector(v, K, fill, dtype):
-  """A length-K shared vector: ``v`` itself, or a constant when ``v`` is a placeholder.
-
-  ``init`` runs outside the mapped function and cannot know K unless ``num_workers``
-  was given; then the vectors start with length 0 and are filled on the first step.
-  """
-  if v.shape == (K,):
-    return v
-  if v.shape != (0,):
-    raise ValueError(
-        f"the state holds a weights vector of length {v.shape[0]} but {K} workers run "
-        f"this step: pass `num_workers={K}` (or re-initialise the state).")
-  return jnp.full((K,), fill, dtype)
-
-
-def _check_temperature(temperature):
-  base.check_range("temperature", temperature, 0.0, math.inf)
-
-
-def loss_weights(loss: ArrayLike, axis_name: AxisName, weight_fn: str = "boltzmann",
-                 temperature: float = 1.0) -> jax.Array:
-  """This worker's (unnormalised) aggregation weight from the workers' losses.
-
-  Reconstruction from the WASGD paper's abstract (arXiv 2004.03749); see the module
-  docstring. A non-finite loss gets weight 0.
-
-  Args:
-    loss: this worker's scalar loss.
-    axis_name: the worker axis.
-    weight_fn: ``"boltzmann"`` (``exp(-L_i / T)``, normalised), ``"rank"``
-      (``K_f - r_i``, r_i = number of finite workers with a strictly lower loss),
-      ``"uniform"`` (1).
-    temperature: T >= 0 of the Boltzmann weights (``inf`` allowed).
-
-  Returns:
-    A float32 scalar >= 0 (normalise with :func:`wagrad.collectives.weighted_mean` or
-    :func:`wagrad.normalize_weights`).
-
-  Example:
-    >>> # inside a mapped function:
-    >>> # w = loss_weights(loss, "workers", "rank")
-    >>> # x_w = wagrad.collectives.weighted_mean(params, w, "workers").value
-
-  References:
-    arXiv 2004.03749 (reconstruction from the abstract).
-  """
-  if weight_fn not in WEIGHT_FNS:
-    raise ValueError(f"unknown `weight_fn` {weight_fn!r}; choose one of {WEIGHT_FNS}.")
-  loss = jnp.asarray(loss, jnp.float32)
-  finite = jnp.isfinite(loss)
-  if weight_fn == "boltzmann":
-    w, _ = C.softmax_weights(loss, axis_name, temperature)
-    return w
-  if weight_fn == "uniform":
-    return jnp.where(finite, 1.0, 0.0).astype(jnp.float32)
-  losses = C.all_gather(loss, axis_name)
-  fin = jnp.isfinite(losses)
-  k_f = jnp.sum(fin.astype(jnp.int32))
-  better = jnp.sum((fin & (jnp.where(fin, losses, jnp.inf) < loss)).astype(jnp.int32))
-  return jnp.where(finite, (k_f - better).astype(jnp.float32), 0.0)
 
 
 # ----------------------------------------------------------------------------- WASGD
@@ -198,7 +115,7 @@ def _check_wasgd_args(inner, sync_period, temperature, moving_rate, weight_fn, a
   period_fn = periodic.check_common(inner, sync_period, warmup_steps, opt_state_sync, axis_name)
   if sync_period is None:
     raise ValueError("`sync_period` must be an integer >= 1 or a schedule, got None.")
-  _check_temperature(temperature)
+  check_temperature(temperature)
   base.check_range("moving_rate", moving_rate, 0.0, 1.0, lo_open=True)
   if weight_fn not in WEIGHT_FNS:
     raise ValueError(f"unknown `weight_fn` {weight_fn!r}; choose one of {WEIGHT_FNS}.")
@@ -444,77 +361,3 @@ def wasgd_plus(inner: optax.GradientTransformation, sync_period: Period = 4, *,
       "wasgd_plus", inner, period_fn, temperature=temperature, moving_rate=moving_rate,
       weight_fn=weight_fn, axis_name=axis_name, warmup_steps=warmup_steps,
       opt_state_sync=opt_state_sync, num_workers=num_workers, loss_source=loss_source)
-
-
-@arguments.checked_arguments(where="wagrad.schedules")
-def wasgd_plus_sample_order(num_examples: int, num_workers: int, batch_size: int,
-                            steps: int, sync_period: int, seed: int = 0, *,
-                            warmup_steps: int = 0, disjoint: bool = True) -> np.ndarray:
-  """WASGD+'s designed sample order: the same batch for every worker at exchange steps.
-
-  Reconstruction from the paper's abstract (arXiv 2004.03749), which names "a designed
-  sample order" without details available here. At an exchange step ``t`` (``t >=
-  warmup_steps`` and ``(t + 1 - warmup_steps) % sync_period == 0``, the steps on which
-  :func:`wasgd_plus` with an int ``sync_period`` exchanges) every worker gets the same
-  batch, drawn from a shared seeded pass over all examples, so the losses that
-  ``loss_source="exchange_batch"`` weights are comparable. On the other steps worker i
-  draws from its own seeded pass over its shard (examples of a seeded split into K
-  disjoint parts, ``disjoint=True``) or over all examples (``disjoint=False``).
-  Deterministic for a given seed.
-
-  Args:
-    num_examples: n, size of the training set.
-    num_workers: K.
-    batch_size: examples per worker per step.
-    steps: number of steps T.
-    sync_period: tau >= 1 (an int).
-    seed: seed of every pass.
-    warmup_steps: the transform's warm-up (exchanges start after it).
-    disjoint: private batches from disjoint shards (default) or from all examples.
-
-  Returns:
-    int64 array ``[T, K, batch_size]`` of example indices: row ``[t, i]`` is worker i's
-    batch at step t.
-
-  Example:
-    >>> import wagrad
-    >>> order = wagrad.schedules.wasgd_plus_sample_order(100, 2, 4, steps=6, sync_period=3)
-    >>> bool((order[2, 0] == order[2, 1]).all())
-    True
-  """
-  for nm, v in (("num_examples", num_examples), ("num_workers", num_workers),
-                ("batch_size", batch_size), ("sync_period", sync_period)):
-    base.check_positive_int(nm, v)
-  base.check_nonneg_int("steps", steps)
-  base.check_nonneg_int("warmup_steps", warmup_steps)
-  K, B = int(num_workers), int(batch_size)
-  if B > num_examples:
-    raise ValueError(f"`batch_size`={B} exceeds `num_examples`={num_examples}.")
-  if disjoint and num_examples // K < B:
-    raise ValueError(
-        f"`num_examples`={num_examples} split over {K} workers leaves fewer than "
-        f"`batch_size`={B} examples per shard; use disjoint=False or a smaller batch.")
-
-  def stream(rng, pool):
-    pool = np.asarray(pool, np.int64)
-    buf = np.empty(0, np.int64)
-    while True:
-      while buf.size < B:
-        buf = np.concatenate([buf, rng.permutation(pool)])
-      out, buf = buf[:B], buf[B:]
-      yield out
-
-  split = np.random.default_rng([seed, 0]).permutation(num_examples)
-  shared = stream(np.random.default_rng([seed, 1]), np.arange(num_examples))
-  private = [stream(np.random.default_rng([seed, 2, i]),
-                    split[i::K] if disjoint else np.arange(num_examples)) for i in range(K)]
-  t = np.arange(steps)
-  exch = (t >= warmup_steps) & ((t + 1 - warmup_steps) % sync_period == 0)
-  out = np.empty((steps, K, B), np.int64)
-  for s in range(steps):
-    if exch[s]:
-      out[s] = next(shared)[None]
-    else:
-      for i in range(K):
-        out[s, i] = next(private[i])
-  return out

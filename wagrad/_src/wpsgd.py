@@ -28,8 +28,8 @@ from wagrad._src import evaluate
 from wagrad._src import collectives as C
 from wagrad._src import periodic
 from wagrad._src.base import AxisName, Period, PyTree
-from wagrad._src.weighted import (axis_workers, sized_vectors, uniform_weights,
-                                  worker_vector)
+from wagrad._src.worker_weights import (axis_workers, sized_vectors, uniform_weights,
+                                        worker_vector)
 
 _tmap = jax.tree_util.tree_map
 
