@@ -11,7 +11,7 @@ kills itself (SIGKILL) at its third step. Mode "rejoin": as "kill", and the test
 worker 1 again in mode "rejoined": it rejoins from the master's center, then runs its
 steps; worker 0 closes only after that join. Mode "slow": worker 2 pauses 4 s (longer
 than the master's check_s) before its last step, alive all the while; mode "late": worker
-2 starts 4 s late. Mode "ckpt": the
+2 starts 4 s late; mode "nan": worker 1's parameters turn NaN before its third step. Mode "ckpt": the
 master checkpoints after every exchange and kills itself after the fifth; mode "resume":
 a new job whose master resumes from that checkpoint and whose workers rejoin (all
 joins before any step).
@@ -142,6 +142,8 @@ def main():
   for t in range(STEPS):
     if mode in ("kill", "rejoin") and i == 1 and worker.clock == 2:
       os.kill(os.getpid(), signal.SIGKILL)
+    if mode == "nan" and i == 1 and worker.clock == 2:
+      p = {"w": jax.numpy.full_like(p["w"], jax.numpy.nan)}  # its parameters blow up
     if mode == "slow" and i == 2 and t == STEPS - 1:
       time.sleep(4.0)
     if active[t, i]:

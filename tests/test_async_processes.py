@@ -15,7 +15,7 @@ import optax
 import pytest
 
 import wagrad
-from wagrad._src import async_ranked
+from wagrad._src import async_processes, async_ranked
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
@@ -262,6 +262,59 @@ def test_a_killed_worker_stops_no_one(tmp_path):
     assert int(w["exchanges"]) == int(master["served"][i]) > 1
     assert np.isfinite(w["w"]).all()
   assert np.isfinite(master["center"]).all()
+
+
+@pytest.mark.slow
+def test_a_worker_gone_non_finite_is_left_out_and_takes_the_center(tmp_path):
+  """Worker 1's parameters turn NaN before an exchange step: the master's center never
+  takes them, and the worker continues from the center (finite at the end), its
+  exchange count still the master's."""
+  K, tau, alpha = 3, 2, 0.3
+  out = str(tmp_path / "run")
+  _run(K + 1, out, tau, alpha, mode="nan")
+  master = np.load(f"{out}_master.npz")
+  assert list(master["gone"]) == []
+  assert np.isfinite(master["centers"]).all()
+  for i in range(K):
+    w = np.load(f"{out}_worker{i}.npz")
+    assert np.isfinite(w["w"]).all(), i
+    assert int(w["exchanges"]) == int(master["served"][i]) > 0
+
+
+def test_the_master_takes_easgd_s_exchange_and_leaves_non_finite_out():
+  """The master's rule is EASGD's exchange with one worker: e = alpha (x - c),
+  c <- c + e (NumPy reference); a non-finite x changes nothing."""
+  rng = np.random.default_rng(0)
+  c = {"w": rng.normal(size=(3, 2)).astype(np.float32), "b": np.ones(2, np.float32)}
+  x = {"w": rng.normal(size=(3, 2)).astype(np.float32), "b": np.zeros(2, np.float32)}
+  new, e = async_processes.master_exchange(c, x, 0.3)
+  for k in c:
+    np.testing.assert_allclose(e[k], 0.3 * (x[k] - c[k]), rtol=1e-6)
+    np.testing.assert_allclose(new[k], c[k] + 0.3 * (x[k] - c[k]), rtol=1e-6)
+  x["w"][1, 0] = np.inf
+  new, e = async_processes.master_exchange(c, x, 0.3)
+  for k in c:
+    np.testing.assert_array_equal(new[k], c[k])
+    np.testing.assert_array_equal(e[k], 0.0)
+
+
+@pytest.mark.parametrize("mu", [0.0, 0.5])
+def test_the_downpour_master_takes_downpour_s_step_and_leaves_non_finite_out(mu):
+  """DOWNPOUR's master for one push is its own master step with one worker:
+  m <- mu m + Delta, x_M <- x_M + m (NumPy reference); a non-finite push is left out."""
+  rng = np.random.default_rng(1)
+  x = {"w": rng.normal(size=(3, 2)).astype(np.float32)}
+  m = None if mu == 0 else {"w": rng.normal(size=(3, 2)).astype(np.float32)}
+  d = {"w": rng.normal(size=(3, 2)).astype(np.float32)}
+  (x1, m1), ans = async_processes.master_push((x, m), d, mu)
+  step = d["w"] if mu == 0 else mu * m["w"] + d["w"]
+  np.testing.assert_allclose(x1["w"], x["w"] + step, rtol=1e-6)
+  np.testing.assert_array_equal(ans["w"], x1["w"])
+  if mu:
+    np.testing.assert_allclose(m1["w"], step, rtol=1e-6)
+  d["w"][0, 1] = np.nan
+  (x2, _), _ = async_processes.master_push((x1, m1), d, mu)
+  np.testing.assert_allclose(x2["w"], x1["w"] + (0 if mu == 0 else mu * m1["w"]), rtol=1e-6)
 
 
 @pytest.mark.slow

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from wagrad._src import async_processes, kvstore
+from wagrad._src import async_processes, async_serving, kvstore
 
 
 class Store:
@@ -41,6 +41,11 @@ class Store:
     with self.cond:
       self.data.pop(key, None)
 
+  def increment(self, key):
+    with self.cond:
+      self.data[key] = self.data.get(key, 0) + 1
+      return self.data[key]
+
 
 class Killed(Exception):
   pass
@@ -49,7 +54,7 @@ class Killed(Exception):
 @pytest.fixture
 def store(monkeypatch):
   s = Store()
-  for name in ("put", "get", "try_get", "listing", "delete"):
+  for name in ("put", "get", "try_get", "listing", "delete", "increment"):
     monkeypatch.setattr(kvstore, name, getattr(s, name))
   monkeypatch.setattr(kvstore, "client", lambda: s)
   return s
@@ -96,3 +101,24 @@ def test_a_worker_killed_during_its_rejoin_can_exchange_again(store, monkeypatch
   assert list(served) == [3] and gone == []
   assert not [k for k in store.data if "/joined/" in k]  # no answer left to be taken
   assert np.all(np.asarray(center["w"]) != 0)  # the exchanges moved the center
+
+
+def test_a_number_taken_by_a_sender_killed_before_writing_is_skipped(store, monkeypatch):
+  """A worker killed between taking its arrival number and writing its message leaves a
+  hole in the log: the master skips it once later messages are there, and serves them."""
+  monkeypatch.setattr(async_serving, "HOLE_S", 0.2)
+  params = {"w": jnp.zeros(2)}
+  out = {}
+  master = threading.Thread(target=lambda: out.update(result=async_processes.serve_easgd(
+      params, 1, alpha=0.5, timeout_s=20, check_s=30)), daemon=True)
+  master.start()
+  kvstore.increment("wagrad/easgd/arrivals")  # a number taken, its message never written
+  w = async_processes.EASGDWorker(0, 1, timeout_s=5)
+  p = params
+  for _ in range(2):
+    p = w.apply_updates(p, {"w": jnp.ones(2)})
+  w.close()
+  master.join(20)
+  center, served, gone = out["result"]
+  assert list(served) == [2] and gone == []
+  assert not [k for k in store.data if "/arrival/" in k]  # every message was taken

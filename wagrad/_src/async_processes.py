@@ -51,6 +51,8 @@ import numpy as np
 import optax
 
 from wagrad._src import arguments
+from wagrad._src import downpour
+from wagrad._src import elastic
 from wagrad._src import kvstore
 from wagrad._src.async_serving import (ask, checkpoint, f32_zeros, join_backend, serve, Worker)
 from wagrad._src.base import PyTree
@@ -62,13 +64,14 @@ SOFTSYNC_PREFIX = "wagrad/softsync"
 
 def master_exchange(center: PyTree, x: PyTree, alpha: float) -> tuple[PyTree, PyTree]:
   """The master's side of one asynchronous elastic exchange: ``e = alpha (x - c)``,
-  ``c <- c + e``. NumPy trees in, ``(new_center, e)`` out (float32 arithmetic)."""
-  e = jax.tree_util.tree_map(
-      lambda xx, c: (np.float32(alpha) * (xx.astype(np.float32) - c.astype(np.float32))),
-      x, center)
-  new = jax.tree_util.tree_map(lambda c, d: (c.astype(np.float32) + d).astype(c.dtype),
-                               center, e)
-  return new, e
+  ``c <- c + e``, EASGD's own exchange with one worker (:func:`elastic.exchange_with_one`,
+  jitted on the master's device); non-finite parameters are left out (``e = 0``).
+  NumPy trees in, ``(new_center, e)`` out (float32 arithmetic)."""
+  center, e, _ = jax.device_get(_exchange_with_one(center, x, np.float32(alpha)))
+  return center, e
+
+
+_exchange_with_one = jax.jit(elastic.exchange_with_one)
 
 
 class EASGDWorker(Worker):
@@ -96,13 +99,19 @@ class EASGDWorker(Worker):
     return self.clock % self.tau == 0
 
   def apply_updates(self, params, updates):
-    """``params + updates``, minus the elastic difference on exchange steps."""
+    """``params + updates``, minus the elastic difference on exchange steps. A worker
+    whose parameters went non-finite takes the master's center at its next exchange
+    step (through :meth:`rejoin`; it needs a master serving as messages arrive)."""
     if not self.due():
       self.clock += 1
       return optax.apply_updates(params, updates)
     host = jax.device_get(params)
-    e = ask(PREFIX, self.worker, self.exchanges, host, f32_zeros(host), self.timeout_s)
     self.clock += 1
+    if not all(np.isfinite(x).all() for x in jax.tree_util.tree_leaves(host)):
+      # no elastic step repairs non-finite parameters (the master would leave them
+      # out): this worker takes the master's center instead, as a restarted one does
+      return self.rejoin(params)
+    e = ask(PREFIX, self.worker, self.exchanges, host, f32_zeros(host), self.timeout_s)
     self.exchanges += 1
     return jax.tree_util.tree_map(
         lambda x, u, d: (x.astype(np.float32) + u.astype(np.float32) - d).astype(x.dtype),
@@ -116,7 +125,7 @@ class EASGDWorker(Worker):
 @arguments.checked_arguments(where="wagrad.async_")
 def serve_easgd(params0: PyTree, num_workers: int, *, alpha: float,
                 order: Sequence[int] | None = None, timeout_s: float = 120.0,
-                poll_s: float = 0.001, check_s: float = 2.0,
+                poll_s: float | None = None, check_s: float = 2.0,
                 callback: Callable[[PyTree, np.ndarray], Any] | None = None,
                 checkpoint_dir: str | None = None, checkpoint_every: int = 100
                 ) -> tuple[PyTree, np.ndarray, list[int]]:
@@ -128,9 +137,10 @@ def serve_easgd(params0: PyTree, num_workers: int, *, alpha: float,
     alpha: the moving rate in (0, 1).
     order: optional forced serving order, a sequence of worker indices (one entry per
       exchange): the master then serves worker ``order[0]``'s next exchange first, and
-      so on, waiting for each; default: whatever has arrived, by worker index.
+      so on, waiting for each; default: the requests in the order they arrive.
     timeout_s: with ``order``, the longest wait for one exchange; without, the longest
       time with nothing arriving before ``TimeoutError``.
+    poll_s: ignored (deprecated): the master waits on arrivals, polling nothing.
     check_s: a worker whose heartbeat (written every ``HEARTBEAT_S`` = 0.25 s by a
       thread of the worker) has not moved for this long is dead (its process killed)
       and no longer waited for, until it rejoins (:meth:`EASGDWorker.rejoin`); a worker
@@ -183,13 +193,14 @@ def _softsync_state(saved):
 
 def master_push(state: tuple, delta: PyTree, momentum: float) -> tuple[tuple, PyTree]:
   """DOWNPOUR's master for one push: ``m <- mu m + Delta``, ``x_M <- x_M + m``; answers
-  ``x_M``. ``state = (x_M, m)`` (``m`` None when mu = 0); NumPy, float32 arithmetic."""
-  x, m = state
-  f32 = lambda v: np.asarray(v, np.float32)  # noqa: E731
-  step = delta if m is None else jax.tree_util.tree_map(
-      lambda mm, d: np.float32(momentum) * f32(mm) + f32(d), m, delta)
-  x = jax.tree_util.tree_map(lambda xx, s: (f32(xx) + f32(s)).astype(xx.dtype), x, step)
-  return (x, None if m is None else step), x
+  ``x_M``. ``state = (x_M, m)`` (``m`` None when mu = 0). DOWNPOUR's own master step
+  with one worker (:func:`downpour.push_from_one`, jitted on the master's device); a
+  non-finite push is left out (the worker takes ``x_M``). NumPy trees in and out."""
+  x, m = jax.device_get(_push_from_one(state[0], state[1], delta, float(momentum)))
+  return (x, m), x
+
+
+_push_from_one = jax.jit(downpour.push_from_one, static_argnums=3)
 
 
 class DownpourWorker(Worker):
@@ -242,7 +253,7 @@ class DownpourWorker(Worker):
 @arguments.checked_arguments(where="wagrad.async_")
 def serve_downpour(params0: PyTree, num_workers: int, *, momentum: float = 0.0,
                    order: Sequence[int] | None = None, timeout_s: float = 120.0,
-                   poll_s: float = 0.001, check_s: float = 2.0,
+                   poll_s: float | None = None, check_s: float = 2.0,
                    callback: Callable[[PyTree, np.ndarray], Any] | None = None,
                    checkpoint_dir: str | None = None, checkpoint_every: int = 100
                    ) -> tuple[PyTree, np.ndarray, list[int]]:
@@ -330,7 +341,7 @@ class SoftsyncLearner(Worker):
 @arguments.checked_arguments(where="wagrad.async_")
 def serve_softsync(params0: PyTree, num_learners: int, n: int, *, alpha0: float,
                    modulation: str = "inverse", order: Sequence[int] | None = None,
-                   timeout_s: float = 120.0, poll_s: float = 0.001, check_s: float = 2.0,
+                   timeout_s: float = 120.0, poll_s: float | None = None, check_s: float = 2.0,
                    callback: Callable[[PyTree, np.ndarray], Any] | None = None,
                    checkpoint_dir: str | None = None, checkpoint_every: int = 100
                    ) -> tuple[PyTree, np.ndarray, list[int]]:

@@ -26,8 +26,8 @@ from wagrad._src import arguments
 from wagrad._src import bulk
 from wagrad._src import leaders
 from wagrad._src import wpsgd as _wpsgd
-from wagrad._src.async_serving import (ask, checkpoint, join_backend, joined_key, store_key,
-                                       outlive_workers, serve, serve_until, Worker)
+from wagrad._src.async_serving import (ask, checkpoint, ignored_poll, join_backend, joined_key,
+                                       outlive_workers, serve, serve_until, store_key, Worker)
 from wagrad._src.base import PyTree
 
 LSGD_PREFIX = "wagrad/lsgd"
@@ -111,7 +111,7 @@ class LSGDWorker(Worker):
 
 @arguments.checked_arguments(where="wagrad.async_")
 def serve_lsgd(params0: PyTree, num_workers: int, *, order: Sequence[int] | None = None,
-               timeout_s: float = 120.0, poll_s: float = 0.001, check_s: float = 2.0,
+               timeout_s: float = 120.0, poll_s: float | None = None, check_s: float = 2.0,
                callback: Callable[[PyTree, np.ndarray], Any] | None = None,
                checkpoint_dir: str | None = None, checkpoint_every: int = 100
                ) -> tuple[PyTree, np.ndarray, list[int]]:
@@ -219,7 +219,7 @@ class WPSGDWorker(Worker):
 @arguments.checked_arguments(where="wagrad.async_")
 def serve_wpsgd(params0: PyTree, num_workers: int, *, weighting: str = "samples",
                 learning_rate: float | None = None, strong_convexity: float | None = None,
-                timeout_s: float = 120.0, poll_s: float = 0.01, check_s: float = 2.0
+                timeout_s: float = 120.0, poll_s: float | None = None, check_s: float = 2.0
                 ) -> tuple[PyTree, np.ndarray, list[int]]:
   """Run WP-SGD's master: wait for every live worker's model and step count, then
   answer each with the weighted combination (:func:`master_wpsgd`, the weights of
@@ -244,8 +244,8 @@ def serve_wpsgd(params0: PyTree, num_workers: int, *, weighting: str = "samples"
       bulk.send(joined_key(WPSGD_PREFIX, i, tag), joined)
     else:
       got[i] = bulk.decode(data, like, timeout_s)
-  gone = serve_until(WPSGD_PREFIX, num_workers, handle, lambda: set(got), timeout_s,
-                      poll_s, check_s)
+  ignored_poll(poll_s)
+  gone = serve_until(WPSGD_PREFIX, num_workers, handle, lambda: set(got), timeout_s, check_s)
   ids = sorted(got)
   model = master_wpsgd([got[i][0] for i in ids], [int(got[i][1]) for i in ids],
                        weighting=weighting, learning_rate=learning_rate,

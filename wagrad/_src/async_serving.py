@@ -1,16 +1,19 @@
 """What every asynchronous algorithm across processes shares: the keys of the
-coordination-service store, a worker's heartbeat and rejoin, and the master's serving
-loop (requests served as they arrive, dead workers found by their heartbeats, orbax
-checkpoints of the master's state). The algorithms' rules and workers:
-:mod:`wagrad._src.async_processes`.
+coordination-service store, the master's arrival log, a worker's heartbeat and rejoin,
+and the master's serving loop (requests served as they arrive, dead workers found by
+their heartbeats, orbax checkpoints of the master's state). The algorithms' rules and
+workers: :mod:`wagrad._src.async_processes`.
 
-A worker writes its request under ``<prefix>/req/<worker>/<k>`` and waits for the
-answer under ``<prefix>/resp/<worker>/<k>``: the master answers under the count the
-request names. A (re)starting worker joins under ``<prefix>/req/<worker>/join-<token>``
-and reads the answer under ``<prefix>/joined/<worker>/<token>``, a token of its own
-incarnation, so that an answer a killed incarnation never read is never taken by the
-next. It writes a heartbeat under ``<prefix>/alive/<worker>`` every :data:`HEARTBEAT_S`
-seconds and ``<prefix>/done/<worker>`` when it closes.
+Every message to the master goes into one arrival log (:func:`post`): the sender takes
+the next number from a counter in the store (``<prefix>/arrivals``, atomic) and writes
+the message under ``<prefix>/arrival/<number>``; the master waits on the next number
+with a blocking read (:class:`Arrivals`), so it wakes when a message arrives and polls
+nothing. A message is an exchange's request (tagged with the count it names), a join
+(``join-<token>``) or a close (``done``). The master answers an exchange under
+``<prefix>/resp/<worker>/<k>``, the count the request names, and a join under
+``<prefix>/joined/<worker>/<token>``, a token of the joining incarnation, so that an
+answer a killed incarnation never read is never taken by the next. A worker writes a
+heartbeat under ``<prefix>/alive/<worker>`` every :data:`HEARTBEAT_S` seconds.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from __future__ import annotations
 import os
 import threading
 import time
+import warnings
 
 import jax
 import numpy as np
@@ -27,6 +31,8 @@ from wagrad._src import kvstore
 from wagrad._src.checkpoint import restore_checkpoint, save_checkpoint
 
 HEARTBEAT_S = 0.25  # a worker's heartbeat period; the master's check_s should be >= 4x
+HOLE_S = 1.0  # a log number taken but never written for this long, with later ones
+              # written, is skipped: its sender died between the two
 
 
 def join_backend():
@@ -51,13 +57,61 @@ def _check_worker(worker, sync_period):
     raise ValueError(f"`worker` must be an integer >= 0 (process index - 1), got {worker!r}.")
 
 
+def post(prefix, worker, tag, data=b""):
+  """Append a message to the master's arrival log: ``tag`` is an exchange's count, a
+  join's ``join-<token>`` or ``done``; ``data`` the message's bytes."""
+  n = kvstore.increment(f"{prefix}/arrivals")
+  kvstore.put(f"{prefix}/arrival/{n:012d}", f"{worker:05d}/{tag}/".encode() + data)
+
+
+class Arrivals:
+  """The master's reader of the arrival log, in the order the messages were numbered."""
+
+  def __init__(self, prefix):
+    self.prefix, self.next, self.missing_since = prefix, 1, None
+
+  def wait(self, timeout_s):
+    """The next message ``(worker, tag, data)``, waiting up to ``timeout_s`` (a blocking
+    read: no polling); None when none came."""
+    key = f"{self.prefix}/arrival/{self.next:012d}"
+    try:
+      raw = kvstore.get(key, timeout_s)
+    except TimeoutError:
+      self._skip_hole()
+      return None
+    kvstore.delete(key)
+    self.next, self.missing_since = self.next + 1, None
+    worker, tag, data = raw.split(b"/", 2)
+    return int(worker), tag.decode(), data
+
+  def _skip_hole(self):
+    """A sender killed between taking its number and writing its message leaves a hole:
+    once later numbers are written and the hole has stayed for HOLE_S, skip it."""
+    later = [int(k.rsplit("/", 1)[-1]) for k, _ in kvstore.listing(f"{self.prefix}/arrival/")]
+    later = [n for n in later if n > self.next]
+    now = time.monotonic()
+    if not later:
+      self.missing_since = None
+    elif self.missing_since is None:
+      self.missing_since = now
+    elif now - self.missing_since > HOLE_S:
+      self.next, self.missing_since = min(later), None
+
+
 def ask(prefix, worker, k, payload, like, timeout_s):
   """Send exchange k's request and wait for the master's answer (a NumPy tree)."""
-  bulk.send(store_key(prefix, "req", worker, k), payload)
+  post(prefix, worker, k, bulk.encode(payload))
   answer = store_key(prefix, "resp", worker, k)
   out = bulk.receive(answer, like, timeout_s)
   kvstore.delete(answer)
   return out
+
+
+def ignored_poll(poll_s):
+  """``poll_s`` of the serving functions does nothing since the master waits on arrivals."""
+  if poll_s is not None:
+    warnings.warn("`poll_s` is ignored and will be removed: the master waits on arrivals "
+                  "(no polling).", DeprecationWarning, stacklevel=3)
 
 
 def f32_zeros(tree):
@@ -95,7 +149,7 @@ class Worker:
   def close(self):
     """Tell the master this worker has finished."""
     self._beating.set()
-    kvstore.put(store_key(self._prefix, "done", self.worker), b"1")
+    post(self._prefix, self.worker, "done")
 
   def _joined(self, version):
     """What a worker keeps from a join besides the parameters (softsync: the version)."""
@@ -107,7 +161,7 @@ class Worker:
     kept for this worker. Returns the master's parameters, cast like ``params``. Needs
     a master serving as messages arrive (no forced ``order``)."""
     token = f"{os.getpid()}-{time.time_ns()}"  # this incarnation's own
-    kvstore.put(f"{self._prefix}/req/{self.worker:05d}/join-{token}", b"")
+    post(self._prefix, self.worker, f"join-{token}")
     like = (jax.tree_util.tree_map(lambda v: np.zeros(np.shape(v), v.dtype),
                                    jax.device_get(params)), np.int64(0), np.int64(0))
     answer = joined_key(self._prefix, self.worker, token)
@@ -119,7 +173,7 @@ class Worker:
 
 
 def serve(prefix, state, like, rule, num_workers, order, timeout_s, poll_s, check_s,
-           callback, version=None, checkpoint=None, to_saved=None, from_saved=None):
+          callback, version=None, checkpoint=None, to_saved=None, from_saved=None):
   """The master's loop: ``state, answer = rule(state, request)`` for each request
   (``state = (params, extra)``), in ``order`` first, then as they arrive, until every
   worker has closed or died. A worker's join (:meth:`Worker.rejoin`) is answered with
@@ -127,6 +181,7 @@ def serve(prefix, state, like, rule, num_workers, order, timeout_s, poll_s, chec
   ``(directory, every)``, the state (``to_saved(state)``, a fixed-structure tree;
   ``from_saved`` its inverse) and the counts saved with orbax every ``every`` exchanges
   and at the end, and restored from there at the start when a checkpoint exists."""
+  ignored_poll(poll_s)
   served = np.zeros(num_workers, np.int64)
   version = version or (lambda state: 0)
   to_saved = to_saved or (lambda state: state)
@@ -146,7 +201,6 @@ def serve(prefix, state, like, rule, num_workers, order, timeout_s, poll_s, chec
       for stale, _ in kvstore.listing(joined_key(prefix, i, "")):  # never read: its
         kvstore.delete(stale)                                    # incarnation is dead
       bulk.send(joined_key(prefix, i, tag), joined)
-      done.discard(i)
       return
     state, answer = rule(state, bulk.decode(data, like, timeout_s))
     # under the count the request names: the worker waits there, whatever this master
@@ -158,19 +212,19 @@ def serve(prefix, state, like, rule, num_workers, order, timeout_s, poll_s, chec
     if callback is not None:
       callback(_params(state), served)
 
-  done: set[int] = set()
-  if order is not None:
-    for i in order:
-      key = store_key(prefix, "req", int(i), served[int(i)])
-      data = kvstore.get(key, timeout_s)
-      kvstore.delete(key)
-      serve(int(i), data, int(served[int(i)]))
-
-  def finished():
-    done.update(i for i in range(num_workers) if i not in done
-                and kvstore.try_get(store_key(prefix, "done", i)) is not None)
-    return done
-  gone = serve_until(prefix, num_workers, serve, finished, timeout_s, poll_s, check_s)
+  arrivals, early = Arrivals(prefix), []
+  for i in (() if order is None else order):  # a forced order: what comes early waits
+    i = int(i)
+    wanted = (i, str(served[i]))
+    while (msg := next((m for m in early if m[:2] == wanted), None)) is None:
+      if (got := arrivals.wait(timeout_s)) is None:
+        raise TimeoutError(f"exchange {served[i]} of worker {i} did not arrive within "
+                           f"{timeout_s} s (is it alive?).")
+      early.append(got)
+    early.remove(msg)
+    serve(i, msg[2], int(msg[1]))
+  gone = serve_until(prefix, num_workers, serve, lambda: set(), timeout_s, check_s,
+                     arrivals, early)
   if path is not None:
     save()
   kvstore.put(f"{prefix}/center", kvstore.pack(_params(state)))
@@ -186,44 +240,46 @@ def checkpoint(directory, every):
   return directory, every
 
 
-def serve_until(prefix, num_workers, handle, finished, timeout_s, poll_s, check_s):
-  """Hand each request under ``prefix`` to ``handle(worker, data)`` as it arrives, until
-  every worker is in ``finished()`` or found dead (asked after ``check_s`` idle
-  seconds); ``TimeoutError`` after ``timeout_s`` with nothing arriving. ``handle(worker,
-  data, tag)`` gets the request's count as ``tag``; a join (key ``.../join-<token>``)
-  gets data None and its token, and brings a dead worker back. Returns the dead
-  workers."""
+def serve_until(prefix, num_workers, handle, finished, timeout_s, check_s, arrivals=None,
+                backlog=()):
+  """Hand each message of the arrival log (``backlog`` first) to ``handle(worker, data,
+  tag)`` as it arrives, until every worker has closed, is in ``finished()`` or was found
+  dead (asked whenever a wait of ``min(check_s / 4, HOLE_S / 2)`` ends idle); ``TimeoutError`` after ``timeout_s``
+  with nothing arriving. An exchange's ``tag`` is the count its request names; a join
+  gets data None and its token as ``tag``, and brings a dead (or closed) worker back.
+  Returns the dead workers."""
+  arrivals = arrivals or Arrivals(prefix)
+  backlog = list(backlog)
   gone: set[int] = set()
+  closed: set[int] = set()
   beats: dict[int, tuple] = {}  # worker -> (last heartbeat seen, when it last moved)
   idle_since = started = time.monotonic()
-  while len(finished() | gone) < num_workers:
-    pending = kvstore.listing(f"{prefix}/req/")
-    for key, data in pending:
-      kvstore.delete(key)
-      i, last = int(key.split("/")[-2]), key.split("/")[-1]
-      if last.startswith("join-"):  # a restarted worker is back
-        gone.discard(i)
-        beats.pop(i, None)
-        handle(i, None, last[len("join-"):])
-      else:
-        handle(i, data, int(last))
+  while len(finished() | closed | gone) < num_workers:
+    msg = backlog.pop(0) if backlog else arrivals.wait(min(check_s / 4, HOLE_S / 2))
     now = time.monotonic()
-    if pending:
+    if msg is not None:
       idle_since = now
+      i, tag, data = msg
+      if tag == "done":
+        closed.add(i)
+      elif tag.startswith("join-"):  # a restarted worker is back
+        gone.discard(i)
+        closed.discard(i)
+        beats.pop(i, None)
+        handle(i, None, tag[len("join-"):])
+      else:
+        handle(i, data, int(tag))
     elif now - idle_since > timeout_s:
       raise TimeoutError(f"nothing arrived and no worker finished for {timeout_s} s; "
-                         f"finished: {sorted(finished())} of {num_workers}.")
-    elif now - idle_since > check_s / 4:  # idle: has a worker's heartbeat stopped?
-      for i in set(range(num_workers)) - finished() - gone:
+                         f"finished: {sorted(finished() | closed)} of {num_workers}.")
+    else:  # idle: has a worker's heartbeat stopped?
+      for i in set(range(num_workers)) - finished() - closed - gone:
         beat = kvstore.try_get(store_key(prefix, "alive", i))
         seen, since = beats.get(i, (None, started))
         if beat != seen:
           beats[i] = (beat, now)
         elif now - since > (check_s if beat is not None else timeout_s):
           gone.add(i)  # its heartbeat stopped (one never heard from: timeout_s to start)
-      time.sleep(max(poll_s, check_s / 8))
-    else:
-      time.sleep(poll_s)
   return gone
 
 

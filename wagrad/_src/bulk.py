@@ -83,18 +83,23 @@ def _unflat(flat: np.ndarray, like):
   return jax.tree_util.tree_unflatten(treedef, out)
 
 
-def send(key: str, tree) -> None:
-  """Make ``tree`` (arrays) readable by :func:`receive` under ``key``. It travels as one
-  flat buffer of its leaves' bytes (design.md, Plain state, flat messages), so every
-  dtype arrives exactly as sent."""
+def encode(tree) -> bytes:
+  """The message that makes ``tree`` (arrays) readable by :func:`decode`: a control
+  message naming it on this process's transfer server, or its bytes on the store path.
+  It travels as one flat buffer of its leaves' bytes (design.md, Plain state, flat
+  messages), so every dtype arrives exactly as sent."""
   flat = _flat(tree)
   server = _server()
   if server is None:
-    kvstore.put(key, flat.tobytes())
-    return
+    return flat.tobytes()
   uid = (jax.process_index() << 40) | next(_state["ids"])
   server.await_pull(uid, [jax.device_put(flat, jax.local_devices()[0])])
-  kvstore.put(key, _MAGIC + struct.pack("<qq", uid, flat.size) + server.address().encode())
+  return _MAGIC + struct.pack("<qq", uid, flat.size) + server.address().encode()
+
+
+def send(key: str, tree) -> None:
+  """Make ``tree`` readable by :func:`receive` under ``key`` (:func:`encode`)."""
+  kvstore.put(key, encode(tree))
 
 
 def decode(data: bytes, like, timeout_s: float):

@@ -186,6 +186,28 @@ def _shared_flag(any_exchange):
   return anyone
 
 
+def master_step(target, momentum, acc, pushing, mu, axis_name):
+  """The master adds the pushing (finite) workers' accumulated updates:
+  ``m <- mu m + sum_i Delta_i``, ``x_M <- x_M + m`` (``m`` None when mu = 0). Returns
+  the master's new ``(x_M, m)``; a worker's non-finite ``Delta_i`` is left out."""
+  finite = C.tree_is_finite(acc) & pushing
+  tot = C.send(_tmap(lambda d: jnp.where(finite, d, jnp.zeros_like(d)), acc),
+               lambda v: lax.psum(v, axis_name))
+  if mu == 0:
+    momentum, step = None, tot
+  else:
+    momentum = _tmap(lambda m, t: mu * m + t, momentum, tot)
+    step = momentum
+  return _tmap(lambda xm, s: (_f32(xm) + s).astype(xm.dtype), target, step), momentum
+
+
+def push_from_one(target, momentum, delta, mu):
+  """The asynchronous master's side of one worker's push across processes:
+  :func:`master_step` with that worker alone (jit it with ``mu`` static)."""
+  return jax.vmap(lambda d: master_step(target, momentum, d, True, mu, "worker"),
+                  axis_name="worker", out_axes=None)(_tmap(lambda v: v[None], delta))
+
+
 @dataclasses.dataclass(frozen=True)
 class _Downpour:
   """:func:`downpour`'s settings and the master's side of a push."""
@@ -195,18 +217,10 @@ class _Downpour:
   sync_period: Any
 
   def push(self, sh, acc, pushing):
-    """The master adds the pushing (finite) workers' accumulated updates:
-    ``m <- mu m + sum_i Delta_i``, ``x_M <- x_M + m``."""
-    finite = C.tree_is_finite(acc) & pushing
-    tot = C.send(_tmap(lambda d: jnp.where(finite, d, jnp.zeros_like(d)), acc),
-                 lambda v: lax.psum(v, self.axis_name))
-    if self.mu == 0:
-      mom, step = None, tot
-    else:
-      mom = _tmap(lambda m, t: self.mu * m + t, sh.momentum, tot)
-      step = mom
-    master = _tmap(lambda xm, s: (_f32(xm) + s).astype(xm.dtype), sh.target, step)
-    return dict(target=master, momentum=mom)
+    """The master's side of this step's pushes (:func:`master_step`)."""
+    target, momentum = master_step(sh.target, sh.momentum, acc, pushing, self.mu,
+                                   self.axis_name)
+    return dict(target=target, momentum=momentum)
 
   def async_update(self, grads, state, params, active, any_exchange, extra):
     """Own clocks: worker i pushes after every tau-th of its active steps."""

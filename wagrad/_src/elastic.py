@@ -9,8 +9,10 @@ moving rate ``alpha``::
 :func:`elastic_diff` forms ``x_i - x~``, :func:`center_exchange` the center's step (one
 all-reduce, non-finite workers left out), :func:`elastic_update` the worker's step.
 EASGD and EAMSGD (:mod:`wagrad._src.easgd`), tree EASGD's levels
-(:mod:`wagrad._src.hierarchical`) and the simulated asynchronous center
-(:mod:`wagrad._src.simulated_async`) take their exchange from here.
+(:mod:`wagrad._src.hierarchical`), the simulated asynchronous center
+(:mod:`wagrad._src.simulated_async`) and the asynchronous master across processes
+(:func:`exchange_with_one`, :mod:`wagrad._src.async_processes`) take their exchange from
+here.
 """
 
 from __future__ import annotations
@@ -121,3 +123,16 @@ def reset_nonfinite(upd, finite, new_center, params):
   """A non-finite worker moves to the new center (the update ``c_new - x``)."""
   return _tmap(lambda v, c, x: jnp.where(finite, v, (c.astype(x.dtype) - x)),
                upd, new_center, params)
+
+
+def exchange_with_one(center, x, a):
+  """The asynchronous master's side of one worker's exchange (Algorithm 1): the exchange
+  of :func:`center_exchange` with that worker alone, so ``e = alpha (x - x~)`` and
+  ``x~ <- x~ + e``. A non-finite ``x`` is left out: ``e = 0``, the center kept.
+  Returns ``(new_center, e, finite)``."""
+  def one(x):
+    finite, step, _ = center_exchange(elastic_diff(x, x, center), a, "worker")
+    return finite, step
+  finite, e = jax.vmap(one, axis_name="worker", out_axes=(0, None))(
+      _tmap(lambda v: v[None], x))
+  return _tmap(lambda c, s: (_f32(c) + s).astype(c.dtype), center, e), e, finite[0]

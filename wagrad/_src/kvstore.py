@@ -21,7 +21,8 @@ import jax
 import numpy as np
 
 _NEEDED = ("key_value_set_bytes", "key_value_try_get_bytes", "blocking_key_value_get_bytes",
-           "key_value_dir_get_bytes", "key_value_delete", "get_live_nodes")
+           "key_value_dir_get_bytes", "key_value_delete", "key_value_increment",
+           "get_live_nodes")
 
 
 def client():
@@ -99,6 +100,11 @@ def try_get(key: str):
 def listing(prefix: str) -> list:
   """``(key, bytes)`` of every key under ``prefix`` (sorted by key)."""
   return sorted(client().key_value_dir_get_bytes(prefix))
+
+
+def increment(key: str) -> int:
+  """Add one to the counter under ``key`` (atomically, 0 when absent); the new value."""
+  return int(client().key_value_increment(key, 1))
 
 
 def delete(key: str):
