@@ -14,7 +14,9 @@ than the master's check_s) before its last step, alive all the while; mode "late
 2 starts 4 s late; mode "nan": worker 1's parameters turn NaN before its third step. Mode "ckpt": the
 master checkpoints after every exchange and kills itself after the fifth; mode "resume":
 a new job whose master resumes from that checkpoint and whose workers rejoin (all
-joins before any step).
+joins before any step). An optional 9th argument S > 1 (EASGD, DOWNPOUR): processes
+0..S-1 are the servers of a sharded master (server s saves under "<out>_s<s>"), the
+workers are processes S.. .
 """
 import os
 import signal
@@ -64,16 +66,19 @@ def loss(p, A, b):
 def main():
   port, n, pid, out, tau, alpha, mode = sys.argv[1:8]
   algo = sys.argv[8] if len(sys.argv) > 8 else "easgd"
+  S = int(sys.argv[9]) if len(sys.argv) > 9 else 1  # server processes (sharded master)
   n, pid, tau, alpha = int(n), int(pid), int(tau), float(alpha)
   jax.config.update("jax_enable_recoverability", True)  # a killed worker stops no one
   wagrad.initialize_distributed(f"127.0.0.1:{port}", n, pid, timeout_seconds=60,
                                 heartbeat_timeout_seconds=3)
-  K = n - 1
+  K = n - S
   A, b, w0, active = problem(K)
   p = {"w": w0}
   if algo in ("lsgd", "downpour"):
     active = one_at_a_time(K)
-  if pid == 0:
+  shards = {} if S == 1 else {"server": pid, "num_servers": S}
+  if pid < S:
+    out = out if S == 1 else f"{out}_s{pid}"
     if algo == "wpsgd":
       center, served, gone = async_.serve_wpsgd(p, K, timeout_s=60, check_s=3.0)
     elif algo == "lsgd":
@@ -91,11 +96,11 @@ def main():
       order = [i for t in range(STEPS) for i in range(K) if exch[t, i]]
       center, served, gone = async_.serve_downpour(
           p, K, momentum=alpha, order=order if mode == "order" else None, timeout_s=60,
-          check_s=3.0)
+          check_s=3.0, **shards)
     else:
       exch, _ = wagrad.schedules.async_easgd_schedule(active, tau)
       order = [i for t in range(STEPS) for i in range(K) if exch[t, i]]
-      centers = [w0]
+      centers = [w0 if S == 1 else np.array_split(w0, S)[pid]]
 
       def callback(c, served):
         centers.append(np.array(c["w"]))
@@ -105,11 +110,11 @@ def main():
       center, served, gone = async_.serve_easgd(
           p, K, alpha=alpha, order=order if mode == "order" else None, timeout_s=60,
           check_s=3.0, callback=callback, checkpoint_every=1,
-          checkpoint_dir=f"{out}_ckpt" if mode in ("ckpt", "resume") else None)
+          checkpoint_dir=f"{out}_ckpt" if mode in ("ckpt", "resume") else None, **shards)
     np.savez(f"{out}_master.npz", center=center["w"], served=served, gone=np.array(gone),
              centers=np.array(centers if algo == "easgd" else []))
     return
-  i = pid - 1
+  i = pid - S
   if algo == "softsync":
     learner = async_.SoftsyncLearner(i, timeout_s=60)
     grad = jax.jit(jax.grad(loss))
@@ -127,7 +132,7 @@ def main():
     if mode == "late" and i == 2:
       time.sleep(4.0)  # still starting (data, compilation): no heartbeat yet
     make = async_.DownpourWorker if algo == "downpour" else async_.EASGDWorker
-    worker = make(i, tau, timeout_s=60)
+    worker = make(i, tau, timeout_s=60, num_servers=S)
   if mode in ("rejoined", "resume"):
     p = worker.rejoin(p)
     name = "joined" if mode == "rejoined" else f"joined{i}"

@@ -31,9 +31,10 @@ def _free_port():
     return s.getsockname()[1]
 
 
-def _spawn(port, n, i, out, tau, alpha, mode, algo):
+def _spawn(port, n, i, out, tau, alpha, mode, algo, servers=1):
   return subprocess.Popen([sys.executable, os.path.join(HERE, "async_worker.py"), port,
-                           str(n), str(i), out, str(tau), str(alpha), mode, algo],
+                           str(n), str(i), out, str(tau), str(alpha), mode, algo,
+                           str(servers)],
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
@@ -54,9 +55,9 @@ def _finish(procs, killed=()):
              for i, p in enumerate(procs)), "\n".join(o[-2000:] for o in outs)
 
 
-def _run(n, out, tau, alpha, mode="order", algo="easgd"):
+def _run(n, out, tau, alpha, mode="order", algo="easgd", servers=1):
   port = str(_free_port())
-  procs = [_spawn(port, n, i, out, tau, alpha, mode, algo) for i in range(n)]
+  procs = [_spawn(port, n, i, out, tau, alpha, mode, algo, servers) for i in range(n)]
   _finish(procs, {2} if mode == "kill" else set())  # process 2 = worker 1 kills itself
 
 
@@ -265,6 +266,27 @@ def test_a_killed_worker_stops_no_one(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("algo", ["easgd", "downpour"])
+def test_a_master_sharded_over_two_servers_equals_one(tmp_path, algo):
+  """S = 2 server processes, each keeping a slice of the parameters (2 and 1 of the 3
+  values), serve in the forced order: the joined center and every worker equal the
+  one-master rule (the simulation for EASGD, NumPy for DOWNPOUR)."""
+  K, tau, alpha = 3, 2, (0.3 if algo == "easgd" else 0.5)
+  out = str(tmp_path / "run")
+  _run(K + 2, out, tau, alpha, algo=algo, servers=2)
+  parts = [np.load(f"{out}_s{s}_master.npz") for s in range(2)]
+  assert [p["center"].size for p in parts] == [2, 1]
+  x, center = (_simulated(K, tau, alpha) if algo == "easgd"
+               else np_async_downpour(K, tau, alpha)[:2])
+  np.testing.assert_allclose(np.concatenate([p["center"] for p in parts]), center,
+                             rtol=1e-5, atol=1e-6)
+  for i in range(K):
+    w = np.load(f"{out}_worker{i}.npz")
+    np.testing.assert_allclose(w["w"], x[i], rtol=1e-5, atol=1e-6, err_msg=f"worker {i}")
+    assert int(w["exchanges"]) == int(parts[0]["served"][i]) == int(parts[1]["served"][i])
+
+
+@pytest.mark.slow
 def test_a_worker_gone_non_finite_is_left_out_and_takes_the_center(tmp_path):
   """Worker 1's parameters turn NaN before an exchange step: the master's center never
   takes them, and the worker continues from the center (finite at the end), its
@@ -429,6 +451,12 @@ def test_bad_arguments_and_a_missing_runtime_are_named():
                        checkpoint_every=0)
   with pytest.raises(ValueError, match="no worker has weight"):
     async_ranked.master_wpsgd([{"w": np.zeros(2)}], [0])
+  with pytest.raises(ValueError, match="num_servers"):
+    async_.EASGDWorker(0, 2, num_servers=0)
+  with pytest.raises(ValueError, match=r"`server` must be an integer in \[0, num_servers=2\)"):
+    async_.serve_easgd({"w": np.zeros(2)}, 2, alpha=0.5, server=2, num_servers=2)
+  with pytest.raises(ValueError, match="num_servers"):
+    async_.serve_downpour({"w": np.zeros(2)}, 2, num_servers=0)
   worker = async_.EASGDWorker(0, 2)  # the first step exchanges: it needs the store
   with pytest.raises(RuntimeError, match="initialize_distributed"):
     worker.apply_updates({"w": jnp.zeros(2)}, {"w": jnp.ones(2)})

@@ -54,7 +54,8 @@ from wagrad._src import arguments
 from wagrad._src import downpour
 from wagrad._src import elastic
 from wagrad._src import kvstore
-from wagrad._src.async_serving import (ask, checkpoint, f32_zeros, join_backend, serve, Worker)
+from wagrad._src.async_serving import (check_servers, checkpoint, f32_zeros, join_backend,
+                                       serve, server_prefix, shard, unshard, Worker)
 from wagrad._src.base import PyTree
 
 PREFIX = "wagrad/easgd"
@@ -91,6 +92,8 @@ class EASGDWorker(Worker):
     worker: this worker's index in ``[0, N)``.
     sync_period: tau >= 1, in this worker's own steps.
     timeout_s: longest wait for the master's answer (``TimeoutError`` after it).
+    num_servers: S, the server processes of a sharded master (:func:`serve_easgd`);
+      the worker talks to all of them, a slice of its parameters to each.
   """
   _prefix = PREFIX
 
@@ -111,15 +114,21 @@ class EASGDWorker(Worker):
       # no elastic step repairs non-finite parameters (the master would leave them
       # out): this worker takes the master's center instead, as a restarted one does
       return self.rejoin(params)
-    e = ask(PREFIX, self.worker, self.exchanges, host, f32_zeros(host), self.timeout_s)
+    e = self._ask(host, f32_zeros(host))
     self.exchanges += 1
     return jax.tree_util.tree_map(
         lambda x, u, d: (x.astype(np.float32) + u.astype(np.float32) - d).astype(x.dtype),
         params, updates, e)
 
-  def center(self):
-    """The master's final center (written when the master stops)."""
-    return kvstore.get(f"{PREFIX}/center", self.timeout_s)
+  def center(self, like):
+    """The master's final center (written when the master stops), shaped as ``like``."""
+    host = jax.tree_util.tree_map(lambda v: np.zeros(np.shape(v), v.dtype),
+                                  jax.device_get(like))
+    S = self.num_servers
+    parts = [kvstore.unpack(kvstore.get(f"{prefix}/center", self.timeout_s),
+                            host if S == 1 else shard(host, s, S))
+             for s, prefix in enumerate(self._prefixes)]
+    return parts[0] if S == 1 else unshard(parts, host)
 
 
 @arguments.checked_arguments(where="wagrad.async_")
@@ -127,7 +136,8 @@ def serve_easgd(params0: PyTree, num_workers: int, *, alpha: float,
                 order: Sequence[int] | None = None, timeout_s: float = 120.0,
                 poll_s: float | None = None, check_s: float = 2.0,
                 callback: Callable[[PyTree, np.ndarray], Any] | None = None,
-                checkpoint_dir: str | None = None, checkpoint_every: int = 100
+                checkpoint_dir: str | None = None, checkpoint_every: int = 100,
+                server: int = 0, num_servers: int = 1
                 ) -> tuple[PyTree, np.ndarray, list[int]]:
   """Run the master of asynchronous EASGD in this process until every worker has closed.
 
@@ -156,23 +166,33 @@ def serve_easgd(params0: PyTree, num_workers: int, *, alpha: float,
       workers continue with :meth:`EASGDWorker.rejoin`. Process 0 hosts JAX's
       coordination service, so when the master dies the whole job restarts.
     checkpoint_every: exchanges served between two checkpoints.
+    server, num_servers: a sharded master: this process is server ``server`` of S =
+      ``num_servers`` (processes ``0..S-1``; the workers are processes ``S..S+N-1``,
+      worker index = process index - S, each built with ``num_servers=S``). Each
+      server keeps chunk ``server`` of every leaf's values (``np.array_split`` of the
+      flattened leaf) and serves the same rule on it; the rule is elementwise, so the
+      result is the unsharded one. S = 1 (default): one master, process 0.
 
   Returns:
-    ``(center, served, gone)``: the final center (NumPy tree), the number of exchanges
-    served per worker and the workers found dead. The center is also written for
-    :meth:`EASGDWorker.center`.
+    ``(center, served, gone)``: the final center (NumPy tree; with S > 1 this server's
+    chunks, flat), the number of exchanges served per worker and the workers found
+    dead. The center is also written for :meth:`EASGDWorker.center`.
   """
   if not 0.0 < alpha < 1.0:
     raise ValueError(f"`alpha` must be in (0, 1), got {alpha!r}.")
+  check_servers(server, num_servers)
   join_backend()
   center = jax.tree_util.tree_map(lambda x: np.array(x), jax.device_get(params0))
+  if num_servers > 1:
+    center = shard(center, server, num_servers)
   like = jax.tree_util.tree_map(lambda x: np.zeros(np.shape(x), np.asarray(x).dtype), center)
 
   def rule(state, x):
     center, e = master_exchange(state[0], x, alpha)
     return (center, None), e
-  return serve(PREFIX, (center, None), like, rule, num_workers, order, timeout_s, poll_s,
-                check_s, callback, checkpoint=checkpoint(checkpoint_dir, checkpoint_every))
+  return serve(server_prefix(PREFIX, server, num_servers), (center, None), like, rule,
+               num_workers, order, timeout_s, poll_s, check_s, callback,
+               checkpoint=checkpoint(checkpoint_dir, checkpoint_every))
 
 
 def _softsync_saved(state, theta0, c):
@@ -222,12 +242,15 @@ class DownpourWorker(Worker):
     worker: this worker's index in ``[0, N)``.
     sync_period: tau >= 1, in this worker's own steps.
     timeout_s: longest wait for the master's answer (``TimeoutError`` after it).
+    num_servers: S, the server processes of a sharded parameter server
+      (:func:`serve_downpour`).
   """
 
   _prefix = DOWNPOUR_PREFIX
 
-  def __init__(self, worker: int, sync_period: int, *, timeout_s: float = 120.0):
-    super().__init__(worker, sync_period, timeout_s=timeout_s)
+  def __init__(self, worker: int, sync_period: int, *, timeout_s: float = 120.0,
+               num_servers: int = 1):
+    super().__init__(worker, sync_period, timeout_s=timeout_s, num_servers=num_servers)
     self.accumulated: Any = None  # this worker's updates since its last push (device)
 
   def due(self) -> bool:
@@ -243,8 +266,7 @@ class DownpourWorker(Worker):
       self.accumulated, self.clock = acc, self.clock + 1
       return optax.apply_updates(params, updates)
     like = jax.tree_util.tree_map(lambda x: np.zeros(np.shape(x), x.dtype), params)
-    x_m = ask(DOWNPOUR_PREFIX, self.worker, self.exchanges, jax.device_get(acc), like,
-               self.timeout_s)
+    x_m = self._ask(jax.device_get(acc), like)
     self.accumulated, self.clock, self.exchanges = None, self.clock + 1, self.exchanges + 1
     return jax.tree_util.tree_map(lambda x, m: jax.numpy.asarray(m, x.dtype), params, x_m)
 
@@ -255,7 +277,8 @@ def serve_downpour(params0: PyTree, num_workers: int, *, momentum: float = 0.0,
                    order: Sequence[int] | None = None, timeout_s: float = 120.0,
                    poll_s: float | None = None, check_s: float = 2.0,
                    callback: Callable[[PyTree, np.ndarray], Any] | None = None,
-                   checkpoint_dir: str | None = None, checkpoint_every: int = 100
+                   checkpoint_dir: str | None = None, checkpoint_every: int = 100,
+                   server: int = 0, num_servers: int = 1
                    ) -> tuple[PyTree, np.ndarray, list[int]]:
   """Run the master (parameter server) of asynchronous DOWNPOUR until every worker has
   closed: each push ``Delta`` is applied as it arrives (:func:`master_push`) and
@@ -267,18 +290,23 @@ def serve_downpour(params0: PyTree, num_workers: int, *, momentum: float = 0.0,
     momentum: mu in [0, 1): MDOWNPOUR's momentum on the master's update [reconstruction].
     order, timeout_s, poll_s, check_s, callback, checkpoint_dir, checkpoint_every:
       as :func:`serve_easgd`.
+    server, num_servers: as :func:`serve_easgd` (a sharded parameter server, as in the
+      DOWNPOUR paper).
 
   Returns:
-    ``(params, served, gone)``: the master's final parameters (NumPy tree), the pushes
-    served per worker and the workers found dead.
+    ``(params, served, gone)``: the master's final parameters (NumPy tree; with S > 1
+    this server's chunks), the pushes served per worker and the workers found dead.
   """
   if not 0.0 <= momentum < 1.0:
     raise ValueError(f"`momentum` must be in [0, 1), got {momentum!r}.")
+  check_servers(server, num_servers)
   join_backend()
   x = jax.tree_util.tree_map(lambda v: np.array(v), jax.device_get(params0))
+  if num_servers > 1:
+    x = shard(x, server, num_servers)
   like = f32_zeros(x)
   state = (x, None if momentum == 0 else f32_zeros(x))
-  return serve(DOWNPOUR_PREFIX, state, like,
+  return serve(server_prefix(DOWNPOUR_PREFIX, server, num_servers), state, like,
                 lambda st, delta: master_push(st, delta, momentum), num_workers, order,
                 timeout_s, poll_s, check_s, callback,
                 checkpoint=checkpoint(checkpoint_dir, checkpoint_every))
@@ -328,8 +356,7 @@ class SoftsyncLearner(Worker):
     like = (jax.tree_util.tree_map(lambda x: np.zeros(np.shape(x), x.dtype), params),
             np.int64(0))
     g32 = jax.tree_util.tree_map(lambda x: np.asarray(x, np.float32), host)
-    theta, version = ask(SOFTSYNC_PREFIX, self.worker, self.exchanges,
-                          (g32, np.int64(self.version)), like, self.timeout_s)
+    theta, version = self._ask((g32, np.int64(self.version)), like)
     self.version, self.exchanges = int(version), self.exchanges + 1
     return jax.tree_util.tree_map(lambda x, t: jax.numpy.asarray(t, x.dtype), params, theta)
 

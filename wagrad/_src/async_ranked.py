@@ -26,7 +26,7 @@ from wagrad._src import arguments
 from wagrad._src import bulk
 from wagrad._src import leaders
 from wagrad._src import wpsgd as _wpsgd
-from wagrad._src.async_serving import (ask, checkpoint, ignored_poll, join_backend, joined_key,
+from wagrad._src.async_serving import (checkpoint, ignored_poll, join_backend, joined_key,
                                        outlive_workers, serve, serve_until, store_key, Worker)
 from wagrad._src.base import PyTree
 
@@ -102,7 +102,7 @@ class LSGDWorker(Worker):
     host = jax.device_get(x)
     like = jax.tree_util.tree_map(lambda v: np.zeros(np.shape(v), v.dtype), host)
     report = (host, np.float32(self.running_loss()), np.int64(self.worker))
-    L = ask(LSGD_PREFIX, self.worker, self.exchanges, report, like, self.timeout_s)
+    L = self._ask(report, like)
     self.exchanges += 1
     if not all(np.isfinite(v).all() for v in jax.tree_util.tree_leaves(host)):
       return jax.tree_util.tree_map(jax.numpy.asarray, L)
@@ -210,8 +210,7 @@ class WPSGDWorker(Worker):
     """Send this worker's model and step count; return the weighted combination."""
     host = jax.device_get(params)
     like = jax.tree_util.tree_map(lambda v: np.zeros(np.shape(v), v.dtype), host)
-    out = ask(WPSGD_PREFIX, self.worker, self.exchanges, (host, np.int64(self.clock)),
-               like, self.timeout_s)
+    out = self._ask((host, np.int64(self.clock)), like)
     self.exchanges += 1
     return jax.tree_util.tree_map(lambda x, v: jax.numpy.asarray(v, x.dtype), params, out)
 
@@ -253,7 +252,7 @@ def serve_wpsgd(params0: PyTree, num_workers: int, *, weighting: str = "samples"
   for i in ids:
     bulk.send(store_key(WPSGD_PREFIX, "resp", i, 0), model)
   steps = np.array([int(got[i][1]) if i in got else -1 for i in range(num_workers)])
-  outlive_workers(num_workers, timeout_s)
+  outlive_workers(timeout_s)
   return model, steps, sorted(gone)
 
 

@@ -50,6 +50,35 @@ def joined_key(prefix, worker, token):
   return f"{prefix}/joined/{worker:05d}/{token}"
 
 
+def server_prefix(prefix, server, num_servers):
+  """The key prefix of server ``server`` of ``num_servers`` (``prefix`` itself for one)."""
+  return prefix if num_servers == 1 else f"{prefix}/server{server:03d}"
+
+
+def check_servers(server, num_servers):
+  """Validate a server's index among ``num_servers`` (sharded serving)."""
+  if not isinstance(num_servers, int) or num_servers < 1:
+    raise ValueError(f"`num_servers` must be an integer >= 1, got {num_servers!r}.")
+  if not isinstance(server, int) or not 0 <= server < num_servers:
+    raise ValueError(f"`server` must be an integer in [0, num_servers={num_servers}), "
+                     f"got {server!r}.")
+
+
+def shard(tree, server, num_servers):
+  """Server ``server``'s slice of ``tree``: chunk ``server`` of every leaf's values,
+  flattened (``np.array_split``: the chunks' sizes differ by one at most), so that an
+  elementwise rule served on the slices computes what it does on the whole."""
+  return jax.tree_util.tree_map(
+      lambda x: np.array_split(np.asarray(x).reshape(-1), num_servers)[server], tree)
+
+
+def unshard(parts, like):
+  """Inverse of :func:`shard` over every server: each leaf's chunks joined in server
+  order, shaped as ``like``'s."""
+  return jax.tree_util.tree_map(
+      lambda x, *chunks: np.concatenate(chunks).reshape(np.shape(x)), like, *parts)
+
+
 def _check_worker(worker, sync_period):
   if not isinstance(sync_period, int) or sync_period < 1:
     raise ValueError(f"`sync_period` must be an integer >= 1, got {sync_period!r}.")
@@ -120,13 +149,20 @@ def f32_zeros(tree):
 
 class Worker:
   """What every worker process keeps: its index, period, own clock and exchange count.
-  A subclass names its algorithm's key prefix (``_prefix``)."""
+  A subclass names its algorithm's key prefix (``_prefix``). With ``num_servers`` S > 1
+  the server side is S processes, each owning a slice of the parameters
+  (:func:`shard`); every exchange talks to all of them, its requests sent before any
+  answer is awaited."""
   _prefix: str
 
-  def __init__(self, worker: int, sync_period: int, *, timeout_s: float = 120.0):
+  def __init__(self, worker: int, sync_period: int, *, timeout_s: float = 120.0,
+               num_servers: int = 1):
     _check_worker(worker, sync_period)
+    check_servers(0, num_servers)
     join_backend()
     self.worker, self.tau, self.timeout_s = worker, sync_period, timeout_s
+    self.num_servers = num_servers
+    self._prefixes = [server_prefix(self._prefix, s, num_servers) for s in range(num_servers)]
     self.clock = 0      # this worker's own steps
     self.exchanges = 0  # exchanges done
     self._beating = threading.Event()
@@ -142,14 +178,31 @@ class Worker:
     call it, so a master cannot ask it alone)."""
     n = 0
     while not self._beating.is_set():
-      kvstore.put(store_key(self._prefix, "alive", self.worker), np.int64(n).tobytes())
+      for prefix in self._prefixes:
+        kvstore.put(store_key(prefix, "alive", self.worker), np.int64(n).tobytes())
       n += 1
       self._beating.wait(HEARTBEAT_S)
 
   def close(self):
     """Tell the master this worker has finished."""
     self._beating.set()
-    post(self._prefix, self.worker, "done")
+    for prefix in self._prefixes:
+      post(prefix, self.worker, "done")
+
+  def _ask(self, payload, like):
+    """This worker's exchange ``self.exchanges``: ``payload`` to the server side, its
+    answer shaped as ``like`` back (a slice to and from each server, joined)."""
+    if self.num_servers == 1:
+      return ask(self._prefix, self.worker, self.exchanges, payload, like, self.timeout_s)
+    S, k = self.num_servers, self.exchanges
+    for s, prefix in enumerate(self._prefixes):  # every request out, then the answers
+      post(prefix, self.worker, k, bulk.encode(shard(payload, s, S)))
+    parts = []
+    for s, prefix in enumerate(self._prefixes):
+      answer = store_key(prefix, "resp", self.worker, k)
+      parts.append(bulk.receive(answer, shard(like, s, S), self.timeout_s))
+      kvstore.delete(answer)
+    return unshard(parts, like)
 
   def _joined(self, version):
     """What a worker keeps from a join besides the parameters (softsync: the version)."""
@@ -161,14 +214,21 @@ class Worker:
     kept for this worker. Returns the master's parameters, cast like ``params``. Needs
     a master serving as messages arrive (no forced ``order``)."""
     token = f"{os.getpid()}-{time.time_ns()}"  # this incarnation's own
-    post(self._prefix, self.worker, f"join-{token}")
-    like = (jax.tree_util.tree_map(lambda v: np.zeros(np.shape(v), v.dtype),
-                                   jax.device_get(params)), np.int64(0), np.int64(0))
-    answer = joined_key(self._prefix, self.worker, token)
-    theirs, served, version = bulk.receive(answer, like, self.timeout_s)
-    kvstore.delete(answer)
-    self.exchanges = int(served)
-    self._joined(int(version))
+    for prefix in self._prefixes:
+      post(prefix, self.worker, f"join-{token}")
+    host = jax.tree_util.tree_map(lambda v: np.zeros(np.shape(v), v.dtype),
+                                  jax.device_get(params))
+    S, parts, served, version = self.num_servers, [], 0, 0
+    for s, prefix in enumerate(self._prefixes):
+      like = (host if S == 1 else shard(host, s, S), np.int64(0), np.int64(0))
+      answer = joined_key(prefix, self.worker, token)
+      theirs, n, v = bulk.receive(answer, like, self.timeout_s)
+      kvstore.delete(answer)
+      parts.append(theirs)
+      served, version = max(served, int(n)), int(v) if s == 0 else version
+    self.exchanges = served  # a server may have missed a request its sender died during
+    self._joined(version)
+    theirs = parts[0] if S == 1 else unshard(parts, host)
     return jax.tree_util.tree_map(lambda x, v: jax.numpy.asarray(v, x.dtype), params, theirs)
 
 
@@ -228,7 +288,7 @@ def serve(prefix, state, like, rule, num_workers, order, timeout_s, poll_s, chec
   if path is not None:
     save()
   kvstore.put(f"{prefix}/center", kvstore.pack(_params(state)))
-  outlive_workers(num_workers, timeout_s)
+  outlive_workers(timeout_s)
   return _params(state), served, sorted(gone)
 
 
@@ -289,12 +349,13 @@ def _params(state):
   return state[0]
 
 
-def outlive_workers(num_workers, timeout_s):
+def outlive_workers(timeout_s):
   """With recoverable tasks JAX's shutdown barrier no longer holds process 0 (which hosts
   the coordination service) until the others leave; a worker still disconnecting when
-  it has gone is terminated. Wait until no worker process is alive."""
-  if not jax.config.jax_enable_recoverability:
-    return  # the shutdown barrier waits for everyone
+  it has gone is terminated. Process 0 waits until no other process is alive (the
+  workers, and the other servers of a sharded server side)."""
+  if not jax.config.jax_enable_recoverability or jax.process_index() != 0:
+    return  # the shutdown barrier waits for everyone, or it hosts no service
   deadline = time.monotonic() + timeout_s
-  while kvstore.live(range(1, num_workers + 1)) and time.monotonic() < deadline:
+  while kvstore.live(range(1, jax.process_count())) and time.monotonic() < deadline:
     time.sleep(0.1)
