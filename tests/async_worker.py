@@ -14,13 +14,16 @@ than the master's check_s) before its last step, alive all the while; mode "late
 2 starts 4 s late; mode "nan": worker 1's parameters turn NaN before its third step. Mode "ckpt": the
 master checkpoints after every exchange and kills itself after the fifth; mode "resume":
 a new job whose master resumes from that checkpoint and whose workers rejoin (all
-joins before any step). An optional 9th argument S > 1 (EASGD, DOWNPOUR): processes
+joins before any step). Mode "chaos": workers 0 and 1 are killed at seeded points of
+their store calls, several times each (:func:`_chaos`), and the test restarts them; each
+incarnation after the first rejoins. An optional 9th argument S > 1 (EASGD, DOWNPOUR): processes
 0..S-1 are the servers of a sharded master (server s saves under "<out>_s<s>"), the
 workers are processes S.. .
 """
 import os
 import signal
 import sys
+import threading
 import time
 
 os.environ["JAX_PLATFORMS"] = "cpu"
@@ -63,6 +66,32 @@ def loss(p, A, b):
   return jax.numpy.mean((A @ p["w"] - b) ** 2)
 
 
+def _chaos(i, kills=3):
+  """Mode "chaos": incarnation j (env WAGRAD_TEST_INCARNATION) of workers 0 and 1, for
+  j < ``kills``, is killed (SIGKILL) at a seeded call to the store (before or after
+  it: inside a join, a request or the wait for its answer); the test restarts it."""
+  j = int(os.environ.get("WAGRAD_TEST_INCARNATION", "0"))
+  state = {"incarnation": j, "armed": i in (0, 1) and j < kills, "calls": 0}
+  rng = np.random.default_rng([i, j, 7])
+  at, before = int(rng.integers(1, 16)), bool(rng.random() < 0.5)
+
+  def hooked(fn):
+    def call(*args, **kwargs):
+      if not (state["armed"] and threading.current_thread() is threading.main_thread()):
+        return fn(*args, **kwargs)  # the heartbeat thread is left alone
+      state["calls"] += 1
+      if state["calls"] == at and before:
+        os.kill(os.getpid(), signal.SIGKILL)
+      out = fn(*args, **kwargs)
+      if state["calls"] == at:
+        os.kill(os.getpid(), signal.SIGKILL)
+      return out
+    return call
+  for name in ("put", "get", "increment", "delete"):
+    setattr(kvstore, name, hooked(getattr(kvstore, name)))
+  return state
+
+
 def main():
   port, n, pid, out, tau, alpha, mode = sys.argv[1:8]
   algo = sys.argv[8] if len(sys.argv) > 8 else "easgd"
@@ -101,18 +130,21 @@ def main():
       exch, _ = wagrad.schedules.async_easgd_schedule(active, tau)
       order = [i for t in range(STEPS) for i in range(K) if exch[t, i]]
       centers = [w0 if S == 1 else np.array_split(w0, S)[pid]]
+      served_log = []
 
       def callback(c, served):
         centers.append(np.array(c["w"]))
+        served_log.append(np.array(served))
         if mode == "ckpt" and served.sum() == 5:
           np.savez(f"{out}_ckpt_master.npz", center=c["w"], served=served)
           os.kill(os.getpid(), signal.SIGKILL)
       center, served, gone = async_.serve_easgd(
           p, K, alpha=alpha, order=order if mode == "order" else None, timeout_s=60,
-          check_s=3.0, callback=callback, checkpoint_every=1,
+          check_s=60.0 if mode == "chaos" else 3.0, callback=callback, checkpoint_every=1,
           checkpoint_dir=f"{out}_ckpt" if mode in ("ckpt", "resume") else None, **shards)
     np.savez(f"{out}_master.npz", center=center["w"], served=served, gone=np.array(gone),
-             centers=np.array(centers if algo == "easgd" else []))
+             centers=np.array(centers if algo == "easgd" else []),
+             served_log=np.array(served_log if algo == "easgd" else []))
     return
   i = pid - S
   if algo == "softsync":
@@ -133,7 +165,8 @@ def main():
       time.sleep(4.0)  # still starting (data, compilation): no heartbeat yet
     make = async_.DownpourWorker if algo == "downpour" else async_.EASGDWorker
     worker = make(i, tau, timeout_s=60, num_servers=S)
-  if mode in ("rejoined", "resume"):
+  chaos = _chaos(i) if mode == "chaos" else None
+  if mode in ("rejoined", "resume") or (chaos and chaos["incarnation"] > 0):
     p = worker.rejoin(p)
     name = "joined" if mode == "rejoined" else f"joined{i}"
     np.savez(f"{out}_{name}.npz", w=np.asarray(p["w"]), exchanges=worker.exchanges)
@@ -159,6 +192,8 @@ def main():
     p = worker.combine(p)
   if mode == "rejoin" and i == 0:
     kvstore.get("test/rejoined", 60)  # keep the master serving until worker 1 is back
+  if chaos:
+    chaos["armed"] = False  # a close is the last message: the master may leave after it
   worker.close()
   np.savez(f"{out}_worker{i}.npz", w=np.asarray(p["w"]), exchanges=worker.exchanges)
 

@@ -7,6 +7,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 
 import jax
 import jax.numpy as jnp
@@ -31,10 +32,10 @@ def _free_port():
     return s.getsockname()[1]
 
 
-def _spawn(port, n, i, out, tau, alpha, mode, algo, servers=1):
+def _spawn(port, n, i, out, tau, alpha, mode, algo, servers=1, env=None):
   return subprocess.Popen([sys.executable, os.path.join(HERE, "async_worker.py"), port,
                            str(n), str(i), out, str(tau), str(alpha), mode, algo,
-                           str(servers)],
+                           str(servers)], env=None if env is None else {**os.environ, **env},
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
@@ -375,6 +376,51 @@ def test_a_restarted_worker_rejoins_from_the_center(tmp_path):
   assert list(master["gone"]) == []
   w1 = np.load(f"{out}_worker1.npz")
   assert int(w1["exchanges"]) == int(master["served"][1]) > 1
+
+
+@pytest.mark.slow
+def test_workers_killed_anywhere_and_restarted_carry_their_counts_exactly(tmp_path):
+  """Chaos: workers 0 and 1 are killed (SIGKILL) at seeded points of their store calls
+  (inside a join, a request, the wait for an answer), three times each, and restarted
+  at once; every restart rejoins. At the end every worker's count is the master's, each
+  exchange the master served moved one worker's count by one (none served twice or
+  lost), and the center is finite."""
+  K, tau, alpha = 3, 2, 0.3
+  out, port = str(tmp_path / "run"), str(_free_port())
+  start = lambda i, j: _spawn(port, K + 1, i, out, tau, alpha, "chaos", "easgd",  # noqa: E731
+                              env={"WAGRAD_TEST_INCARNATION": str(j)})
+  master = start(0, 0)
+  workers = {i: start(i + 1, 0) for i in range(K)}
+  incarnation, killed, outs = dict.fromkeys(range(K), 0), 0, []
+  deadline = time.monotonic() + DEADLINE
+  try:
+    while workers:
+      assert time.monotonic() < deadline, "chaos run past its deadline"
+      for i, proc in list(workers.items()):
+        if proc.poll() is None:
+          continue
+        outs.append(proc.stdout.read())
+        if proc.returncode == -9:  # killed: restart it
+          killed, incarnation[i] = killed + 1, incarnation[i] + 1
+          workers[i] = start(i + 1, incarnation[i])
+        else:
+          assert proc.returncode == 0, outs[-1][-2000:]
+          del workers[i]
+      time.sleep(0.05)
+    outs.append(master.communicate(timeout=max(deadline - time.monotonic(), 1))[0])
+    assert master.returncode == 0, outs[-1][-2000:]
+  finally:
+    for proc in [master, *workers.values()]:
+      if proc.poll() is None:
+        proc.kill()
+  assert killed == 6 and incarnation[2] == 0
+  m = np.load(f"{out}_master.npz")
+  assert list(m["gone"]) == []
+  for i in range(K):
+    assert int(np.load(f"{out}_worker{i}.npz")["exchanges"]) == int(m["served"][i])
+  steps = np.diff(np.concatenate([np.zeros((1, K), int), m["served_log"]]), axis=0)
+  assert (steps.sum(1) == 1).all() and (steps >= 0).all()
+  assert np.isfinite(m["center"]).all()
 
 
 @pytest.mark.slow

@@ -262,7 +262,14 @@ def serve(prefix, state, like, rule, num_workers, order, timeout_s, poll_s, chec
         kvstore.delete(stale)                                    # incarnation is dead
       bulk.send(joined_key(prefix, i, tag), joined)
       return
-    state, answer = rule(state, bulk.decode(data, like, timeout_s))
+    try:
+      request = bulk.decode(data, like, timeout_s)
+    except Exception as e:  # its sender died before the master pulled it, or bad input
+      warnings.warn(f"wagrad: exchange {tag} of worker {i} could not be read and is "
+                    f"skipped (its process died, or it sent another tree than the "
+                    f"master's): {e}", RuntimeWarning)
+      return
+    state, answer = rule(state, request)
     # under the count the request names: the worker waits there, whatever this master
     # counted (a worker restarted from a stale count still gets its answer)
     bulk.send(store_key(prefix, "resp", i, tag), answer)

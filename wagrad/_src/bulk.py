@@ -119,12 +119,17 @@ def decode(data: bytes, like, timeout_s: float):
   spec = jax.ShapeDtypeStruct((size,), np.uint8, sharding=jax.sharding.SingleDeviceSharding(
       jax.local_devices()[0]))
   pull = connections[address].pull
-  if "timeout" in inspect.signature(pull).parameters:  # jax >= 0.9; 0.8 waits
-    deadline = datetime.datetime.now() + datetime.timedelta(seconds=timeout_s)
-    (buf,) = pull(uid, [spec], timeout=deadline)
-  else:  # pragma: no cover - jax 0.8
-    (buf,) = pull(uid, [spec])
-  return _unflat(np.asarray(buf), like)
+  try:
+    if "timeout" in inspect.signature(pull).parameters:  # jax >= 0.9; 0.8 waits
+      deadline = datetime.datetime.now() + datetime.timedelta(seconds=timeout_s)
+      (buf,) = pull(uid, [spec], timeout=deadline)
+    else:  # pragma: no cover - jax 0.8
+      (buf,) = pull(uid, [spec])
+    buf = np.asarray(buf)
+  except Exception:
+    connections.pop(address, None)  # a sender that died: connect afresh next time
+    raise
+  return _unflat(buf, like)
 
 
 def receive(key: str, like, timeout_s: float):
