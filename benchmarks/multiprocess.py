@@ -21,6 +21,9 @@ when they are kept equal); in ``results/multiprocess_cpu.json`` and ``.png``.
 
     python benchmarks/multiprocess.py --processes 8 --size 1M --rounds 4
     python benchmarks/multiprocess.py --processes 2 --size tiny --rounds 1 --skip-torch
+    python benchmarks/link.py --link 1gbit -- python benchmarks/multiprocess.py \
+        --skip-torch --compression bfloat16 int8 --variants "local|averaging tau=(1|16)" \
+        --out multiprocess_1gbit_cpu          # over a shaped link (benchmarks/link.py)
 
 PyTorch is optional (``pip install -e '.[bench]'``; not a wagrad dependency): without
 it only the JAX half runs. ``MP_HLO_DIR=dir`` makes process 0 write each variant's
@@ -30,6 +33,7 @@ Every worker is killed (SIGKILL) at ``--deadline`` seconds; what was measured is
 import argparse
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -130,6 +134,12 @@ def jax_worker(a):
   variants["hand sync_sgd, flat pmean"] = hand(lambda p: p, grads_fn=flat_pmean)
   variants["hand averaging tau=1, tree pmean"] = hand(lambda p: lax.pmean(p, ax))
   variants["hand averaging tau=1, flat pmean"] = hand(flat_pmean)
+  for c in a.compression:
+    for tau in (1, max(TAUS)):
+      variants[f"model_averaging tau={tau} {c}"] = transform(
+          wagrad.model_averaging(sgd, sync_period=tau, compression=c, axis_name=ax))
+  if a.variants:
+    variants = {k: v for k, v in variants.items() if re.search(a.variants, k)}
 
   runs = {}
   for name, (step, tx) in variants.items():  # compile and warm up every variant first
@@ -255,7 +265,8 @@ def launch(group, a, tmpdir):
     logs.append(open(os.path.join(tmpdir, f"{group}{i}.log"), "w+"))
     cmd = [sys.executable, os.path.abspath(__file__), "--worker", group, "--rank", str(i),
            "--port", str(port), "--tmp", out, "--processes", str(a.processes),
-           "--size", a.size, "--rounds", str(a.rounds)]
+           "--size", a.size, "--rounds", str(a.rounds), "--variants", a.variants or "",
+           "--compression", *a.compression]
     procs.append(subprocess.Popen(cmd, env=env, stdout=logs[-1], stderr=subprocess.STDOUT))
   t0, status = time.monotonic(), "ok"
   while any(p.poll() is None for p in procs):
@@ -329,6 +340,9 @@ def main(argv=None):
   ap.add_argument("--skip-torch", action="store_true")
   ap.add_argument("--out", default="multiprocess_cpu", help="results name (JSON and PNG)")
   ap.add_argument("--deadline", type=float, default=600, help="seconds per group of workers")
+  ap.add_argument("--compression", nargs="*", default=[], choices=["bfloat16", "int8"],
+                  help="also model averaging at tau 1 and 16 with these compressions")
+  ap.add_argument("--variants", default="", help="only the JAX variants matching this regex")
   ap.add_argument("--worker", choices=["jax", "torch"], help=argparse.SUPPRESS)
   ap.add_argument("--rank", type=int, help=argparse.SUPPRESS)
   ap.add_argument("--port", type=int, help=argparse.SUPPRESS)
