@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from wagrad._src import async_processes, async_serving, kvstore
+from wagrad._src import async_processes, async_serving, bulk, kvstore
 
 
 class Store:
@@ -122,3 +122,28 @@ def test_a_number_taken_by_a_sender_killed_before_writing_is_skipped(store, monk
   center, served, gone = out["result"]
   assert list(served) == [2] and gone == []
   assert not [k for k in store.data if "/arrival/" in k]  # every message was taken
+
+
+def test_a_late_request_of_a_dead_incarnation_is_never_answered_to_the_next(store):
+  """A dead incarnation's request for exchange 0 lands after the next incarnation joined
+  with count 0 and before its own request 0: the master serves both, each answer under
+  the incarnation its request names, and the live one reads its own."""
+  params = {"w": jnp.zeros(2)}
+  out = {}
+  master = threading.Thread(target=lambda: out.update(result=async_processes.serve_easgd(
+      params, 1, alpha=0.5, timeout_s=20, check_s=30)), daemon=True)
+  master.start()
+  w = async_processes.EASGDWorker(0, 1, timeout_s=5)
+  p = w.rejoin(params)
+  assert w.exchanges == 0
+  late = {"w": np.full(2, 100.0, np.float32)}  # the dead one's parameters
+  async_serving.post("wagrad/easgd", 0, "0-dead", bulk.encode(late))
+  p = w.apply_updates(p, {"w": jnp.ones(2)})
+  # the master took the late one first: center 0 -> 50; then this one's x = 0 gives
+  # e = 0.5 (0 - 50) = -25, so x + u - e = 26 (the dead one's e = 50 would give -49)
+  np.testing.assert_allclose(np.asarray(p["w"]), 26.0)
+  w.close()
+  master.join(20)
+  center, served, gone = out["result"]
+  np.testing.assert_allclose(center["w"], 25.0)
+  assert list(served) == [1] and gone == []

@@ -26,8 +26,9 @@ from wagrad._src import arguments
 from wagrad._src import bulk
 from wagrad._src import leaders
 from wagrad._src import wpsgd as _wpsgd
-from wagrad._src.async_serving import (checkpoint, ignored_poll, join_backend, joined_key,
-                                       outlive_workers, serve, serve_until, store_key, Worker)
+from wagrad._src.async_serving import (answer_key, checkpoint, ignored_poll, join_backend,
+                                       joined_key, outlive_workers, serve, serve_until,
+                                       Worker)
 from wagrad._src.base import PyTree
 
 LSGD_PREFIX = "wagrad/lsgd"
@@ -236,13 +237,14 @@ def serve_wpsgd(params0: PyTree, num_workers: int, *, weighting: str = "samples"
   like = (jax.tree_util.tree_map(lambda v: np.zeros(np.shape(v), np.asarray(v).dtype), x0),
           np.int64(0))
   got: dict[int, tuple] = {}
+  answers: dict[int, tuple] = {}  # worker -> (count, incarnation) its request named
 
-  def handle(i, data, tag):
+  def handle(i, data, k, token):
     if data is None:  # a restarted worker starts again from params0
       joined = (x0, np.int64(0), np.int64(0))
-      bulk.send(joined_key(WPSGD_PREFIX, i, tag), joined)
+      bulk.send(joined_key(WPSGD_PREFIX, i, token), joined)
     else:
-      got[i] = bulk.decode(data, like, timeout_s)
+      got[i], answers[i] = bulk.decode(data, like, timeout_s), (k, token)
   ignored_poll(poll_s)
   gone = serve_until(WPSGD_PREFIX, num_workers, handle, lambda: set(got), timeout_s, check_s)
   ids = sorted(got)
@@ -250,7 +252,7 @@ def serve_wpsgd(params0: PyTree, num_workers: int, *, weighting: str = "samples"
                        weighting=weighting, learning_rate=learning_rate,
                        strong_convexity=strong_convexity)
   for i in ids:
-    bulk.send(store_key(WPSGD_PREFIX, "resp", i, 0), model)
+    bulk.send(answer_key(WPSGD_PREFIX, i, *answers[i]), model)
   steps = np.array([int(got[i][1]) if i in got else -1 for i in range(num_workers)])
   outlive_workers(timeout_s)
   return model, steps, sorted(gone)

@@ -8,16 +8,17 @@ Every message to the master goes into one arrival log (:func:`post`): the sender
 the next number from a counter in the store (``<prefix>/arrivals``, atomic) and writes
 the message under ``<prefix>/arrival/<number>``; the master waits on the next number
 with a blocking read (:class:`Arrivals`), so it wakes when a message arrives and polls
-nothing. A message is an exchange's request (tagged with the count it names), a join
-(``join-<token>``) or a close (``done``). The master answers an exchange under
-``<prefix>/resp/<worker>/<k>``, the count the request names, and a join under
-``<prefix>/joined/<worker>/<token>``, a token of the joining incarnation, so that an
-answer a killed incarnation never read is never taken by the next. A worker writes a
+nothing. A message is an exchange's request (tagged ``<k>-<token>``: the count it names
+and the sender's incarnation), a join (``join-<token>``) or a close (``done``). The
+master answers an exchange under ``<prefix>/resp/<worker>/<k>/<token>`` and a join under
+``<prefix>/joined/<worker>/<token>``: every answer names the incarnation it is for, so
+that an answer meant for a killed incarnation is never taken by the next. A worker writes a
 heartbeat under ``<prefix>/alive/<worker>`` every :data:`HEARTBEAT_S` seconds.
 """
 
 from __future__ import annotations
 
+import collections
 import os
 import threading
 import time
@@ -86,9 +87,22 @@ def _check_worker(worker, sync_period):
     raise ValueError(f"`worker` must be an integer >= 0 (process index - 1), got {worker!r}.")
 
 
+def answer_key(prefix, worker, k, token):
+  """Where the master answers exchange ``k`` of one worker incarnation (its ``token``)."""
+  return f"{store_key(prefix, 'resp', worker, k)}/{token}"
+
+
+def incarnation_token():
+  """A token naming this worker process's incarnation (never reused)."""
+  return f"{os.getpid()}-{time.time_ns()}"
+
+
+Message = collections.namedtuple("Message", "worker kind k token data")
+
+
 def post(prefix, worker, tag, data=b""):
-  """Append a message to the master's arrival log: ``tag`` is an exchange's count, a
-  join's ``join-<token>`` or ``done``; ``data`` the message's bytes."""
+  """Append a message to the master's arrival log: ``tag`` is an exchange's
+  ``<k>-<token>``, a join's ``join-<token>`` or ``done``; ``data`` the message's bytes."""
   n = kvstore.increment(f"{prefix}/arrivals")
   kvstore.put(f"{prefix}/arrival/{n:012d}", f"{worker:05d}/{tag}/".encode() + data)
 
@@ -100,8 +114,8 @@ class Arrivals:
     self.prefix, self.next, self.missing_since = prefix, 1, None
 
   def wait(self, timeout_s):
-    """The next message ``(worker, tag, data)``, waiting up to ``timeout_s`` (a blocking
-    read: no polling); None when none came."""
+    """The next :data:`Message` (kind ``"exchange"``, ``"join"`` or ``"done"``),
+    waiting up to ``timeout_s`` (a blocking read: no polling); None when none came."""
     key = f"{self.prefix}/arrival/{self.next:012d}"
     try:
       raw = kvstore.get(key, timeout_s)
@@ -111,7 +125,10 @@ class Arrivals:
     kvstore.delete(key)
     self.next, self.missing_since = self.next + 1, None
     worker, tag, data = raw.split(b"/", 2)
-    return int(worker), tag.decode(), data
+    kind, rest = tag.decode().split("-", 1) if b"-" in tag else (tag.decode(), "")
+    if kind.isdigit():  # an exchange: <k>-<token>
+      return Message(int(worker), "exchange", int(kind), rest, data)
+    return Message(int(worker), kind, None, rest or None, data)
 
   def _skip_hole(self):
     """A sender killed between taking its number and writing its message leaves a hole:
@@ -125,15 +142,6 @@ class Arrivals:
       self.missing_since = now
     elif now - self.missing_since > HOLE_S:
       self.next, self.missing_since = min(later), None
-
-
-def ask(prefix, worker, k, payload, like, timeout_s):
-  """Send exchange k's request and wait for the master's answer (a NumPy tree)."""
-  post(prefix, worker, k, bulk.encode(payload))
-  answer = store_key(prefix, "resp", worker, k)
-  out = bulk.receive(answer, like, timeout_s)
-  kvstore.delete(answer)
-  return out
 
 
 def ignored_poll(poll_s):
@@ -162,6 +170,7 @@ class Worker:
     join_backend()
     self.worker, self.tau, self.timeout_s = worker, sync_period, timeout_s
     self.num_servers = num_servers
+    self._token = incarnation_token()  # named in every request, join and answer
     self._prefixes = [server_prefix(self._prefix, s, num_servers) for s in range(num_servers)]
     self.clock = 0      # this worker's own steps
     self.exchanges = 0  # exchanges done
@@ -192,17 +201,16 @@ class Worker:
   def _ask(self, payload, like):
     """This worker's exchange ``self.exchanges``: ``payload`` to the server side, its
     answer shaped as ``like`` back (a slice to and from each server, joined)."""
-    if self.num_servers == 1:
-      return ask(self._prefix, self.worker, self.exchanges, payload, like, self.timeout_s)
     S, k = self.num_servers, self.exchanges
+    part = (lambda tree, s: tree) if S == 1 else (lambda tree, s: shard(tree, s, S))  # noqa: E731
     for s, prefix in enumerate(self._prefixes):  # every request out, then the answers
-      post(prefix, self.worker, k, bulk.encode(shard(payload, s, S)))
+      post(prefix, self.worker, f"{k}-{self._token}", bulk.encode(part(payload, s)))
     parts = []
     for s, prefix in enumerate(self._prefixes):
-      answer = store_key(prefix, "resp", self.worker, k)
-      parts.append(bulk.receive(answer, shard(like, s, S), self.timeout_s))
+      answer = answer_key(prefix, self.worker, k, self._token)
+      parts.append(bulk.receive(answer, part(like, s), self.timeout_s))
       kvstore.delete(answer)
-    return unshard(parts, like)
+    return parts[0] if S == 1 else unshard(parts, like)
 
   def _joined(self, version):
     """What a worker keeps from a join besides the parameters (softsync: the version)."""
@@ -213,7 +221,7 @@ class Worker:
     it continues where the master is and its exchanges carry on the count the master
     kept for this worker. Returns the master's parameters, cast like ``params``. Needs
     a master serving as messages arrive (no forced ``order``)."""
-    token = f"{os.getpid()}-{time.time_ns()}"  # this incarnation's own
+    token = self._token
     for prefix in self._prefixes:
       post(prefix, self.worker, f"join-{token}")
     host = jax.tree_util.tree_map(lambda v: np.zeros(np.shape(v), v.dtype),
@@ -254,26 +262,26 @@ def serve(prefix, state, like, rule, num_workers, order, timeout_s, poll_s, chec
   def save():
     save_checkpoint(path, {"state": to_saved(state), "served": served}, alone=True)
 
-  def serve(i, data, tag):
+  def serve(i, data, k, token):
     nonlocal state
     if data is None:  # a (re)starting worker joins: answer the parameters, its count
       joined = (_params(state), np.int64(served[i]), np.int64(version(state)))
       for stale, _ in kvstore.listing(joined_key(prefix, i, "")):  # never read: its
         kvstore.delete(stale)                                    # incarnation is dead
-      bulk.send(joined_key(prefix, i, tag), joined)
+      bulk.send(joined_key(prefix, i, token), joined)
       return
     try:
       request = bulk.decode(data, like, timeout_s)
     except Exception as e:  # its sender died before the master pulled it, or bad input
-      warnings.warn(f"wagrad: exchange {tag} of worker {i} could not be read and is "
+      warnings.warn(f"wagrad: exchange {k} of worker {i} could not be read and is "
                     f"skipped (its process died, or it sent another tree than the "
                     f"master's): {e}", RuntimeWarning)
       return
     state, answer = rule(state, request)
-    # under the count the request names: the worker waits there, whatever this master
-    # counted (a worker restarted from a stale count still gets its answer)
-    bulk.send(store_key(prefix, "resp", i, tag), answer)
-    served[i] = tag + 1
+    # under the count and the incarnation the request names: that incarnation waits
+    # there, whatever this master counted, and no other incarnation reads it
+    bulk.send(answer_key(prefix, i, k, token), answer)
+    served[i] = k + 1
     if path is not None and served.sum() % checkpoint[1] == 0:
       save()
     if callback is not None:
@@ -282,14 +290,14 @@ def serve(prefix, state, like, rule, num_workers, order, timeout_s, poll_s, chec
   arrivals, early = Arrivals(prefix), []
   for i in (() if order is None else order):  # a forced order: what comes early waits
     i = int(i)
-    wanted = (i, str(served[i]))
-    while (msg := next((m for m in early if m[:2] == wanted), None)) is None:
+    wanted = (i, "exchange", served[i])
+    while (msg := next((m for m in early if m[:3] == wanted), None)) is None:
       if (got := arrivals.wait(timeout_s)) is None:
         raise TimeoutError(f"exchange {served[i]} of worker {i} did not arrive within "
                            f"{timeout_s} s (is it alive?).")
       early.append(got)
     early.remove(msg)
-    serve(i, msg[2], int(msg[1]))
+    serve(i, msg.data, msg.k, msg.token)
   gone = serve_until(prefix, num_workers, serve, lambda: set(), timeout_s, check_s,
                      arrivals, early)
   if path is not None:
@@ -310,11 +318,11 @@ def checkpoint(directory, every):
 def serve_until(prefix, num_workers, handle, finished, timeout_s, check_s, arrivals=None,
                 backlog=()):
   """Hand each message of the arrival log (``backlog`` first) to ``handle(worker, data,
-  tag)`` as it arrives, until every worker has closed, is in ``finished()`` or was found
-  dead (asked whenever a wait of ``min(check_s / 4, HOLE_S / 2)`` ends idle); ``TimeoutError`` after ``timeout_s``
-  with nothing arriving. An exchange's ``tag`` is the count its request names; a join
-  gets data None and its token as ``tag``, and brings a dead (or closed) worker back.
-  Returns the dead workers."""
+  k, token)`` as it arrives, until every worker has closed, is in ``finished()`` or was
+  found dead (asked whenever a wait of ``min(check_s / 4, HOLE_S / 2)`` ends idle);
+  ``TimeoutError`` after ``timeout_s`` with nothing arriving. An exchange gets the count
+  ``k`` and the incarnation ``token`` its request names; a join gets data and ``k``
+  None, and brings a dead (or closed) worker back. Returns the dead workers."""
   arrivals = arrivals or Arrivals(prefix)
   backlog = list(backlog)
   gone: set[int] = set()
@@ -326,16 +334,16 @@ def serve_until(prefix, num_workers, handle, finished, timeout_s, check_s, arriv
     now = time.monotonic()
     if msg is not None:
       idle_since = now
-      i, tag, data = msg
-      if tag == "done":
+      i = msg.worker
+      if msg.kind == "done":
         closed.add(i)
-      elif tag.startswith("join-"):  # a restarted worker is back
+      elif msg.kind == "join":  # a restarted worker is back
         gone.discard(i)
         closed.discard(i)
         beats.pop(i, None)
-        handle(i, None, tag[len("join-"):])
+        handle(i, None, None, msg.token)
       else:
-        handle(i, data, int(tag))
+        handle(i, msg.data, msg.k, msg.token)
     elif now - idle_since > timeout_s:
       raise TimeoutError(f"nothing arrived and no worker finished for {timeout_s} s; "
                          f"finished: {sorted(finished() | closed)} of {num_workers}.")
