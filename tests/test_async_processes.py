@@ -503,6 +503,9 @@ def test_bad_arguments_and_a_missing_runtime_are_named():
     async_.serve_easgd({"w": np.zeros(2)}, 2, alpha=0.5, server=2, num_servers=2)
   with pytest.raises(ValueError, match="num_servers"):
     async_.serve_downpour({"w": np.zeros(2)}, 2, num_servers=0)
+  with pytest.warns(DeprecationWarning, match="poll_s"):  # it would do nothing
+    with pytest.raises(RuntimeError, match="initialize_distributed"):
+      async_.serve_easgd({"w": np.zeros(2)}, 2, alpha=0.5, poll_s=0.001)
   worker = async_.EASGDWorker(0, 2)  # the first step exchanges: it needs the store
   with pytest.raises(RuntimeError, match="initialize_distributed"):
     worker.apply_updates({"w": jnp.zeros(2)}, {"w": jnp.ones(2)})
