@@ -1,7 +1,8 @@
 """What one asynchronous exchange's messages cost between two processes on this host:
 wagrad's transport (``wagrad._src.bulk``) on JAX's transfer server and on the
 coordination-service store it replaced, against a plain loopback TCP socket moving the
-same bytes (the floor).
+same bytes (the floor), and against JAX's transfer server alone (``raw``: arrays already
+on the device, only their address and id through the store).
 
     python benchmarks/async_transport.py            # 1M, 10M, 50M float32 values
 
@@ -50,6 +51,41 @@ def _wagrad_side(rank, port, n, reps):
       x = bulk.receive(f"bench/req/{r}", like, 600)
       kvstore.delete(f"bench/req/{r}")
       bulk.send(f"bench/resp/{r}", x)
+    times.append(time.perf_counter() - t0)
+  kvstore.barrier("bench/end", 600)
+  return times[1:]
+
+
+def _raw_side(rank, port, n, reps):
+  """JAX's transfer server alone: the array already on the device, only its (address,
+  id) through the store; the floor under wagrad's transfer path."""
+  os.environ["JAX_PLATFORMS"] = "cpu"
+  import jax
+  from jax.experimental import transfer
+  jax.distributed.initialize(f"127.0.0.1:{port}", 2, rank)
+  from wagrad._src import kvstore
+  dev = jax.local_devices()[0]
+  server = transfer.start_transfer_server(dev.client, "127.0.0.1:0", ["127.0.0.1:0"])
+  kvstore.put(f"raw/address/{rank}", server.address().encode())
+  conn = server.connect(kvstore.get(f"raw/address/{1 - rank}", 600).decode())
+  spec = [jax.ShapeDtypeStruct((n,), np.float32,
+                               sharding=jax.sharding.SingleDeviceSharding(dev))]
+  arrays = [jax.device_put(np.full(n, r, np.float32), dev) for r in range(reps + 1)]
+  times = []
+  for r in range(reps + 1):
+    t0 = time.perf_counter()
+    if rank == 0:
+      server.await_pull(2 * r, [arrays[r]])
+      kvstore.put(f"raw/req/{r}", b"1")
+      kvstore.get(f"raw/resp/{r}", 600)
+      (back,) = conn.pull(2 * r + 1, spec)
+      assert float(back[-1]) == r
+    else:
+      kvstore.get(f"raw/req/{r}", 600)
+      (x,) = conn.pull(2 * r, spec)
+      x.block_until_ready()
+      server.await_pull(2 * r + 1, [x])
+      kvstore.put(f"raw/resp/{r}", b"1")
     times.append(time.perf_counter() - t0)
   kvstore.barrier("bench/end", 600)
   return times[1:]
@@ -118,7 +154,7 @@ def main(argv=None):
   ap.add_argument("--sizes", type=int, nargs="+", default=[1_000_000, 10_000_000, 50_000_000],
                   help="float32 values per message")
   ap.add_argument("--reps", type=int, default=5, help="timed round trips per size")
-  ap.add_argument("--transports", nargs="+", default=["socket", "transfer", "store"])
+  ap.add_argument("--transports", nargs="+", default=["socket", "raw", "transfer", "store"])
   ap.add_argument("--out", default=OUT)
   ap.add_argument("--side", help=argparse.SUPPRESS)
   ap.add_argument("--rank", type=int, help=argparse.SUPPRESS)
@@ -126,7 +162,7 @@ def main(argv=None):
   ap.add_argument("--n", type=int, help=argparse.SUPPRESS)
   a = ap.parse_args(argv)
   if a.side:  # one side of a pair
-    side = _socket_side if a.side == "socket" else _wagrad_side
+    side = {"socket": _socket_side, "raw": _raw_side}.get(a.side, _wagrad_side)
     print(json.dumps(side(a.rank, a.port, a.n, a.reps)))
     return 0
   rows = []
@@ -151,7 +187,9 @@ def main(argv=None):
     for t in a.transports:
       r = [x for x in rows if x["transport"] == t]
       ax.loglog([x["megabytes"] for x in r], [x["round_trip_s"] * 1000 for x in r], "o-",
-                label={"socket": "loopback socket (floor)", "transfer": "wagrad, transfer server",
+                label={"socket": "loopback socket (floor)",
+                       "raw": "JAX transfer server alone (device arrays)",
+                       "transfer": "wagrad, transfer server",
                        "store": "wagrad, coordination store"}[t])
     ax.set_xlabel("message size (MB, each way)")
     ax.set_ylabel("round trip (ms)")

@@ -236,5 +236,15 @@ def test_async_transport_benchmark_tiny(tmp_path):
   import async_transport
   assert async_transport.main(["--sizes", "1000", "--reps", "1", "--out", str(tmp_path)]) == 0
   rows = json.load(open(tmp_path / "async_transport_cpu.json"))["rows"]
-  assert {r["transport"] for r in rows} == {"socket", "transfer", "store"}
+  assert {r["transport"] for r in rows} == {"socket", "raw", "transfer", "store"}
   assert all(r["round_trip_s"] > 0 for r in rows)
+
+
+def test_async_serving_benchmark_tiny(tmp_path):
+  """One master and two workers, then two servers: every exchange is served, no one is
+  taken for dead, and the rows are written."""
+  import async_serving
+  assert async_serving.main(["--workers", "2", "--servers", "1", "2", "--exchanges", "3",
+                             "--modes", "busy", "--out", str(tmp_path)]) == 0
+  rows = json.load(open(tmp_path / "async_serving_cpu.json"))["current"]["rows"]
+  assert [(r["servers"], r["served"], r["gone"]) for r in rows] == [(1, 6, []), (2, 6, [])]

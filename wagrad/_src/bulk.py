@@ -63,11 +63,23 @@ def _server():
   return _state["server"]
 
 
+# A host buffer aligned to 64 bytes is taken by jax.device_put on CPU without a copy
+# (measured: 0.05 ms instead of 18 ms for 40 MB; benchmarks/async_transport.py).
+_ALIGN = 64
+
+
 def _flat(tree) -> np.ndarray:
-  """The leaves' bytes in tree order, one uint8 buffer (one copy)."""
+  """The leaves' bytes in tree order, one uint8 buffer aligned to ``_ALIGN`` bytes (one
+  copy)."""
   leaves = [np.ascontiguousarray(np.asarray(x)).reshape(-1).view(np.uint8)
             for x in jax.tree_util.tree_leaves(tree)]
-  return np.concatenate(leaves) if leaves else np.zeros(0, np.uint8)
+  size = sum(leaf.size for leaf in leaves)
+  raw = np.empty(size + _ALIGN, np.uint8)
+  start = -raw.ctypes.data % _ALIGN
+  flat = raw[start:start + size]
+  if leaves:
+    np.concatenate(leaves, out=flat)
+  return flat
 
 
 def _unflat(flat: np.ndarray, like):
