@@ -456,7 +456,7 @@ def test_a_restarted_master_resumes_from_its_checkpoint(tmp_path):
 def test_softsync_server_state_survives_its_checkpoint_form():
   """The softsync server's buffer (a list of up to c - 1 gradients) is saved padded to c
   rows with its length; the round trip gives back the same state."""
-  from wagrad._src import async_processes as ap
+  from wagrad._src import async_softsync as ap
   theta = {"w": np.arange(3, dtype=np.float32)}
   for n in (0, 2):
     buf = [{"w": np.full(3, j + 1.0, np.float32)} for j in range(n)]

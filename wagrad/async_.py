@@ -17,12 +17,14 @@ inside one SPMD program; these run them for real.
 
 The masters' rules themselves (``master_exchange``, ``master_push``,
 ``master_softsync``, ``master_lsgd``, ``master_wpsgd``) are internals:
-``wagrad._src.async_processes`` and ``wagrad._src.async_ranked``.
+``wagrad._src.async_processes``, ``wagrad._src.async_softsync`` and
+``wagrad._src.async_ranked``.
 """
 
-from wagrad._src.async_processes import (DownpourWorker, EASGDWorker, SoftsyncLearner,
-                                         serve_downpour, serve_easgd, serve_softsync)
+from wagrad._src.async_processes import (DownpourWorker, EASGDWorker, serve_downpour,
+                                         serve_easgd)
 from wagrad._src.async_ranked import LSGDWorker, WPSGDWorker, serve_lsgd, serve_wpsgd
+from wagrad._src.async_softsync import SoftsyncLearner, serve_softsync
 
 __all__ = ["DownpourWorker", "EASGDWorker", "LSGDWorker", "SoftsyncLearner", "WPSGDWorker",
            "serve_downpour", "serve_easgd", "serve_lsgd", "serve_softsync", "serve_wpsgd"]
