@@ -16,19 +16,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-OUT = os.environ.get("WAGRAD_BENCH_OUT") or os.path.join(HERE, "results")
-
-
-def _free_port():
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
+from async_transport import OUT, free_port
 
 
 def _process(rank, n, port, exchanges, gap, values, servers):
@@ -64,7 +56,7 @@ def _process(rank, n, port, exchanges, gap, values, servers):
 
 
 def _run(n, exchanges, gap, values, servers, timeout_s=900):
-  port = _free_port()
+  port = free_port()
   env = {**os.environ}
   env.pop("XLA_FLAGS", None)
   cmd = lambda r: [sys.executable, __file__, "--rank", str(r), "--workers", str(n),  # noqa: E731

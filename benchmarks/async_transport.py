@@ -27,7 +27,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 OUT = os.environ.get("WAGRAD_BENCH_OUT") or os.path.join(HERE, "results")
 
 
-def _free_port():
+def free_port():
   with socket.socket() as s:
     s.bind(("127.0.0.1", 0))
     return s.getsockname()[1]
@@ -131,7 +131,7 @@ def _socket_side(rank, port, n, reps):
 
 def _pair(transport, n, reps, timeout_s=900):
   """Run both sides as processes; process 0's round-trip times."""
-  port = _free_port()
+  port = free_port()
   env = {**os.environ, "WAGRAD_TRANSPORT": transport}
   env.pop("XLA_FLAGS", None)
   cmd = lambda r: [sys.executable, __file__, "--side", transport, "--rank", str(r),  # noqa: E731
